@@ -1,0 +1,40 @@
+"""`softmoe` command line. Each sub-command lives in its own module of this package and
+exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+Modules are discovered, so adding a command never edits this file."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from softmoe import __version__
+
+    parser = argparse.ArgumentParser(prog="softmoe", description="Soft Mixtures of Experts for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"softmoe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""MoE layers: router -> dispatch -> experts -> combine, each in its own small file."""
+from .common import MoELayer, collect_aux_loss, collect_metrics, moe_layers, record_routing
+from .experts import Experts
+from .experts_choice import ExpertsChoiceMoE
+from .router import Gate, SoftRouter
+from .soft_moe import SoftMoE
+from .tokens_choice import TokensChoiceMoE
+
+__all__ = ["MoELayer", "Experts", "SoftRouter", "Gate", "SoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE",
+           "collect_aux_loss", "collect_metrics", "record_routing", "moe_layers"]

@@ -1,0 +1,128 @@
+"""Shared pieces of the MoE layers: argument checks, the routing-dtype rule, and the
+base class through which a training loop reaches auxiliary losses and routing metrics.
+
+Why a base class with attributes instead of returning tuples: every layer stays a drop-in
+for an MLP (`forward(x) -> y`), and `collect_aux_loss(model)` / `collect_metrics(model)`
+find the values of the last forward by walking the module tree; no global state.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_nonneg_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_input(x: torch.Tensor, dim: int, mask: torch.Tensor | None, check_finite: bool = False) -> None:
+    """Validate `x` (B, N, D) and `mask` (B, N) bool; cheap metadata checks only, unless
+    `check_finite` asks for the data-dependent NaN/Inf check (a device sync)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor of shape (batch, tokens, {dim}), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (batch, tokens, dim={dim}) (3 dims), got shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x.shape[-1] must equal dim={dim}, got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a torch.bool tensor (True = real token), got {got}")
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask must have shape (batch, tokens) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    if check_finite and not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf (check_finite=True)")
+
+
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routing runs in float32 at least (float64 stays float64, for exact references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cv_squared(v: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation along the last axis: var / mean^2 (population var),
+    as vmoe computes it (no sqrt, so the gradient is defined at zero variance)."""
+    return v.var(dim=-1, unbiased=False) / v.mean(dim=-1).pow(2)
+
+
+class MoELayer(nn.Module):
+    """Base of SoftMoE, TokensChoiceMoE and ExpertsChoiceMoE.
+
+    After each forward:
+      - `aux_loss` holds the layer's weighted auxiliary loss (a 0-dim tensor; zero for Soft
+        MoE and Experts Choice, which need none);
+      - `metrics` holds routing metrics (dict of 0-dim tensors, detached) when
+        `record_metrics` is True, else it is left empty (computing them costs extra passes);
+      - `routing_weights` holds the dispatch/combine weights when `record_weights` is True.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_metrics = False
+        self.record_weights = False
+        self.check_finite = False
+        self.aux_loss: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.routing_weights: dict[str, torch.Tensor] = {}
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            yield name, module
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the weighted auxiliary losses of every MoE layer's last forward (None if the
+    model has no MoE layer or none has run). Add it to the training loss."""
+    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    if not losses:
+        return None
+    return torch.stack([l.float() for l in losses]).sum()
+
+
+def collect_metrics(model: nn.Module) -> dict[str, float]:
+    """Routing metrics of the last forward of every MoE layer that recorded them, as
+    `{"<module path>/<metric>": float}`."""
+    out: dict[str, float] = {}
+    for name, m in moe_layers(model):
+        for key, value in m.metrics.items():
+            out[f"{name}/{key}" if name else key] = float(value)
+    return out
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module, metrics: bool = True, weights: bool = False):
+    """Turn on metric (and optionally weight) recording in every MoE layer of `model` for the
+    duration of the block: `with record_routing(model): model(x); m = collect_metrics(model)`."""
+    layers = [m for _, m in moe_layers(model)]
+    saved = [(m.record_metrics, m.record_weights) for m in layers]
+    for m in layers:
+        m.record_metrics, m.record_weights = metrics, weights
+    try:
+        yield layers
+    finally:
+        for m, (rm, rw) in zip(layers, saved):
+            m.record_metrics, m.record_weights = rm, rw
