@@ -25,6 +25,20 @@ def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
 
 
+def soft_logits(x: torch.Tensor, w: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logits = rsqrt(|x|^2 + 1e-6) * (x @ w)` (B, N, S) and that factor r (B, N, 1) (None
+    without normalisation), for x (B, N, D) and slot weights w (D, S) in one dtype.
+
+    Algebraically `l2_normalize(x) @ w`, but the per-token factor is applied to the (B, N, S)
+    logits instead of materialising a normalised copy of x (B, N, D), and |x|^2 comes from
+    one fused reduction (vector_norm) instead of a squared copy of x."""
+    logits = torch.matmul(x, w)  # (B, N, S)
+    if not normalize:
+        return logits, None
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + 1e-6)  # (B, N, 1)
+    return logits * r, r
+
+
 class SoftRouter(nn.Module):
     """Soft MoE logits: `scale * <l2norm(x_n), l2norm(phi[:, e, p])>`.
 
@@ -53,16 +67,18 @@ class SoftRouter(nn.Module):
             nn.init.trunc_normal_(self.phi, mean=0.0, std=std, a=-2 * std, b=2 * std)
             self.scale.fill_(1.0)
 
+    def slot_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """`scale * l2_normalize(phi)` as (D, S) in `dtype` (call with autocast disabled).
+        Folding the scale into phi is cheaper than scaling the (B, N, S) logits."""
+        phi = self.phi.to(dtype).reshape(self.dim, -1)  # (D, S)
+        if self.normalize:
+            phi = l2_normalize(phi, dim=0)
+        return phi * self.scale.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = routing_dtype(x.dtype)
         with _no_autocast(x.device.type):
-            x = x.to(dtype)
-            phi = self.phi.to(dtype).reshape(self.dim, -1)  # (D, S)
-            if self.normalize:
-                x = l2_normalize(x, dim=-1)
-                phi = l2_normalize(phi, dim=0)
-            # Folding the scale into phi is cheaper than scaling the (B, N, S) logits.
-            return torch.matmul(x, phi * self.scale.to(dtype))  # (B, N, S)
+            return soft_logits(x.to(dtype), self.slot_weights(dtype), self.normalize)[0]  # (B, N, S)
 
 
 class Gate(nn.Module):

@@ -14,11 +14,11 @@ P slots per expert, S = E*P slots, H expert hidden width.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .common import MoELayer, check_choice, check_input, check_nonneg_float, check_positive_int
 from .experts import Experts
-from .router import SoftRouter
+from .router import SoftRouter, soft_logits
 
 WEIGHT_MODES = ("soft", "uniform", "identity")
 
@@ -46,6 +46,12 @@ class SoftMoE(MoELayer):
     tokens are all masked gets all-zero slots, zero output and zero gradient; it never
     produces NaN.
 
+    Speed: with soft dispatch and combine, float32/float64 input and no autocast, the forward
+    runs logits, both softmaxes and the dispatch as one autograd node (`_FusedSoftRouting`)
+    whose backward accumulates the three input-gradient terms into one buffer. It computes
+    the same numbers as the separable steps below (bit for bit in the forward). It supports
+    first-order gradients only; set `layer.fused = False` for double backward.
+
     NaN/Inf: like any MLP, a non-finite token propagates (through the softmax over N it
     reaches every output token of its own sequence, never other sequences). Set
     `check_finite=True` for an explicit ValueError instead (a data-dependent check; off by
@@ -66,6 +72,7 @@ class SoftMoE(MoELayer):
         self.combine = check_choice("combine", combine, WEIGHT_MODES)
         self.check_finite = check_finite
         self.num_slots = num_experts * slots_per_expert
+        self.fused = True  # see "Speed" above
         self.router = SoftRouter(dim, num_experts, slots_per_expert, normalize=normalize)
         self.experts = Experts(num_experts, dim, hidden_dim, expert_init=expert_init)
 
@@ -84,10 +91,7 @@ class SoftMoE(MoELayer):
         m = None if mask is None else mask.unsqueeze(-1)  # (B, N, 1)
 
         if self.dispatch == "soft":
-            dl = logits if m is None else logits.masked_fill(~m, torch.finfo(dtype).min)
-            dispatch = torch.softmax(dl, dim=1)  # over tokens
-            if m is not None:
-                dispatch = dispatch * m  # exact zeros, and no weight at all for all-masked rows
+            dispatch = _soft_dispatch(logits, m)
         elif self.dispatch == "uniform":
             if m is None:
                 dispatch = x.new_full((1, 1, 1), 1.0 / N, dtype=dtype).expand(B, N, S)
@@ -100,8 +104,8 @@ class SoftMoE(MoELayer):
                 dispatch = dispatch * m
 
         if self.combine == "soft":
-            combine = torch.softmax(logits, dim=-1)  # over all E*P slots jointly
-        elif self.combine == "uniform":
+            return dispatch, _soft_combine(logits, m)
+        if self.combine == "uniform":
             combine = x.new_full((1, 1, 1), 1.0 / S, dtype=dtype).expand(B, N, S)
         else:
             combine = torch.eye(N, dtype=dtype, device=x.device).expand(B, N, S)
@@ -112,10 +116,7 @@ class SoftMoE(MoELayer):
     # -- the three separable steps ---------------------------------------------------------
     def dispatch_tokens(self, x: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
         """slots (E, B*P, D) from x (B, N, D) and dispatch weights (B, N, S)."""
-        B, _, D = x.shape
-        E, P = self.num_experts, self.slots_per_expert
-        slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)  # (B, S, D)
-        return slots.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)
+        return _dispatch(x, dispatch, self.num_experts, self.slots_per_expert)
 
     def combine_slots(self, ys: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
         """y (B, N, D) from expert outputs (E, B*P, D) and combine weights (B, N, S)."""
@@ -125,10 +126,25 @@ class SoftMoE(MoELayer):
         ys = ys.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)  # (B, S, D)
         return torch.bmm(combine.to(ys.dtype), ys)  # (B, N, D)
 
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        return (self.fused and self.dispatch == "soft" and self.combine == "soft"
+                and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.dim, mask, self.check_finite)
-        dispatch, combine = self.routing_weights_for(x, mask)
-        ys = self.experts(self.dispatch_tokens(x, dispatch))
+        if self._fused_ok(x):
+            # The routing dtype is x's dtype here (float32/float64), as in routing_weights_for.
+            noise = None
+            if self.training and self.noise_std > 0:
+                B, N, _ = x.shape
+                noise = self.noise_std * torch.randn(B, N, self.num_slots, dtype=x.dtype, device=x.device)
+            slots, dispatch, combine = _FusedSoftRouting.apply(
+                x, self.router.slot_weights(x.dtype), mask, noise, self.router.normalize,
+                self.num_experts, self.slots_per_expert)
+        else:
+            dispatch, combine = self.routing_weights_for(x, mask)
+            slots = self.dispatch_tokens(x, dispatch)
+        ys = self.experts(slots)
         y = self.combine_slots(ys, combine)
         self.aux_loss = None  # Soft MoE needs no auxiliary loss.
         if self.record_metrics:
@@ -143,6 +159,91 @@ class SoftMoE(MoELayer):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
                 f"noise_std={self.noise_std}, dispatch={self.dispatch!r}, combine={self.combine!r}")
+
+
+def _soft_dispatch(logits: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the N tokens (dim 1) of logits (B, N, S); masked tokens (m: (B, N, 1)
+    bool) get exact zeros, and an all-masked sequence no weight at all."""
+    dl = logits if m is None else logits.masked_fill(~m, torch.finfo(logits.dtype).min)
+    dispatch = torch.softmax(dl, dim=1)
+    return dispatch if m is None else dispatch * m
+
+
+def _soft_combine(logits: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over all E*P slots jointly (last dim) of logits (B, N, S); masked tokens get
+    all-zero rows, so they output exactly zero."""
+    combine = torch.softmax(logits, dim=-1)
+    return combine if m is None else combine * m
+
+
+def _dispatch(x: torch.Tensor, dispatch: torch.Tensor, E: int, P: int) -> torch.Tensor:
+    """slots (E, B*P, D) = dispatch^T x per sequence, for x (B, N, D), dispatch (B, N, S)."""
+    B, _, D = x.shape
+    slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)  # (B, S, D)
+    return slots.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)
+
+
+class _FusedSoftRouting(torch.autograd.Function):
+    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P) -> slots (E, B*P, D),
+    dispatch (B, N, S) (for metrics only, not differentiable), combine (B, N, S).
+
+    The forward is exactly `soft_logits` + `_soft_dispatch` / `_soft_combine` + `_dispatch`
+    (the separable steps). The backward, written out by hand, differs from what autograd would
+    record in what it keeps and how many passes it makes over (B, N, D) tensors:
+      - it saves only x, w, the clean logits, r, and the two weight tensors (no normalised
+        copy of x, no squared x);
+      - the three contributions to dx (through the dispatch, the logits and the
+        normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
+      - both softmax backwards are one expression each, summed in place.
+    Gradients (g = dL/dlogits, over the noisy softmax inputs):
+      g      = Dw * (gDw - sum_n Dw*gDw) + Cw * (gCw - sum_s Cw*gCw)
+      dx     = Dw gXs + (g r) w^T - r^2 * sum_s(g * logits) * x      (logits = r * x w)
+      dw     = x^T (g r)
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, mask, noise, normalize, E, P):
+        logits, r = soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
+        noisy = logits if noise is None else logits + noise
+        m = None if mask is None else mask.unsqueeze(-1)
+        dispatch = _soft_dispatch(noisy, m)
+        combine = _soft_combine(noisy, m)
+        slots = _dispatch(x, dispatch, E, P)
+        ctx.save_for_backward(x, w, logits, r, dispatch, combine)
+        ctx.experts_slots = (E, P)
+        ctx.mark_non_differentiable(dispatch)
+        return slots, dispatch, combine
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_slots, g_dispatch, g_combine):
+        x, w, logits, r, dispatch, combine = ctx.saved_tensors
+        E, P = ctx.experts_slots
+        B, N, D = x.shape
+        S = w.shape[1]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = dx = None
+        if g_slots is not None:
+            g_xs = g_slots.view(E, B, P, D).transpose(0, 1).reshape(B, S, D)  # (B, S, D)
+            g_d = torch.bmm(x, g_xs.transpose(1, 2))  # (B, N, S) dL/dDw
+            g = dispatch * (g_d - (dispatch * g_d).sum(1, keepdim=True))
+            if need_x:
+                dx = torch.bmm(dispatch, g_xs)  # (B, N, D)
+        if g_combine is not None:
+            g_c = combine * (g_combine - (combine * g_combine).sum(-1, keepdim=True))
+            g = g_c if g is None else g.add_(g_c)
+        if g is None:
+            return None, None, None, None, None, None, None
+        g_raw = g if r is None else g * r  # (B, N, S) dL/d(x w)
+        dw = torch.mm(x.reshape(B * N, D).t(), g_raw.reshape(B * N, S)) if need_w else None  # (D, S)
+        if need_x:
+            if dx is None:
+                dx = torch.mm(g_raw.reshape(B * N, S), w.t()).view(B, N, D)
+            else:
+                dx.view(B * N, D).addmm_(g_raw.reshape(B * N, S), w.t())
+            if r is not None:
+                dx.addcmul_(x, (g * logits).sum(-1, keepdim=True) * r.square(), value=-1.0)
+        return dx, dw, None, None, None, None, None
 
 
 @torch.no_grad()

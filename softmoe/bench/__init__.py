@@ -1,0 +1,140 @@
+"""Benchmarks, run as `softmoe bench <name>`.
+
+Every module of this package that defines `add_arguments(parser)` and `run(args) -> int`
+becomes the sub-command `softmoe bench <module name>` (its help is the first line of the
+module docstring). This file holds the measuring helpers they share: median wall-clock
+timing, the machine's large-matmul GFLOP/s, peak resident memory, atomic Markdown/CSV tables.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Sequence
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls after `warmup` calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """GFLOP/s of one (n, n) x (n, n) matmul (2 n^3 FLOPs, median of `repeats`): the
+    machine's attainable dense-matmul rate at the current `torch.get_num_threads()`."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, generator=g, dtype=dtype or torch.float32)
+    out = torch.empty(n, n, dtype=a.dtype)
+    # out= keeps page faults of a fresh 16 MB result out of the number: this is the
+    # arithmetic rate the layers are compared against.
+    seconds = median_time(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=2)
+    return 2.0 * n ** 3 / seconds / 1e9
+
+
+# -- peak resident memory (Linux /proc) ------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def peak_rss_supported() -> bool:
+    """True where the kernel lets a process reset its RSS high-water mark (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`), so that the next baseline
+    RSS counts live memory only. A no-op where glibc is not the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_bytes(fn: Callable[[], object]) -> int:
+    """Bytes by which the resident set size peaks above its level just before `fn()`.
+
+    Resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`), runs `fn`, reads
+    VmHWM. Exact at page granularity for memory that is touched; run it in a fresh process
+    with a fixed small mmap threshold (`MALLOC_MMAP_THRESHOLD_`) so that memory freed before
+    the baseline is not silently reused by `fn`."""
+    release_free_memory()
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(0, _status_kib("VmHWM") - base) * 1024
+
+
+# -- tables ------------------------------------------------------------------------------------
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out_dir: str, stem: str, columns: Sequence[str], rows: Sequence[dict],
+                title: str, notes: Sequence[str] = ()) -> tuple[str, str]:
+    """Write `<out_dir>/<stem>.md` (title, notes, table) and `<out_dir>/<stem>.csv` (raw
+    values), each atomically. Returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    md = f"# {title}\n\n" + "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
+    md += markdown_table(columns, rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    md_path, csv_path = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".csv")
+    _atomic_write(md_path, md)
+    _atomic_write(csv_path, buf.getvalue())
+    return md_path, csv_path

@@ -1,0 +1,43 @@
+"""`softmoe bench <name> [...]`: the benchmarks of package `softmoe.bench`.
+
+Sub-commands are discovered: every module of `softmoe.bench` that defines
+`add_arguments(parser)` and `run(args) -> int` becomes `softmoe bench <module name>`, with the
+first line of its docstring as help. Adding a benchmark never edits this file."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+
+
+def benchmark_modules() -> dict:
+    """{name: module} for every runnable module of `softmoe.bench`, sorted by name."""
+    import softmoe.bench as package
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if callable(getattr(module, "add_arguments", None)) and callable(getattr(module, "run", None)):
+            found[info.name] = module
+    return found
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (layer, ...) and write its table",
+                                   description="Benchmarks; each writes a Markdown and a CSV table.")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, module in benchmark_modules().items():
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _usage(parser) -> int:
+    parser.print_help()
+    return 2
+

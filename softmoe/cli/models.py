@@ -1,0 +1,62 @@
+"""`softmoe models [PATTERN]`: the registered models with their parameters and inference
+FLOPs per image, counted on the meta device (nothing is allocated)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "models", help="list registered models with parameters and GFLOP/img",
+        description="List the registered models matching PATTERN (shell wildcards, default '*') with parameters, "
+                    "inference GFLOP per image (multiply-add = 2), MoE layers and experts, at the default image size.")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'soft_moe_*' (default: all)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="count with this head size (the paper's Table 8 uses 29593; default: each model's own)")
+    p.add_argument("--img-size", type=int, default=None, help="count at this image size (default: each model's own)")
+    p.set_defaults(func=run)
+
+
+def format_count(n: float) -> str:
+    """215.3K / 933.7M / 27.32B: thousands below 1M, millions below 10B, else billions."""
+    if n < 1e6:
+        return f"{n / 1e3:.1f}K"
+    return f"{n / 1e9:.2f}B" if n >= 1e10 else f"{n / 1e6:.1f}M"
+
+
+def format_gflop(flops: float) -> str:
+    g = flops / 1e9
+    return f"{g:.2f}" if g >= 1 else f"{g:.4f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from softmoe.models import list_models, profile_model
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"softmoe models: no model matches {args.pattern!r}; try `softmoe models` for the full list",
+              file=sys.stderr)
+        return 1
+    rows = []
+    try:
+        for name in names:
+            prof = profile_model(name, num_classes=args.num_classes, img_size=args.img_size)
+            cfg = prof.config
+            rows.append([name, format_count(prof.params), format_gflop(prof.flops), str(cfg.img_size),
+                         str(len(cfg.moe_blocks)) if cfg.moe_type else "-",
+                         str(cfg.num_experts) if cfg.moe_type else "-", cfg.moe_type or "dense"])
+    except ValueError as e:
+        print(f"softmoe models: error: {e}", file=sys.stderr)
+        return 2
+    header = ["name", "params", "GFLOP/img", "img", "MoE layers", "experts", "type"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    right = {1, 2, 3, 4, 5}
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(fmt(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(fmt(r))
+    return 0

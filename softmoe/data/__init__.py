@@ -1,0 +1,8 @@
+"""Datasets held in memory as uint8 tensors, batched augmentation, deterministic batching."""
+from .dataset import ImageDataset
+from .datasets import DATASETS, default_data_root, load_dataset
+from .loader import TrainBatches, derive_seed, eval_batches
+from .transforms import AUGMENTATIONS, augment, inception_crop, random_crop_flip, to_model_input
+
+__all__ = ["ImageDataset", "DATASETS", "load_dataset", "default_data_root", "TrainBatches", "eval_batches",
+           "derive_seed", "AUGMENTATIONS", "augment", "inception_crop", "random_crop_flip", "to_model_input"]

@@ -1,0 +1,126 @@
+"""Batched image transforms on uint8 (B, C, H, W) tensors: conversion to the model's input
+(float in [-1, 1], resized) and the augmentation presets. Every random draw comes from an
+explicit torch.Generator, so a batch is a pure function of the generator's seed.
+
+Presets:
+  - "inception_crop": the paper's random-resized crop (area fraction in [area_min, 1], aspect
+    ratio log-uniform in [3/4, 4/3]) resized to img_size, plus a horizontal flip;
+  - "crop_flip": pad by `padding` pixels (zeros), random crop back to the original size,
+    horizontal flip; the usual recipe for small images;
+  - "none": resize only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("inception_crop", "crop_flip", "none")
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor of shape (B, C, H, W), got "
+                         f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (values 0..255), got {images.dtype}")
+
+
+def _check_size(img_size) -> int:
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    return img_size
+
+
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    """float 0..255 -> [-1, 1]."""
+    return x * (2.0 / 255.0) - 1.0
+
+
+def to_model_input(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size) in [-1, 1]; bilinear resize
+    (antialiased when shrinking) only when the size differs."""
+    _check_images(images)
+    _check_size(img_size)
+    x = images.float()
+    if x.shape[-2:] != (img_size, img_size):
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 255.0)
+    return _scale(x)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True
+                     ) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> uint8 (B, C, H, W): zero-pad by `padding`, take a random HxW window
+    per image, flip half of them horizontally (if `flip`). One gather, no per-image loop."""
+    _check_images(images)
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+    b, c, h, w = images.shape
+    dev = images.device
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flipped = torch.rand(b, generator=generator) < 0.5
+    if not flip:
+        flipped = torch.zeros_like(flipped)
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    rows = (oy[:, None] + torch.arange(h)).to(dev)  # (B, H)
+    cols = ox[:, None] + torch.arange(w)  # (B, W)
+    cols = torch.where(flipped[:, None], cols.flip(1), cols).to(dev)
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    out = padded[bidx, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C): advanced dims first
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def inception_crop_params(batch: int, generator: torch.Generator, area_min: float = 0.05, area_max: float = 1.0,
+                          ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+    """Affine matrices (B, 2, 3) for F.affine_grid mapping output coords to a random crop box
+    (normalised coords in [-1, 1]). A box that would exceed the image on one side is clamped to
+    the full extent on that side (TF's sampler retries and then falls back to the whole image;
+    clamping keeps it one batched draw)."""
+    if not 0 < area_min <= area_max <= 1:
+        raise ValueError(f"need 0 < area_min <= area_max <= 1, got area_min={area_min}, area_max={area_max}")
+    area = torch.empty(batch).uniform_(area_min, area_max, generator=generator)
+    log_r = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    w = (area * r).sqrt().clamp(max=1.0)  # crop width as a fraction of the image width
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (w / 2) + torch.rand(batch, generator=generator) * (1 - w)  # centre in [0, 1]
+    cy = (h / 2) + torch.rand(batch, generator=generator) * (1 - h)
+    sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(batch)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * cy - 1
+    return theta
+
+
+def inception_crop(images: torch.Tensor, img_size: int, generator: torch.Generator, area_min: float = 0.05,
+                   flip: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size) in [-1, 1]: random-resized crop
+    (bilinear, via one batched grid_sample) with an optional horizontal flip."""
+    _check_images(images)
+    _check_size(img_size)
+    b, c = images.shape[:2]
+    theta = inception_crop_params(b, generator, area_min=area_min, ratio=ratio, flip=flip).to(images.device)
+    grid = F.affine_grid(theta, [b, c, img_size, img_size], align_corners=False)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _scale(x)
+
+
+def augment(images: torch.Tensor, preset: str, img_size: int, generator: torch.Generator, padding: int | None = None,
+            area_min: float = 0.05, flip: bool = True) -> torch.Tensor:
+    """Apply augmentation `preset` (one of AUGMENTATIONS) and convert to the model's input:
+    uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size) in [-1, 1]. `padding` for
+    crop_flip defaults to 1/8 of the image side (4 px at 32, 1 px at 8). `flip=False` turns off the
+    horizontal flip of both presets (digits and text are not mirror-symmetric)."""
+    if preset == "none":
+        return to_model_input(images, img_size)
+    if preset == "crop_flip":
+        pad = max(1, images.shape[-1] // 8) if padding is None else padding
+        return to_model_input(random_crop_flip(images, pad, generator, flip=flip), img_size)
+    if preset == "inception_crop":
+        return inception_crop(images, img_size, generator, area_min=area_min, flip=flip)
+    raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {preset!r}")

@@ -1,0 +1,260 @@
+"""Checkpoints: `save_pretrained(model, dir)` / `from_pretrained(dir, **overrides)`.
+
+A checkpoint directory holds two files, each written atomically (temp file in the same
+directory, fsync, `os.replace`), the weights first so that a `config.json` never points at
+missing weights:
+
+    config.json        {"format": "softmoe", "format_version": 1, "architecture": "vit",
+                        "config": ViTConfig.to_dict()}
+    model.safetensors  the state dict, every tensor in its own dtype (bit-exact round trip)
+
+Loading never unpickles anything (json + safetensors). Overrides may change the image size:
+the position embedding is then resampled bicubically over its 2-D grid (as timm and
+big_vision do); the number of Soft MoE slots does not depend on the image size and stays
+fixed (SPEC.md §1). An override of `num_classes` keeps every weight except the head, which
+is freshly initialised. Any other shape difference is a ValueError naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .registry import apply_overrides
+from .vit import ViTConfig, VisionTransformer, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "softmoe"
+FORMAT_VERSION = 1
+ARCHITECTURE = "vit"
+POS_EMBED = "pos_embed"
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+# -- writing --------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` on a temp file next to `path`, fsync it, then rename it over
+    `path`, so a reader sees the old file or the whole new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: VisionTransformer, directory) -> Path:
+    """Write `model`'s config and weights to `directory` (created if needed); returns it.
+
+    Tensors keep their dtype (float32, bfloat16, ...) and are moved to the CPU for writing.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, VisionTransformer) or not isinstance(getattr(model, "config", None), ViTConfig):
+        raise ValueError(f"model must be a softmoe VisionTransformer (with a ViTConfig in .config), "
+                         f"got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
+                "config": model.config.to_dict()}
+    try:
+        text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.config is not JSON-serialisable ({e}); config: {model.config}") from e
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if value.is_meta:
+            raise ValueError(f"cannot save {key!r}: it is a meta tensor (the model was built without memory)")
+        # clone() so that no two entries share storage (safetensors refuses shared tensors).
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+    metadata = {"format": "pt", "softmoe_format_version": str(FORMAT_VERSION)}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(directory / CONFIG_NAME, write_config)
+    return directory
+
+
+# -- reading --------------------------------------------------------------------------------
+def load_config(directory) -> ViTConfig:
+    """The validated `ViTConfig` of a checkpoint directory written by `save_pretrained`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist (or is not a directory)")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found: {str(directory)!r} is not a softmoe checkpoint directory "
+                                f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as written by save_pretrained)")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        got = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise ValueError(f"{str(path)!r} is not a softmoe config: expected \"format\": {FORMAT!r}, got {got!r} "
+                         f"(a foreign config.json, e.g. from transformers or timm?)")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has format_version {version!r}; this softmoe reads version {FORMAT_VERSION}")
+    if document.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{str(path)!r} has architecture {document.get('architecture')!r}, "
+                         f"expected {ARCHITECTURE!r}")
+    if not isinstance(document.get("config"), dict):
+        raise ValueError(f"{str(path)!r} has no \"config\" object")
+    try:
+        return ViTConfig.from_dict(document["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r}: invalid \"config\": {e}") from e
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (CPU); a missing, truncated or corrupt file is a
+    FileNotFoundError / ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+# -- position embedding ---------------------------------------------------------------------
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None) -> torch.Tensor:
+    """Resample a patch position embedding (1, h*w, D) to a new grid (1, h'*w', D).
+
+    Bicubic, align_corners=False, antialias=True (PyTorch's antialiased path uses the Keys
+    kernel with a = -0.5, which reproduces linear ramps exactly, and widens the kernel when
+    shrinking), computed in float32 at least and cast back to the input dtype: the same as
+    timm's `resample_abs_pos_embed`. Grids are (rows, cols) or an int for square grids; `old_grid`
+    defaults to the square root of the token count. The same grid returns the input as is.
+    """
+    def as_grid(g, name):
+        g = (g, g) if isinstance(g, int) and not isinstance(g, bool) else tuple(g)
+        if len(g) != 2 or not all(isinstance(v, int) and v >= 1 for v in g):
+            raise ValueError(f"{name} must be a positive int or (rows, cols), got {g!r}")
+        return g
+
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, tokens, dim), got {tuple(pos_embed.shape)}")
+    _, n, dim = pos_embed.shape
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} tokens, not a square grid; give old_grid=(rows, cols)")
+        old_grid = side
+    old_grid, new_grid = as_grid(old_grid, "old_grid"), as_grid(new_grid, "new_grid")
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"old_grid={old_grid} does not match the {n} tokens of pos_embed")
+    if old_grid == new_grid:
+        return pos_embed
+    compute = torch.promote_types(pos_embed.dtype, torch.float32)
+    grid = pos_embed.to(compute).reshape(1, *old_grid, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+
+
+# -- loading weights into a model -------------------------------------------------------------
+def adapt_state_dict(model: VisionTransformer, state_dict: dict, source: str = "state_dict",
+                     skip_head: bool = False) -> dict[str, torch.Tensor]:
+    """`state_dict` checked against `model` and made to fit it.
+
+    The position embedding is resampled when the patch grid differs (the width must match);
+    with `skip_head` the head tensors are left out (the caller keeps the model's own head).
+    Missing or unexpected keys and any other shape difference are a ValueError naming
+    `source`, the key, and the expected shape.
+    """
+    expected = model.state_dict()
+    keys = set(state_dict)
+    if skip_head:
+        keys -= set(HEAD_KEYS)
+    wanted = set(expected) - (set(HEAD_KEYS) if skip_head else set())
+    missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"{source} does not match the model ({model.config.name}): {'; '.join(parts)}")
+    out, wrong = {}, []
+    for key in sorted(keys):
+        value, want = state_dict[key], expected[key]
+        if key == POS_EMBED and value.shape != want.shape and value.dim() == 3 and value.shape[-1] == want.shape[-1]:
+            value = resample_pos_embed(value, model.patch_embed.grid)
+        if value.shape != want.shape:
+            wrong.append(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+        out[key] = value
+    if wrong:
+        raise ValueError(f"{source} does not fit the model ({model.config.name}): {'; '.join(wrong[:8])}"
+                         f"{' ...' if len(wrong) > 8 else ''}")
+    return out
+
+
+def load_weights(model: VisionTransformer, state_dict: dict, source: str = "state_dict",
+                 assign: bool = False) -> VisionTransformer:
+    """Load `state_dict` into `model`, resampling the position embedding if the model was
+    built for another image size. `assign=False` copies into the model's tensors (keeping
+    their dtype and device); `assign=True` adopts the given tensors (their dtype too)."""
+    adapted = adapt_state_dict(model, state_dict, source)
+    model.load_state_dict(adapted, strict=True, assign=assign)
+    return model
+
+
+def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None, **overrides) -> VisionTransformer:
+    """The model saved in `directory` by `save_pretrained`.
+
+    overrides: any ViTConfig field. `img_size` (or another size that changes the patch
+      grid) resamples the position embedding; `num_classes` gives a fresh head; anything
+      that changes another tensor's shape is a ValueError.
+    device, dtype: where to put the model afterwards; by default it stays on the CPU with
+      the dtypes stored in the file (bit-exact).
+    """
+    directory = Path(directory)
+    saved = load_config(directory)
+    cfg = apply_overrides(saved, overrides) if overrides else saved
+    state = load_safetensors(directory / WEIGHTS_NAME)
+    new_head = cfg.num_classes != saved.num_classes
+    # Built on the meta device: no time or memory spent on an initialisation that the
+    # loaded tensors replace (`assign=True` adopts them, with their dtype).
+    with torch.device("meta"):
+        model = build_model(cfg)
+    adapted = adapt_state_dict(model, state, source=str(directory / WEIGHTS_NAME), skip_head=new_head)
+    model.load_state_dict(adapted, strict=not new_head, assign=True)
+    if new_head:
+        model.reset_classifier(cfg.num_classes)  # a fresh head on the loaded tensors' device
+        head_dtype = model.norm.weight.dtype
+        model.head.to(head_dtype)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"from_pretrained left tensors uninitialised: {leftover} (a bug: please report)")
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def is_pretrained_dir(directory) -> bool:
+    """True if `directory` has a softmoe config.json and a weights file (not validated)."""
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
+
+__all__ = ["save_pretrained", "from_pretrained", "load_config", "load_safetensors", "load_weights",
+           "adapt_state_dict", "resample_pos_embed", "is_pretrained_dir", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -1,0 +1,136 @@
+"""Model registry: names -> model builders, generated from the size tables below.
+
+Names: `{family}_{size}{patch}`, family in vit / soft_moe / tc_moe / ec_moe, size in
+ti / s / b / l / h, patch in 32 / 16 / 14 / 8 (e.g. `vit_s16`, `soft_moe_h14`), plus the
+CPU-sized `*_micro` models. `create_model(name, **overrides)` builds one; every
+`ViTConfig` field is an override (`img_size`, `num_classes`, `num_experts`, ...).
+
+Default expert counts (paper Table 8): 128 experts, except S/14 which uses 256 (the paper's
+Soft MoE-S/14 and its Table 2 ablations), and never more experts than tokens at 224 px
+(rounded down to a power of two): the /32 models (49 tokens) get 32 experts, so Experts
+Choice has a capacity of at least one token (the paper: experts ~ tokens works best).
+`num_experts=256` on `soft_moe_h14` gives the 54B model of Table 8.
+
+Heads: 1000 classes by default (10 for the micro models); the paper's Table 8 counts use
+`num_classes=29593` (JFT).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable
+
+from .vit import ViTConfig, VisionTransformer, build_model
+
+# size -> (embed_dim, depth, mlp_dim, num_heads), SPEC.md §3.
+SIZES = {
+    "ti": (192, 12, 768, 3),
+    "s": (384, 12, 1536, 6),
+    "b": (768, 12, 3072, 12),
+    "l": (1024, 24, 4096, 16),
+    "h": (1280, 32, 5120, 16),
+}
+PATCHES = (32, 16, 14, 8)
+# family prefix -> moe_type (None = dense ViT).
+FAMILIES = {"vit": None, "soft_moe": "SoftMoE", "tc_moe": "TokensChoiceMoE", "ec_moe": "ExpertsChoiceMoE"}
+DEFAULT_EXPERTS = 128
+EXPERTS_OVERRIDE = {("s", 14): 256}  # (size, patch) -> experts, where the paper differs
+MICRO = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=4, num_heads=2,
+             mlp_dim=256)
+MICRO_EXPERTS = 8
+
+_REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
+_CONFIGS: dict[str, ViTConfig] = {}
+
+
+def register_model(fn=None, *, name: str | None = None, config: ViTConfig | None = None):
+    """Register `fn(**overrides) -> VisionTransformer` under `name` (default: fn.__name__).
+
+    Use as `@register_model` or `@register_model(name=..., config=...)`; `config` (the
+    default config) lets `get_config` and the CLI count the model without building it.
+    Registering a name twice is a ValueError.
+    """
+    def wrap(f):
+        key = name or f.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered")
+        _REGISTRY[key] = f
+        if config is not None:
+            _CONFIGS[key] = config
+        return f
+
+    return wrap if fn is None else wrap(fn)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching the shell-style `pattern`, in table order (family, size,
+    patch; micro models first)."""
+    return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower())]
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `softmoe models` for the list"
+        raise ValueError(f"unknown model name {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def apply_overrides(cfg: ViTConfig, overrides: dict) -> ViTConfig:
+    """`cfg` with `overrides` applied. Turning a MoE config dense (`moe_type=None`) drops its
+    experts unless `num_experts` is given too; asking for experts on a dense model without a
+    `moe_type` is a ValueError (from ViTConfig). A None value means "keep the default" for
+    every field except `moe_type` (so `img_size=args.img_size` passes through unset CLI flags)."""
+    changes = {k: v for k, v in overrides.items() if v is not None or k == "moe_type"}
+    if "moe_type" in changes and changes["moe_type"] is None:
+        changes.setdefault("num_experts", 0)
+        changes.setdefault("moe_kwargs", {})
+    return cfg.replace(**changes)
+
+
+def get_config(name: str, /, **overrides) -> ViTConfig:
+    """The config `create_model(name, **overrides)` would build, without building it."""
+    fn = _lookup(name)
+    if name in _CONFIGS:
+        return apply_overrides(_CONFIGS[name], overrides)
+    import torch
+
+    with torch.device("meta"):
+        return fn(**overrides).config
+
+
+def create_model(name: str, /, **overrides) -> VisionTransformer:
+    """Build the registered model `name` with `overrides` (any ViTConfig field)."""
+    return _lookup(name)(**overrides)
+
+
+def _config_builder(cfg: ViTConfig):
+    def build(**overrides) -> VisionTransformer:
+        return build_model(apply_overrides(cfg, overrides))
+
+    return build
+
+
+def default_experts(size: str, patch: int, img_size: int = 224) -> int:
+    """The documented default expert count (see the module docstring)."""
+    tokens = (img_size // patch) ** 2
+    return min(EXPERTS_OVERRIDE.get((size, patch), DEFAULT_EXPERTS), 1 << (tokens.bit_length() - 1))
+
+
+def _register_tables() -> None:
+    for family, moe_type in FAMILIES.items():
+        moe = {} if moe_type is None else dict(moe_type=moe_type, num_experts=MICRO_EXPERTS)
+        name = f"{family}_micro"
+        cfg = ViTConfig(**MICRO, **moe, name=name)
+        register_model(_config_builder(cfg), name=name, config=cfg)
+    for family, moe_type in FAMILIES.items():
+        for size, (dim, depth, mlp, heads) in SIZES.items():
+            for patch in PATCHES:
+                name = f"{family}_{size}{patch}"
+                moe = {} if moe_type is None else dict(moe_type=moe_type, num_experts=default_experts(size, patch))
+                cfg = ViTConfig(patch_size=patch, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads,
+                                name=name, **moe)
+                register_model(_config_builder(cfg), name=name, config=cfg)
+
+
+_register_tables()

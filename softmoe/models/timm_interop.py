@@ -1,0 +1,241 @@
+"""timm interoperability (optional: needs `timm`, which needs `torchvision`).
+
+- `import_timm()`: import timm; works around torchvision's import crash on CPU-only torch
+  (see the function).
+- `timm_to_moe(model, moe_type, num_experts, placement, init)`: a timm VisionTransformer whose
+  MLPs in the chosen blocks are replaced by our Soft MoE / Tokens Choice / Experts Choice
+  layers (hidden width = the timm MLP's; the experts apply the MLP's own activation and
+  dropout); everything else of the timm model is kept. `init="upcycle"` copies the MLP into
+  every expert (sparse upcycling, see softmoe.models.upcycle).
+- `register_timm_models()`: registers every softmoe model name in timm's registry, so that
+  `timm.create_model("soft_moe_s16", num_classes=10)` builds our model. Nothing is
+  registered at import time of softmoe; call it once (it is idempotent).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from softmoe.layers import Experts
+
+from .registry import create_model, list_models
+from .vit import MOE_LAYERS, moe_block_indices, resolve_moe_type
+
+# Keeps the op schemas defined by `import_timm` alive (a torch Library is unregistered when
+# garbage-collected).
+_TORCHVISION_OP_SCHEMAS = []
+# timm kwargs our models accept only as no-ops (timm's train script always passes them).
+_NOOP_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate")
+_GLOBAL_POOL = {"avg": "gap", "gap": "gap", "token": "token", "map": "map"}
+
+
+def _define_missing_torchvision_ops() -> bool:
+    """torchvision's PyPI wheels are CUDA builds; on a CPU-only torch their C++ extension
+    cannot load, which torchvision tolerates, except that 0.17-0.28 then register fake
+    kernels for `torchvision::nms` / `qnms` unconditionally and crash at import with
+    "operator torchvision::nms does not exist" (pytorch/vision#9337). Defining the two op
+    schemas first lets the import succeed; calling `torchvision.ops.nms` then raises
+    torchvision's own "Couldn't load custom C++ ops" error, as upstream's fix does.
+    Does nothing if torchvision is absent or already imported, or its extension loads.
+    Returns True if it defined the schemas."""
+    if "torchvision" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = list(spec.submodule_search_locations)[0]
+    libs = [os.path.join(folder, "_C" + s) for s in importlib.machinery.EXTENSION_SUFFIXES
+            if os.path.isfile(os.path.join(folder, "_C" + s))]
+    if not libs:
+        return False
+    try:
+        torch.ops.load_library(libs[0])  # what torchvision does first; loading twice is harmless
+        return False
+    except (OSError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_OP_SCHEMAS.append(lib)
+    return True
+
+
+def import_timm():
+    """`import timm`, with the CPU-only-torch workaround above; ImportError if timm (or
+    torchvision) is not installed."""
+    if "timm" not in sys.modules:
+        _define_missing_torchvision_ops()
+    import timm
+
+    return timm
+
+
+# -- experts that apply the replaced MLP's activation ----------------------------------------
+class MlpExperts(Experts):
+    """`Experts` whose hidden activation and dropouts are modules taken from the MLP they
+    replace (timm uses exact GELU, our ViT the tanh approximation):
+    `y[e] = drop2(W2_e drop1(act(W1_e x[e] + b1_e)) + b2_e)`. forward (E, M, D) -> (E, M, D)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, act: nn.Module, drop1: nn.Module | None = None,
+                 drop2: nn.Module | None = None, expert_init: str = "identical") -> None:
+        super().__init__(num_experts, dim, hidden_dim, expert_init=expert_init)
+        self.act = act
+        self.drop1 = drop1 if drop1 is not None else nn.Identity()
+        self.drop2 = drop2 if drop2 is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (E, M, D)
+        h = self.drop1(self.act(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)))  # (E, M, H)
+        return self.drop2(torch.baddbmm(self.b2.unsqueeze(1), h, self.w2))  # (E, M, D)
+
+
+def _check_timm_mlp(mlp: nn.Module, where: str) -> tuple[int, int]:
+    """(width D, hidden width H) of a timm `Mlp` (fc1 -> act -> drop1 -> norm -> fc2 -> drop2),
+    or a ValueError for MLP kinds our experts cannot express (GLU/SwiGLU, a norm inside, conv)."""
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and hasattr(mlp, "act")):
+        raise ValueError(f"{where} is a {type(mlp).__name__}; only timm's plain Mlp (fc1 -> act -> fc2, nn.Linear) "
+                         f"can become experts (GluMlp / SwiGLU / conv MLPs are not supported)")
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(f"{where} has a norm layer inside its MLP ({type(mlp.norm).__name__}); not supported")
+    if fc2.out_features != fc1.in_features or fc2.in_features != fc1.out_features:
+        raise ValueError(f"{where}: MLP shapes fc1 {fc1.in_features}->{fc1.out_features}, fc2 "
+                         f"{fc2.in_features}->{fc2.out_features} do not map the width back to itself")
+    return fc1.in_features, fc1.out_features
+
+
+def expert_tensors_from_mlp(fc1: nn.Linear, fc2: nn.Linear, num_experts: int) -> dict[str, torch.Tensor]:
+    """Sparse upcycling: every expert = the dense MLP. w1 (E, D, H) = fc1.weight.T, b1 (E, H)
+    = fc1.bias, w2 (E, H, D) = fc2.weight.T, b2 (E, D) = fc2.bias (zeros if the Linear has
+    no bias)."""
+    def bias(fc):
+        return fc.bias.detach() if fc.bias is not None else fc.weight.new_zeros(fc.out_features)
+
+    E = num_experts
+    return {"w1": fc1.weight.detach().t().unsqueeze(0).expand(E, -1, -1).contiguous(),
+            "b1": bias(fc1).unsqueeze(0).expand(E, -1).contiguous(),
+            "w2": fc2.weight.detach().t().unsqueeze(0).expand(E, -1, -1).contiguous(),
+            "b2": bias(fc2).unsqueeze(0).expand(E, -1).contiguous()}
+
+
+def _check_init(init: str) -> None:
+    if init not in ("fresh", "upcycle"):
+        raise ValueError(f"init must be 'fresh' or 'upcycle', got {init!r}")
+
+
+def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, placement="last_half",
+                init: str = "fresh", inplace: bool = False, **moe_kwargs) -> nn.Module:
+    """Replace the MLPs of the chosen blocks of a timm VisionTransformer by MoE layers.
+
+    moe_type: "soft" / "tc" / "ec" or a class name (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE).
+    placement: as `ViTConfig.moe_placement`: "last_half", "last:N", "every:K", "all" or a
+      list of block indices.
+    init: "fresh" (router and experts newly initialised) or "upcycle" (each expert a copy of
+      the MLP it replaces; router/gates fresh).
+    moe_kwargs: further arguments of the MoE layer (slots_per_expert, k, capacity_factor...).
+    Returns the converted model (a deep copy unless `inplace`). The MoE layers live at
+    `blocks[i].mlp`; `softmoe.collect_aux_loss(model)` etc. work on the result.
+    """
+    _check_init(init)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not all(hasattr(b, "mlp") for b in blocks):
+        raise ValueError(f"model must be a timm VisionTransformer-like model with .blocks[i].mlp, "
+                         f"got {type(model).__name__}")
+    cls = MOE_LAYERS[resolve_moe_type(moe_type)]
+    for bad in ("dim", "num_experts", "hidden_dim"):
+        if bad in moe_kwargs:
+            raise ValueError(f"moe_kwargs may not set {bad!r}: it comes from the timm model / num_experts")
+    indices = moe_block_indices(placement, len(blocks))
+    if not inplace:
+        model = copy.deepcopy(model)
+    for i in indices:
+        mlp = model.blocks[i].mlp
+        dim, hidden = _check_timm_mlp(mlp, f"blocks[{i}].mlp")
+        ref = mlp.fc1.weight
+        with torch.device(ref.device):
+            layer = cls(dim=dim, num_experts=num_experts, hidden_dim=hidden, **moe_kwargs)
+            experts = MlpExperts(num_experts, dim, hidden, act=copy.deepcopy(mlp.act),
+                                 drop1=copy.deepcopy(getattr(mlp, "drop1", None)),
+                                 drop2=copy.deepcopy(getattr(mlp, "drop2", None)),
+                                 expert_init=layer.experts.expert_init)
+        layer.experts = experts
+        layer.to(dtype=ref.dtype)
+        if init == "upcycle":
+            with torch.no_grad():
+                for name, value in expert_tensors_from_mlp(mlp.fc1, mlp.fc2, num_experts).items():
+                    getattr(experts, name).copy_(value)
+        layer.train(mlp.training)
+        model.blocks[i].mlp = layer
+    return model
+
+
+# -- timm registry --------------------------------------------------------------------------
+def _data_config(cfg) -> dict:
+    """What timm's data pipeline reads from `model.pretrained_cfg`: our models take values in
+    [-1, 1], i.e. mean = std = 0.5 on [0, 1] pixels; full-image resize (crop_pct 1)."""
+    return {"architecture": cfg.name, "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
+            "mean": (0.5,) * cfg.in_chans, "std": (0.5,) * cfg.in_chans, "interpolation": "bicubic",
+            "crop_pct": 1.0, "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
+            "classifier": "head"}
+
+
+def _entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                   **kwargs):
+        if pretrained:
+            raise ValueError(f"{name}: no pretrained weights are published; load a checkpoint directory with "
+                             f"softmoe.models.from_pretrained(dir) or pass checkpoint_path=... to timm.create_model")
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        for key in _NOOP_TIMM_KWARGS:
+            if kwargs.get(key, 0) not in (0, 0.0, None):
+                raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported (our ViTs have no dropout); use 0")
+            kwargs.pop(key, None)
+        if "global_pool" in kwargs:
+            pool = kwargs.pop("global_pool")
+            if pool not in _GLOBAL_POOL:
+                raise ValueError(f"{name}: global_pool must be one of {sorted(_GLOBAL_POOL)}, got {pool!r}")
+            kwargs["pool"] = _GLOBAL_POOL[pool]
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = create_model(name, **kwargs)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.pretrained_cfg = _data_config(model.config)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"softmoe model {name!r} (softmoe.models.create_model) for timm.create_model."
+    return entrypoint
+
+
+def register_timm_models(pattern: str = "*") -> list[str]:
+    """Register the softmoe models matching `pattern` in timm's registry and return the
+    names now available through `timm.create_model`. Idempotent. A name timm already uses
+    for one of its own models is left alone (with a warning)."""
+    timm = import_timm()
+    from timm.models import _registry
+
+    module = sys.modules[__name__]
+    registered = []
+    for name in list_models(pattern):
+        owner = _registry._model_to_module.get(name)
+        if owner is not None and owner != __name__.rsplit(".", 1)[-1]:
+            warnings.warn(f"timm already has a model named {name!r} (module {owner}); not registering ours")
+            continue
+        if owner is None:
+            fn = _entrypoint(name)
+            setattr(module, name, fn)  # timm adds the name to this module's __all__
+            timm.models.register_model(fn)
+        registered.append(name)
+    return registered
+
+
+__all__ = ["import_timm", "timm_to_moe", "register_timm_models", "MlpExperts", "expert_tensors_from_mlp"]

@@ -1,0 +1,171 @@
+"""Training checkpoints that survive a crash.
+
+Layout: WORKDIR/checkpoints/step_00001234/ holding
+  config.json + model.safetensors  a save_pretrained directory (from_pretrained loads it)
+  train_config.json                the run's TrainConfig (so the directory stands alone)
+  train_state.pt                   step, optimizer state, RNG states; torch.load(weights_only=True)
+
+A checkpoint is written into a hidden temporary directory and renamed into place; a directory
+named step_* is therefore always complete, and a crash mid-write leaves only a `.tmp-*`
+directory that `latest_checkpoint` ignores and the next save removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+TRAIN_STATE = "train_state.pt"
+TRAIN_CONFIG = "train_config.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_REQUIRED = ("config.json", "model.safetensors", TRAIN_STATE)
+
+
+def checkpoint_dir(workdir: str | os.PathLike, step: int) -> Path:
+    return Path(workdir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint of `workdir`, by step ascending."""
+    root = Path(workdir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir() and all((entry / f).is_file() for f in _REQUIRED):
+            out.append((int(m.group(1)), entry))
+    return sorted(out)
+
+
+def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of `workdir`, or None."""
+    found = list_checkpoints(workdir)
+    return found[-1][1] if found else None
+
+
+# -- RNG state as plain tensors and numbers (loadable with weights_only=True) ----------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- writing -----------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(workdir: str | os.PathLike, step: int, model: nn.Module, train_state: dict,
+                    train_config: dict, keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
+    from softmoe.models.hub import save_pretrained
+
+    root = Path(workdir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    final = checkpoint_dir(workdir, step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_pretrained(model, tmp)
+        with open(tmp / TRAIN_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(train_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / TRAIN_STATE, "wb") as f:
+            torch.save(train_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (rename cannot replace a non-empty dir)
+            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old_dir in list_checkpoints(workdir)[:-keep]:
+        shutil.rmtree(old_dir, ignore_errors=True)
+    return final
+
+
+def load_train_state(checkpoint: str | os.PathLike) -> dict:
+    path = Path(checkpoint) / TRAIN_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(checkpoint)!r} is not a training checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- loading a model -------------------------------------------------------------------------
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
+    """(model, training config dict or None) from a training workdir (its latest checkpoint),
+    a checkpoint directory or a save_pretrained directory. The model is on the CPU in train
+    mode, as from_pretrained returns it."""
+    from softmoe.models.hub import from_pretrained, is_pretrained_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"checkpoint path {str(p)!r} must be a directory (workdir, checkpoint or save_pretrained dir)")
+    ckpt = p
+    if not is_pretrained_dir(p):
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise FileNotFoundError(f"{str(p)!r} holds no model: expected config.json + model.safetensors, or a "
+                                    f"training workdir with {CHECKPOINTS}/step_* checkpoints")
+    model = from_pretrained(ckpt)
+    train_cfg = None
+    for candidate in (ckpt / TRAIN_CONFIG, ckpt.parent.parent / "config.json" if ckpt != p else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                doc = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and "model" in doc and "data" in doc:
+                train_cfg = doc
+                break
+    return model, train_cfg

@@ -1,0 +1,280 @@
+"""TrainConfig: every knob of a training run, as one JSON-serialisable dataclass.
+
+Configs are code: a file in configs/ defines `config() -> TrainConfig`. `--set key=value`
+overrides a field (or `model_kwargs.KEY=value` a model override), parsed by the field's type;
+unknown keys and unparsable values raise ValueError with close-name suggestions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # model: a registry name (softmoe.models.list_models()) plus overrides of its ViTConfig;
+    # img_size / in_chans / num_classes are filled from the data unless given here.
+    model: str = "soft_moe_micro"
+    model_kwargs: dict = field(default_factory=dict)
+    # data
+    data: str = "digits"  # one of softmoe.data.DATASETS or an ImageFolder directory
+    data_root: str | None = None  # where the dataset's files are (None: the default location)
+    download: bool = False
+    img_size: int | None = None  # model input side; None: the dataset's image side
+    augment: str = "crop_flip"  # "inception_crop" (paper), "crop_flip" or "none"
+    crop_padding: int | None = None  # crop_flip padding in pixels; None: image side // 8
+    inception_area_min: float = 0.05  # inception_crop: smallest crop area fraction
+    flip: bool = True  # horizontal flips in crop_flip / inception_crop (off for digits: not mirror-symmetric)
+    skip_bad_images: bool = False  # ImageFolder: skip unreadable files instead of failing
+    test_split: str = "test"
+    # length: exactly one of steps / epochs is > 0
+    steps: int = 0
+    epochs: float = 0.0
+    batch_size: int = 128
+    # optimiser (SPEC §4): Adam b1/b2, decoupled weight decay scaled by the learning rate
+    optimizer: str = "adamw"  # "adamw" (decoupled decay, paper) or "adam" (L2 added to the gradient)
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.03  # kernels and the router scale; never phi, biases, norms, pos embedding
+    head_weight_decay: float | None = None  # the head kernel's decay (paper: 3.0); None: weight_decay
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    # schedule
+    schedule: str = "rsqrt"  # "rsqrt" (warmup, rsqrt decay, linear cooldown), "cosine", "constant"
+    warmup_steps: int = 0
+    rsqrt_timescale: int = 10_000
+    cooldown_steps: int = 0  # rsqrt: linear cooldown to 0 over the last cooldown_steps
+    min_lr: float = 0.0  # cosine: final learning rate
+    # loss
+    loss: str = "softmax"  # "softmax" cross-entropy or "sigmoid" (binary CE summed over classes)
+    label_smoothing: float = 0.0
+    aux_loss_weight: float = 1.0  # multiplies softmoe.collect_aux_loss(model) (already weighted per layer)
+    # numerics / device
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 0  # test accuracy every N steps (0: only at the end)
+    eval_batch_size: int = 512
+    routing_metrics_every: int = 50  # MoE routing metrics every N steps (0: never)
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    tensorboard: bool = True  # write TensorBoard logs when tensorboard is importable
+    plots: bool = True
+    workdir: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a train config must be a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise ValueError(_unknown_message(unknown[0], names))
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; ValueError naming the field and what it accepts."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
+                  "schedule": ("rsqrt", "cosine", "constant"), "loss": ("softmax", "sigmoid"),
+                  "test_split": ("test", "val")}
+        for key, allowed in choice.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if (self.steps > 0) == (self.epochs > 0):
+            raise ValueError(f"set exactly one of steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError(f"steps and epochs must be >= 0, got steps={self.steps}, epochs={self.epochs}")
+        positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        nonneg = ["warmup_steps", "cooldown_steps", "eval_every", "checkpoint_every", "routing_metrics_every",
+                  "num_threads", "grad_clip", "weight_decay", "min_lr", "aux_loss_weight", "seed"]
+        for key in nonneg:
+            v = getattr(self, key)
+            if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
+                raise ValueError(f"{key} must be a finite number >= 0, got {v}")
+        if self.head_weight_decay is not None and not (self.head_weight_decay >= 0 and math.isfinite(self.head_weight_decay)):
+            raise ValueError(f"head_weight_decay must be >= 0 or None, got {self.head_weight_decay}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or not self.eps > 0:
+            raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got beta1={self.beta1}, beta2={self.beta2}, "
+                             f"eps={self.eps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.inception_area_min <= 1:
+            raise ValueError(f"inception_area_min must be in (0, 1], got {self.inception_area_min}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1 or None, got {self.img_size}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0 or None, got {self.crop_padding}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not self.model:
+            raise ValueError("model must be a registry name (see `softmoe.models.list_models()`)")
+        return self
+
+
+def _unknown_message(key: str, names) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown config key {key!r}{hint} (known keys: {', '.join(sorted(names))})"
+
+
+def _check_type(name: str, value, hint) -> None:
+    """isinstance against a field's annotation (int, float, str, bool, dict, X | None)."""
+    args = typing.get_args(hint)
+    options = args if args else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return
+        if t is bool and isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if t in (str, dict) and isinstance(value, t):
+            return
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in options)
+    raise ValueError(f"config key {name!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_value(key: str, text: str, hint):
+    """Parse `text` for a field annotated `hint`."""
+    args = typing.get_args(hint)
+    options = args if args else (hint,)
+    low = text.strip().lower()
+    if type(None) in options and low in ("none", "null"):
+        return None
+    for t in options:
+        if t is bool:
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        elif t is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif t is float:
+            try:
+                v = float(text)
+                if math.isfinite(v):
+                    return v
+            except ValueError:
+                pass
+        elif t is str:
+            return text
+        elif t is dict:
+            try:
+                v = json.loads(text)
+            except json.JSONDecodeError:
+                v = None
+            if isinstance(v, dict):
+                return v
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in options)
+    raise ValueError(f"--set {key}={text}: expected {names}")
+
+
+def _parse_json_scalar(text: str):
+    """A model override value: JSON if it parses (16, 0.5, true, null, [8, 9], {...}), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.strip().lower()
+        if low in ("true", "false", "none"):
+            return {"true": True, "false": False, "none": None}[low]
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """A new TrainConfig with each "key=value" applied. Dict fields take "field.key=value"
+    (value parsed as JSON, else kept as a string) or "field={json}"."""
+    d = cfg.to_dict()
+    hints = typing.get_type_hints(TrainConfig)
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        head, _, sub = key.partition(".")
+        if head not in hints:
+            raise ValueError(_unknown_message(head, hints))
+        if sub:
+            if hints[head] is not dict:
+                raise ValueError(f"--set {key}: {head!r} is not a dict field, so it takes no '.subkey'")
+            d[head] = dict(d[head])
+            d[head][sub] = _parse_json_scalar(text)
+        else:
+            d[head] = _parse_value(key, text, hints[head])
+    return TrainConfig.from_dict(d)
+
+
+def config_search_dirs() -> list[Path]:
+    """Where `--config NAME` looks: $SOFTMOE_CONFIG_DIR, ./configs, then the repository's configs/."""
+    dirs = []
+    if os.environ.get("SOFTMOE_CONFIG_DIR"):
+        dirs.append(Path(os.environ["SOFTMOE_CONFIG_DIR"]))
+    dirs.append(Path.cwd() / "configs")
+    dirs.append(Path(__file__).resolve().parents[2] / "configs")
+    seen, out = set(), []
+    for d in dirs:
+        r = d.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(d)
+    return out
+
+
+def available_configs() -> list[str]:
+    names = set()
+    for d in config_search_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.py") if not p.name.startswith("_"))
+    return sorted(names)
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    """Run a config file (a path, or NAME found as NAME.py in `config_search_dirs()`) and
+    return its `config()`. Config files are code the user chose to run, like any script."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidates = [d / f"{name_or_path}.py" for d in config_search_dirs()] if path.suffix != ".py" else []
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            avail = available_configs()
+            close = difflib.get_close_matches(name_or_path, avail, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise FileNotFoundError(f"config {name_or_path!r} not found: give a .py file or one of {avail}{hint}")
+    spec = importlib.util.spec_from_file_location(f"softmoe_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "config", None)
+    if not callable(fn):
+        raise ValueError(f"config file {str(path)!r} must define a function config() -> TrainConfig")
+    cfg = fn()
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"config() in {str(path)!r} must return a TrainConfig, got {type(cfg).__name__}")
+    return cfg.validate()

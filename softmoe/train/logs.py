@@ -1,0 +1,131 @@
+"""Run logging: JSONL metrics (the record every other output is built from), optional
+TensorBoard, the end-of-run summary table and PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write
+                continue
+    return out
+
+
+def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:
+    """Keep only records with step <= `step` (a resumed run rewrites what came after its
+    checkpoint). Rewritten atomically."""
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
+    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl (flushed each write, so a
+    crash loses at most the line being written) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, purge_step: int | None = None,
+                 notice=print) -> None:
+        self.path = Path(workdir) / METRICS
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard (or one of its deps) is not installed
+                notice("tensorboard is not installed: skipping TensorBoard logs (metrics.jsonl has everything)")
+            else:
+                self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge_step)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, notice=print) -> list[Path]:
+    """plots/loss.png, plots/accuracy.png, plots/lr.png from the metrics records; [] if
+    matplotlib is missing (with a notice)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        notice("matplotlib is not installed: skipping plots")
+        return []
+    records = read_metrics(workdir) if records is None else records
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    out_dir = Path(workdir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".png", dir=out_dir)
+        os.close(fd)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+
+    series = [("loss.png", "loss", [("train", train, "loss"), ("test", evals, "test_loss")]),
+              ("accuracy.png", "accuracy", [("test", evals, "test_accuracy"), ("train (batch)", train, "accuracy")]),
+              ("lr.png", "learning rate", [("lr", train, "lr")])]
+    for name, ylabel, lines in series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, rows, key in lines:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        save(fig, name)
+    return written
+
+
+def is_tty(stream=None) -> bool:
+    stream = stream or sys.stderr
+    return hasattr(stream, "isatty") and stream.isatty()

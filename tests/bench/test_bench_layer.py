@@ -1,0 +1,203 @@
+"""The layer benchmark's machinery on tiny shapes: the naive baseline is the same function as
+SoftMoE, the FLOP count is what the layer executes, peak memory sees known allocations, the
+command writes its tables, and `softmoe bench` discovers it."""
+import csv
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import softmoe.bench.layer as bench_layer
+from softmoe import SoftMoE
+from softmoe.bench import markdown_table, peak_rss_bytes, peak_rss_supported, write_table
+from softmoe.bench.layer import NaiveSoftMoE, Shape, layer_flops
+
+TINY = dict(batch=2, tokens=5, dim=8, hidden=16, slots=1)
+
+
+def soft_moe64(D=6, E=3, P=2, H=5, seed=0) -> SoftMoE:
+    """A float64 SoftMoE far from its init: non-uniform routing, scale 2.5, distinct experts."""
+    layer = SoftMoE(D, E, slots_per_expert=P, hidden_dim=H).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        layer.router.scale.fill_(2.5)
+    return layer
+
+
+def tokens64(B=3, N=7, D=6, seed=1) -> torch.Tensor:
+    """Tokens with norms from 0.1 to 10, so normalised and raw tokens differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    return x * torch.exp(torch.empty(B, N, 1, dtype=torch.float64).uniform_(math.log(0.1), math.log(10), generator=g))
+
+
+# -- the naive baseline computes SoftMoE's function -----------------------------------------
+def test_naive_matches_soft_moe_outputs_and_grads_float64():
+    layer = soft_moe64()
+    naive = NaiveSoftMoE.from_soft_moe(layer)
+    x1, x2 = tokens64().requires_grad_(), tokens64().requires_grad_()
+    dy = torch.randn(3, 7, 6, dtype=torch.float64)
+    y1, y2 = layer(x1), naive(x2)
+    # 1e-12 relative: the same float64 math in a different summation order.
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12 * y1.abs().max().item())
+    y1.backward(dy)
+    y2.backward(dy)
+    ex = layer.experts
+    pairs = [(x2.grad, x1.grad), (naive.phi.grad, layer.router.phi.grad), (naive.scale.grad, layer.router.scale.grad)]
+    for e, mlp in enumerate(naive.experts):
+        pairs += [(mlp[0].weight.grad.T, ex.w1.grad[e]), (mlp[0].bias.grad, ex.b1.grad[e]),
+                  (mlp[2].weight.grad.T, ex.w2.grad[e]), (mlp[2].bias.grad, ex.b2.grad[e])]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+
+
+def test_naive_differs_without_the_scale():
+    # The comparison above can fail: a naive layer that ignored `scale` would be far off.
+    layer = soft_moe64()
+    naive = NaiveSoftMoE.from_soft_moe(layer)
+    with torch.no_grad():
+        naive.scale.fill_(1.0)
+    x = tokens64()
+    assert (naive(x) - layer(x)).abs().max() > 1e-3 * layer(x).abs().max()
+
+
+def test_naive_has_softmoe_parameter_count():
+    layer = SoftMoE(8, 4, slots_per_expert=2, hidden_dim=16)
+    naive = NaiveSoftMoE(8, 4, 2, 16)
+    assert bench_layer.param_count(naive) == bench_layer.param_count(layer)
+
+
+# -- FLOPs ------------------------------------------------------------------------------------
+def test_layer_flops_by_hand():
+    s = Shape(batch=2, tokens=3, dim=4, experts=5, slots=1, hidden=6)
+    # logits, dispatch, combine: 2*B*N*D*S = 240 each; experts: 2 matmuls * 2*B*S*D*H = 960.
+    assert layer_flops(s) == 3 * 240 + 960
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_layer_flops_is_what_the_layers_execute(P):
+    s = Shape(batch=2, tokens=5, dim=8, experts=4, slots=P, hidden=16)
+    layer = SoftMoE(8, 4, slots_per_expert=P, hidden_dim=16)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        layer(x)
+    assert fc.get_total_flops() == layer_flops(s)
+    # Forward+backward = 3x forward, counted on the naive layer (plain autograd ops only).
+    naive = NaiveSoftMoE(8, 4, P, 16)
+    with FlopCounterMode(display=False) as fc:
+        naive(x).backward(torch.randn(2, 5, 8))
+    assert fc.get_total_flops() == 3 * layer_flops(s)
+
+
+# -- the implementations ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [i.name for i in bench_layer.IMPLS])
+def test_every_implementation_builds_at_the_shape_and_trains(name):
+    impl = bench_layer._impl(name)
+    if impl.module is not None and importlib.util.find_spec(impl.module) is None:
+        pytest.skip(f"{name} is not installed")
+    s = Shape(experts=4, **TINY)
+    model = bench_layer.build(name, s)
+    n_expert = 2 * s.dim * s.hidden + s.hidden + s.dim
+    # Same experts everywhere; the routers differ only by a few D-sized vectors.
+    assert s.experts * n_expert <= bench_layer.param_count(model) <= s.experts * n_expert + s.dim * (s.experts + 3) + 1
+    x, dy = bench_layer._inputs(s)
+    assert bench_layer._forward(model, x).shape == x.shape
+    bench_layer._train_step(model, x, dy)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_implementation_is_a_value_error():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        bench_layer.build("nope", Shape(experts=2, **TINY))
+
+
+# -- peak memory --------------------------------------------------------------------------------
+needs_proc = pytest.mark.skipif(not peak_rss_supported(), reason="needs Linux /proc/self/clear_refs")
+
+
+@needs_proc
+def test_peak_rss_sees_a_known_allocation():
+    n = 64 << 20  # 64 MiB: above glibc's mmap threshold, so freshly mapped and touched
+    peak = peak_rss_bytes(lambda: torch.ones(n // 4))
+    # +-: the baseline RSS moves by a few pages of unrelated memory (freed buffers, page tables).
+    assert n - (1 << 20) <= peak <= n + (8 << 20)
+    assert peak_rss_bytes(lambda: None) < (4 << 20)
+
+
+@needs_proc
+def test_memory_probe_counts_the_fresh_weight_grads():
+    s = Shape(batch=2, tokens=5, dim=64, experts=32, slots=1, hidden=256)
+    grads = 4 * 2 * s.experts * s.dim * s.hidden  # 8 MiB of w1/w2 gradients, new every step
+    mem = bench_layer.measure_memory("softmoe", s, threads=1, timeout=120)
+    assert grads - (1 << 20) <= mem["fwdbwd_peak_bytes"] <= 2 * grads
+    assert mem["fwd_peak_bytes"] < grads / 4  # inference holds no grads and tiny activations
+
+
+# -- tables and the command ---------------------------------------------------------------------
+def test_write_table_atomic_markdown_and_csv(tmp_path):
+    rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": None}]
+    md, cs = write_table(str(tmp_path / "out"), "t", ["a", "b"], rows, "Title", ["note one"])
+    text = open(md).read()
+    assert text.startswith("# Title\n") and "- note one" in text and "| 2 | - |" in text
+    assert list(csv.DictReader(open(cs))) == [{"a": "1", "b": "0.123456"}, {"a": "2", "b": ""}]
+    assert sorted(os.listdir(tmp_path / "out")) == ["t.csv", "t.md"]  # no temp files left
+    assert markdown_table(["a"], [{"a": 1234.5}]).splitlines()[-1] == "| 1234 |"
+
+
+def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_layer, "S16", dict(TINY, batch=8))
+    monkeypatch.setattr(bench_layer, "QUICK_BATCH", 2)
+    monkeypatch.setattr(bench_layer, "QUICK_EXPERTS", (2, 4))
+    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: 10.0)  # skip the 2048^3 matmul
+    n_before = torch.get_num_threads()
+    try:
+        rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n_before)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "torch.set_num_threads(1)" in out
+    rows = list(csv.DictReader(open(tmp_path / "layer.csv")))
+    impls = [i.name for i in bench_layer.available_impls()]
+    assert [(r["E"], r["implementation"]) for r in rows] == [(str(E), n) for E in (2, 4) for n in impls]
+    fl = {E: layer_flops(Shape(experts=E, **dict(TINY, batch=2))) for E in (2, 4)}
+    for r in rows:
+        ms = float(r["fwdbwd_ms"])
+        assert ms > 0 and float(r["fwd_ms"]) > 0
+        assert float(r["fwdbwd_GFLOPs"]) == pytest.approx(3 * fl[int(r["E"])] / ms / 1e6, rel=1e-9)
+        assert float(r["fwdbwd_frac_mm"]) == pytest.approx(float(r["fwdbwd_GFLOPs"]) / 10.0, rel=1e-9)
+        assert r["fwd_peak_MB"] == ""  # --no-memory
+        if r["implementation"] == "softmoe":
+            assert float(r["fwdbwd_vs_softmoe"]) == 1.0
+    md = open(tmp_path / "layer.md").read()
+    assert "set_num_threads(1)" in md and "Peak memory: not measured." in md
+
+
+@pytest.mark.parametrize("argv, match", [(["--threads", "0"], "--threads"), (["--repeats", "0"], "--repeats"),
+                                         (["--experts", "0"], "--experts")])
+def test_bad_arguments(argv, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        bench_layer.main(argv + ["--out", str(tmp_path)])
+
+
+def test_softmoe_bench_discovers_layer():
+    from softmoe.cli import build_parser
+    from softmoe.cli.bench import benchmark_modules
+
+    assert "layer" in benchmark_modules()
+    args = build_parser().parse_args(["bench", "layer", "--quick", "--threads", "1", "--out", "x"])
+    assert args.func is bench_layer.run and args.quick and args.threads == 1 and args.out == "x"
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    assert bench_layer.__doc__.splitlines()[0][:40] in " ".join(help_text.split())
+
+
+def test_softmoe_bench_without_benchmark_prints_usage(capsys):
+    from softmoe.cli import main
+
+    assert main(["bench"]) == 2
+    assert "BENCHMARK" in capsys.readouterr().out

@@ -1,0 +1,155 @@
+"""The fast paths (`_FusedSoftRouting`, `_ExpertsMLP`, hand-written backwards) compute the same
+function and gradients as plain autograd (`fused = False`), in float64 at 1e-12."""
+import math
+
+import pytest
+import torch
+
+import softmoe.layers.experts as experts_mod
+from softmoe import SoftMoE
+from softmoe.layers.experts import Experts, fresh_buffer
+
+
+def randomized(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+def tokens(B, N, D, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    return x * torch.exp(torch.empty(B, N, 1, dtype=torch.float64).uniform_(math.log(0.1), math.log(10), generator=g))
+
+
+def set_fused(layer, fused):
+    layer.fused = fused
+    layer.experts.fused = fused
+
+
+def run(layer, x, mask, dy):
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(5)  # same noise draw in both runs
+    y = layer(x, mask)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+def assert_close64(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * max(want.abs().max().item(), 1e-300))
+
+
+def grad_fn_names(t):
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("masking", ["none", "partial", "one_sequence_all_masked"])
+@pytest.mark.parametrize("noise", [0.0, 0.7])
+def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
+    layer = randomized(SoftMoE(6, 4, slots_per_expert=P, hidden_dim=5, normalize=normalize, noise_std=noise).double())
+    with torch.no_grad():
+        layer.router.scale.fill_(2.5)
+    layer.train(noise > 0)
+    x = tokens(3, 7, 6)
+    mask = None
+    if masking != "none":
+        mask = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+        if masking == "one_sequence_all_masked":
+            mask[1] = False
+    dy = torch.randn(3, 7, 6, dtype=torch.float64)
+    fused = run(layer, x, mask, dy)
+    assert "_FusedSoftRoutingBackward" in grad_fn_names(layer(x.clone().requires_grad_(), mask))
+    set_fused(layer, False)
+    plain = run(layer, x, mask, dy)
+    for got, want in zip(fused, plain):
+        assert torch.isfinite(got).all()
+        assert_close64(got, want)
+
+
+def test_plain_autograd_path_where_fusion_does_not_apply():
+    x = tokens(2, 6, 6).float().requires_grad_()
+    layer = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5)
+    assert "_FusedSoftRoutingBackward" in grad_fn_names(layer(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        names = grad_fn_names(layer(x))
+    assert "_FusedSoftRoutingBackward" not in names and "_ExpertsMLPBackward" not in names
+    ablation = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5, dispatch="uniform")
+    assert "_FusedSoftRoutingBackward" not in grad_fn_names(ablation(x))
+
+
+@pytest.mark.parametrize("frozen", [(), ("x",), ("w1", "b1"), ("w2", "b2", "x")])
+def test_experts_fused_equals_autograd_float64(frozen):
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
+    x = 3 * torch.randn(3, 5, 4, dtype=torch.float64)  # large pre-activations: all of the GELU curve
+    dy = torch.randn(3, 5, 4, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        ex.fused = fused
+        ex.zero_grad(set_to_none=True)
+        for name, p in ex.named_parameters():
+            p.requires_grad_(name not in frozen)
+        xi = x.clone().requires_grad_("x" not in frozen)
+        y = ex(xi)
+        y.backward(dy)
+        results.append([y.detach(), xi.grad] + [p.grad for p in ex.parameters()])
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+        else:
+            assert_close64(got, want)
+
+
+def test_double_backward_needs_fused_false():
+    layer = randomized(SoftMoE(4, 2, hidden_dim=3).double())
+    x = tokens(1, 3, 4).requires_grad_()
+    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    set_fused(layer, False)
+    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    g.sum().backward()  # plain autograd: second order works
+    assert torch.isfinite(x.grad).all()
+
+
+def test_fresh_buffer_advises_the_aligned_interior(monkeypatch):
+    calls = []
+    monkeypatch.setattr(experts_mod, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    like = torch.empty(0)
+    small = fresh_buffer((1000,), like)
+    assert small.shape == (1000,) and not calls  # under 4 MiB: left alone
+    big = fresh_buffer((3, 1 << 20), like)  # 12 MiB
+    assert big.shape == (3, 1 << 20) and big.dtype == like.dtype
+    ((start, length, advice),) = calls
+    huge = 2 << 20
+    assert advice == 14 and start % huge == 0 and length % huge == 0  # MADV_HUGEPAGE, whole huge pages
+    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.nbytes
+    assert length >= big.nbytes - 2 * huge
+
+
+def test_weight_grads_are_the_fresh_buffers(monkeypatch):
+    made = []
+    real = experts_mod.fresh_buffer
+
+    def recording(shape, like):
+        out = real(shape, like)
+        made.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(experts_mod, "fresh_buffer", recording)
+    ex = Experts(4, 8, 16)
+    ex(torch.randn(4, 3, 8)).sum().backward()
+    # autograd adopted them as .grad (no copy into yet another new buffer)
+    assert sorted(made) == sorted([ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()])

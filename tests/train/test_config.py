@@ -1,0 +1,85 @@
+"""TrainConfig: --set parsing, errors with suggestions, config files (including the paper recipe)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from softmoe.train import TrainConfig, apply_overrides, available_configs, load_config
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_set_parses_by_field_type():
+    cfg = apply_overrides(TrainConfig(steps=10), ["lr=3e-4", "batch_size=7", "bf16=true", "img_size=none",
+                                                  "data=/some/dir", "head_weight_decay=3", "flip=no",
+                                                  "model_kwargs.num_experts=16", "model_kwargs.moe_kwargs={\"k\": 2}",
+                                                  "model_kwargs.moe_type=soft"])
+    assert cfg.lr == 3e-4 and cfg.batch_size == 7 and cfg.bf16 is True and cfg.img_size is None
+    assert cfg.data == "/some/dir" and cfg.head_weight_decay == 3.0 and cfg.flip is False
+    assert cfg.model_kwargs == {"num_experts": 16, "moe_kwargs": {"k": 2}, "moe_type": "soft"}
+
+
+def test_set_rejects_unknown_keys_with_suggestion():
+    with pytest.raises(ValueError, match="unknown config key 'lrr'; did you mean 'lr'"):
+        apply_overrides(TrainConfig(steps=1), ["lrr=1"])
+    with pytest.raises(ValueError, match="unknown config key 'bach_size'.*'batch_size'"):
+        apply_overrides(TrainConfig(steps=1), ["bach_size=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(TrainConfig(steps=1), ["lr"])
+    with pytest.raises(ValueError, match="'lr' is not a dict field"):
+        apply_overrides(TrainConfig(steps=1), ["lr.x=1"])
+
+
+def test_set_rejects_wrong_types_and_values():
+    with pytest.raises(ValueError, match="--set steps=abc: expected int"):
+        apply_overrides(TrainConfig(steps=1), ["steps=abc"])
+    with pytest.raises(ValueError, match="--set bf16=maybe: expected bool or None"):
+        apply_overrides(TrainConfig(steps=1), ["bf16=maybe"])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        apply_overrides(TrainConfig(steps=1), ["schedule=linear"])
+    with pytest.raises(ValueError, match="exactly one of steps"):
+        apply_overrides(TrainConfig(steps=1), ["epochs=2"])
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        apply_overrides(TrainConfig(steps=1), ["lr=0"])
+    with pytest.raises(ValueError, match="'batch_size' must be int"):
+        TrainConfig(steps=1, batch_size=2.5).validate()
+    with pytest.raises(ValueError, match="unknown config key 'optimiser'.*'optimizer'"):
+        TrainConfig.from_dict({"optimiser": "adam"})
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig(steps=3, model_kwargs={"num_experts": 4})
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_every_repo_config_loads():
+    names = sorted(p.stem for p in REPO_CONFIGS.glob("*.py"))
+    assert {"demo", "debug", "cifar10", "paper_s16"} <= set(names)
+    assert set(names) <= set(available_configs())
+    for name in names:
+        assert isinstance(load_config(name), TrainConfig)
+    assert load_config(str(REPO_CONFIGS / "debug.py")) == load_config("debug")
+
+
+def test_paper_s16_is_the_spec_recipe():
+    cfg = load_config("paper_s16")
+    assert cfg.model == "soft_moe_s16" and cfg.img_size == 224 and cfg.batch_size == 4096
+    assert cfg.optimizer == "adamw" and (cfg.beta1, cfg.beta2) == (0.9, 0.999) and cfg.grad_clip == 1.0
+    assert cfg.lr == 1e-3 and cfg.weight_decay == 0.03 and cfg.head_weight_decay == 3.0
+    assert cfg.schedule == "rsqrt" and cfg.warmup_steps == 10_000 and cfg.rsqrt_timescale == 10_000
+    assert cfg.cooldown_steps == 50_000 and cfg.augment == "inception_crop" and cfg.flip
+    assert cfg.loss == "sigmoid"
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config 'debgu' not found.*did you mean 'debug'"):
+        load_config("debgu")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="must define a function config"):
+        load_config(str(bad))
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def config():\n    return {'lr': 1}\n")
+    with pytest.raises(ValueError, match="must return a TrainConfig"):
+        load_config(str(wrong))

@@ -1,0 +1,199 @@
+"""The training loop: outputs of a run, exact resume, divergence, bad input, the CLI."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from softmoe.train import TrainingDiverged, load_model, train
+from softmoe.train import trainer as trainer_mod
+from softmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_train_state
+
+from train_helpers import tiny_config
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def weights(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_run_writes_the_documented_workdir(tmp_path):
+    wd = tmp_path / "run"
+    s = train(tiny_config(plots=True, eval_every=6), wd, log=quiet)
+    assert [step for step, _ in list_checkpoints(wd)] == [4, 8, 12]
+    cfg = json.loads((wd / "config.json").read_text())
+    assert cfg["model"] == "soft_moe_micro" and cfg["data"] == "digits" and "data_root" in cfg
+    assert cfg["img_size"] == 8 and cfg["model_kwargs"]["in_chans"] == 1 and cfg["model_kwargs"]["num_classes"] == 10
+    records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"train", "eval", "routing"}
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12]
+    routing = [r for r in records if r["kind"] == "routing"]
+    assert routing and any(k.endswith("combine_weights_max_mean") for k in routing[0])
+    assert {"loss", "lr", "images_per_s", "data_ms", "step_ms", "grad_norm"} <= set(records[1])
+    assert sorted(p.name for p in (wd / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
+    assert 0 <= s["test_accuracy"] <= 1 and s["steps"] == 12
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["test_accuracy"] == s["test_accuracy"]
+    # the checkpoint is a save_pretrained directory plus a weights_only train state
+    ckpt = latest_checkpoint(wd)
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert state["step"] == 12 and "optimizer" in state and "rng" in state and state["data"]["step"] == 12
+    model, train_cfg = load_model(wd)
+    assert train_cfg["model"] == "soft_moe_micro" and model.config.img_size == 8
+    for key, value in weights(ckpt).items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_training_learns_digits(tmp_path):
+    """A tiny model must beat chance clearly in 60 steps (a broken loop stays near 10%)."""
+    s = train(tiny_config(steps=60, lr=3e-3, augment="none", checkpoint_every=0, routing_metrics_every=0),
+              tmp_path / "learn", log=quiet)
+    assert s["test_accuracy"] > 0.5
+
+
+def test_resume_is_exact_in_process(tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(), full, log=quiet)
+    part = tmp_path / "part"
+    train(tiny_config(), part, log=quiet)
+    # pretend the run died after step 4: drop the later checkpoints, keep the metrics it wrote
+    for step, d in list_checkpoints(part):
+        if step > 4:
+            shutil.rmtree(d)
+    logs = []
+    train(tiny_config(), part, log=logs.append)
+    assert any("resuming from" in l and "step 4/12" in l for l in logs)
+    a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_train_state(latest_checkpoint(full)), load_train_state(latest_checkpoint(part))
+    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+        assert all(torch.equal(va[n], vb[n]) for n in va)
+    # metrics after the checkpoint were rewritten, not duplicated
+    steps = [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    wd = tmp_path / "r"
+    train(tiny_config(steps=4), wd, log=quiet)
+    with pytest.raises(ValueError, match=r"different run \(lr: 0.001 -> 0.002\)"):
+        train(tiny_config(steps=4, lr=2e-3), wd, log=quiet)
+    train(tiny_config(steps=4, log_every=1), wd, log=quiet)  # logging changes are fine
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        train(tiny_config(), tmp_path / "empty", resume=True, log=quiet)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = trainer_mod.classification_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, kind, label_smoothing=0.0):
+        calls["n"] += 1
+        loss = real(logits, labels, kind, label_smoothing)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(trainer_mod, "classification_loss", poisoned)
+    wd = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 7: the loss is nan.*step_00000004"):
+        train(tiny_config(), wd, log=quiet)
+    assert [s for s, _ in list_checkpoints(wd)] == [4]
+    last = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "diverged" and last["step"] == 7
+
+
+def test_absurd_learning_rate_diverges(tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged at step"):
+        train(tiny_config(lr=1e30, warmup_steps=0, grad_clip=0.0, schedule="constant", steps=50,
+                          checkpoint_every=0), tmp_path / "big", log=quiet)
+    assert latest_checkpoint(tmp_path / "big") is None
+
+
+def test_bad_input_fails_before_writing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="work directory .* is not writable"):
+        train(tiny_config(), blocker / "run", log=quiet)
+    assert blocker.read_text() == "x"
+    with pytest.raises(ValueError, match="batch_size=5000 is larger than the 'digits' train split"):
+        train(tiny_config(batch_size=5000), tmp_path / "b", log=quiet)
+    with pytest.raises(ValueError, match="unknown model name 'soft_moe_mirco'"):
+        train(tiny_config(model="soft_moe_mirco"), tmp_path / "m", log=quiet)
+    with pytest.raises(ValueError, match="unknown dataset 'digit'"):
+        train(tiny_config(data="digit"), tmp_path / "d", log=quiet)
+    with pytest.raises(ValueError, match="model_kwargs.in_chans=3 disagrees with the dataset"):
+        train(tiny_config(model_kwargs={"in_chans": 3}), tmp_path / "c", log=quiet)
+    for name in ("b", "m", "d", "c"):
+        assert not (tmp_path / name).exists()
+
+
+def test_read_only_workdir(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            train(tiny_config(), ro, log=quiet)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    from softmoe.cli import main
+
+    wd = tmp_path / "cli"
+    code = main(["train", "--config", "debug", "--set", "steps=4", "--set", "checkpoint_every=2",
+                 "--set", "model_kwargs.depth=2", "--set", "plots=false", "--workdir", str(wd), "--no-progress"])
+    assert code == 0 and latest_checkpoint(wd).name == "step_00000004"
+    assert json.loads((wd / "config.json").read_text())["workdir"] == str(wd)
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["train", "--config", "debug", "--set", "lrr=1", "--workdir", str(tmp_path / "x")]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    assert main(["train", "--config", "debug", "--set", "steps=ten", "--workdir", str(tmp_path / "x")]) == 2
+    assert "expected int" in capsys.readouterr().err
+    assert main(["train", "--config", "debug", "--resume", "--workdir", str(tmp_path / "x")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--config", "debug", "--set", "data=nope", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == "nope"
+
+
+def test_epochs_bf16_sigmoid_and_inception_options(tmp_path):
+    """The other config paths run: epochs instead of steps, bf16 autocast (CPU here),
+    sigmoid loss with label smoothing, inception crop at a larger img_size, rsqrt + cooldown,
+    a separate head decay."""
+    s = train(tiny_config(steps=0, epochs=0.5, bf16=True, loss="sigmoid", label_smoothing=0.1,
+                          augment="inception_crop", img_size=12, schedule="rsqrt", cooldown_steps=5,
+                          head_weight_decay=3.0, checkpoint_every=0), tmp_path / "e", log=quiet)
+    assert s["steps"] == 22  # ceil(0.5 * (1438 // 32 = 44))
+    assert s["bf16"] is True and 0 <= s["test_accuracy"] <= 1
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert cfg["model_kwargs"]["img_size"] == 12
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["kind"] == "train"]
+    assert lrs[-1] < lrs[-3]  # linear cooldown to zero at the end
+
+
+def test_classification_losses_match_formulas():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    p = torch.softmax(logits, -1)
+    ce = -(p[0, 0].log() + p[1, 2].log()) / 2
+    assert torch.allclose(trainer_mod.classification_loss(logits, labels, "softmax"), ce, atol=1e-12)
+    s = torch.sigmoid(logits)
+    t = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64)
+    bce = -(t * s.log() + (1 - t) * (1 - s).log()).sum(-1).mean()
+    assert torch.allclose(trainer_mod.classification_loss(logits, labels, "sigmoid"), bce, atol=1e-12)
+    ts = t * 0.9 + 0.1 / 3
+    bce_s = -(ts * s.log() + (1 - ts) * (1 - s).log()).sum(-1).mean()
+    assert torch.allclose(trainer_mod.classification_loss(logits, labels, "sigmoid", 0.1), bce_s, atol=1e-12)
