@@ -2,13 +2,23 @@
 # Both install what they need first, so they work on a fresh machine.
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
+HAVE_OPTIONAL = import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("timm", "torchvision", "soft_moe_pytorch", "soft_moe")))
+TORCHVISION_FOR_TORCH = import torch; print("0.%d.*" % (int(torch.__version__.split(".")[1]) + 15))
 
 .PHONY: install demo test bench
+
+# 1. A CPU build of torch if none is installed (a bare `torch` requirement would otherwise
+#    pull a multi-GB CUDA build); whatever torch the user already has is kept.
+# 2. The package with its dev extras.
+# 3. Optional parts the tests and benchmarks exercise, with --no-deps so pip never swaps
+#    torch: timm (interop tests), the torchvision release built for the installed torch
+#    (timm needs it; 0.28 <-> torch 2.13), and the two PyPI Soft MoE ports that
+#    `softmoe bench layer` compares against.
 install:
-	# A CPU build of torch first if none is installed (a bare `torch` requirement would
-	# otherwise pull a multi-GB CUDA build); keep whatever torch the user already has.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
 	$(PIP) -e ".[dev]"
+	@$(PY) -c '$(HAVE_OPTIONAL)' || $(PIP) --no-deps timm==1.0.31 soft-moe-pytorch==0.1.9 soft-moe==0.0.1 \
+	  "torchvision==$$($(PY) -c '$(TORCHVISION_FOR_TORCH)')"
 
 demo: install
 	$(PY) -m softmoe demo

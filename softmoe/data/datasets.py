@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from softmoe._compat import import_torchvision_datasets
+
 from . import formats
 from .dataset import ImageDataset
 from .folder import read_image_folder
@@ -147,10 +149,7 @@ _EXPECTED_FILES = {
 
 
 def _torchvision(name: str, split: str, base: Path, download: bool) -> ImageDataset:
-    try:
-        import torchvision.datasets as tvd
-    except ImportError:
-        tvd = None
+    tvd = import_torchvision_datasets()
     if tvd is None or (not download and not base.is_dir()):
         how = ("install torchvision and pass download=True (config: download=true)" if tvd is None
                else "pass download=True (config: download=true) to download it with torchvision")

@@ -73,7 +73,8 @@ class _ExpertsMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, M, H)
+        E, M, _ = x.shape
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=fresh_buffer((E, M, w1.shape[2]), x))  # (E, M, H)
         y = torch.baddbmm(b2.unsqueeze(1), F.gelu(h, approximate="tanh"), w2)  # (E, M, D)
         ctx.save_for_backward(x, w1, w2, h)
         return y
@@ -85,13 +86,15 @@ class _ExpertsMLP(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         gx = gw1 = gb1 = gw2 = gb2 = None
         if need_w2:
-            a = F.gelu(h, approximate="tanh")  # (E, M, H), recomputed
+            a = torch._C._nn.gelu(h, approximate="tanh", out=fresh_buffer(h.shape, h))  # (E, M, H), recomputed
             gw2 = torch.bmm(a.transpose(1, 2), gy, out=fresh_buffer(w2.shape, w2))  # (E, H, D)
             del a
         if need_b2:
             gb2 = gy.sum(1)  # (E, D)
         if need_x or need_w1 or need_b1:
-            gh = torch.ops.aten.gelu_backward(torch.bmm(gy, w2.transpose(1, 2)), h, approximate="tanh")  # (E, M, H)
+            gh = torch.bmm(gy, w2.transpose(1, 2), out=fresh_buffer(h.shape, h))  # (E, M, H) dL/da
+            # dL/dh in place of dL/da (an elementwise kernel may write over its input)
+            gh = torch.ops.aten.gelu_backward.grad_input(gh, h, approximate="tanh", grad_input=gh)
             if need_w1:
                 gw1 = torch.bmm(x.transpose(1, 2), gh, out=fresh_buffer(w1.shape, w1))  # (E, D, H)
             if need_b1:

@@ -15,64 +15,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.machinery
-import importlib.util
-import os
 import sys
 import warnings
 
 import torch
 from torch import nn
 
+from softmoe._compat import define_missing_torchvision_ops
 from softmoe.layers import Experts
 
 from .registry import create_model, list_models
 from .vit import MOE_LAYERS, moe_block_indices, resolve_moe_type
 
-# Keeps the op schemas defined by `import_timm` alive (a torch Library is unregistered when
-# garbage-collected).
-_TORCHVISION_OP_SCHEMAS = []
 # timm kwargs our models accept only as no-ops (timm's train script always passes them).
 _NOOP_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate")
 _GLOBAL_POOL = {"avg": "gap", "gap": "gap", "token": "token", "map": "map"}
-
-
-def _define_missing_torchvision_ops() -> bool:
-    """torchvision's PyPI wheels are CUDA builds; on a CPU-only torch their C++ extension
-    cannot load, which torchvision tolerates, except that 0.17-0.28 then register fake
-    kernels for `torchvision::nms` / `qnms` unconditionally and crash at import with
-    "operator torchvision::nms does not exist" (pytorch/vision#9337). Defining the two op
-    schemas first lets the import succeed; calling `torchvision.ops.nms` then raises
-    torchvision's own "Couldn't load custom C++ ops" error, as upstream's fix does.
-    Does nothing if torchvision is absent or already imported, or its extension loads.
-    Returns True if it defined the schemas."""
-    if "torchvision" in sys.modules:
-        return False
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    folder = list(spec.submodule_search_locations)[0]
-    libs = [os.path.join(folder, "_C" + s) for s in importlib.machinery.EXTENSION_SUFFIXES
-            if os.path.isfile(os.path.join(folder, "_C" + s))]
-    if not libs:
-        return False
-    try:
-        torch.ops.load_library(libs[0])  # what torchvision does first; loading twice is harmless
-        return False
-    except (OSError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_OP_SCHEMAS.append(lib)
-    return True
 
 
 def import_timm():
     """`import timm`, with the CPU-only-torch workaround above; ImportError if timm (or
     torchvision) is not installed."""
     if "timm" not in sys.modules:
-        _define_missing_torchvision_ops()
+        define_missing_torchvision_ops()
     import timm
 
     return timm

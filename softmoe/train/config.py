@@ -33,6 +33,7 @@ class TrainConfig:
     inception_area_min: float = 0.05  # inception_crop: smallest crop area fraction
     flip: bool = True  # horizontal flips in crop_flip / inception_crop (off for digits: not mirror-symmetric)
     skip_bad_images: bool = False  # ImageFolder: skip unreadable files instead of failing
+    data_image_size: int | None = None  # ImageFolder: resize every image to this square while decoding
     test_split: str = "test"
     # length: exactly one of steps / epochs is > 0
     steps: int = 0
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"inception_area_min must be in (0, 1], got {self.inception_area_min}")
         if self.img_size is not None and self.img_size < 1:
             raise ValueError(f"img_size must be >= 1 or None, got {self.img_size}")
+        if self.data_image_size is not None and self.data_image_size < 1:
+            raise ValueError(f"data_image_size must be >= 1 or None, got {self.data_image_size}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 or None, got {self.crop_padding}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

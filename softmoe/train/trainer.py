@@ -12,10 +12,12 @@ import dataclasses
 import json
 import math
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,9 @@ from .optim import build_optimizer, make_schedule, set_lr
 # Fields that may differ when resuming: they change what is logged or saved, never the weights.
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every", "checkpoint_every",
                      "keep_checkpoints", "tensorboard", "plots", "workdir", "num_threads", "device"}
+
+
+GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,9 +166,17 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     progress: None shows a tqdm bar on a TTY and sparse lines otherwise; False prints only the
     start and the summary. Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
     stays on disk), ValueError/FileNotFoundError/PermissionError on bad input before writing
-    anything but the work directory itself."""
+    anything but the work directory itself. torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, workdir, resume, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     from softmoe.data import TrainBatches, load_dataset
-    from softmoe.models import create_model
+    from softmoe.models import create_model, get_config
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
@@ -177,7 +190,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
 
     # -- data and model (all checks before anything is written) -----------------------------
     kwargs = dict(root=cfg.data_root, download=cfg.download)
-    folder_kw = dict(skip_bad=cfg.skip_bad_images)
+    folder_kw = dict(skip_bad=cfg.skip_bad_images, image_size=cfg.data_image_size)
     train_ds = load_dataset(cfg.data, "train", **kwargs, **folder_kw)
     test_ds = load_dataset(cfg.data, cfg.test_split, **kwargs, **folder_kw)
     if cfg.batch_size > len(train_ds):
@@ -187,9 +200,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
         raise ValueError(f"the train and {cfg.test_split} splits of {cfg.data!r} have different classes")
     cfg = resolve_config(cfg, train_ds, workdir)
     resolved = cfg.to_dict()
-    from softmoe.models import get_config
-
     get_config(cfg.model, **cfg.model_kwargs)  # unknown model or override: ValueError before any write
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    schedule = make_schedule(cfg, total)  # warmup/cooldown longer than the run: ValueError here
     prepare_workdir(workdir)
 
     config_path = workdir / "config.json"
@@ -203,16 +217,14 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
                              f"({'; '.join(diffs)}); use another --workdir or the same config")
 
     torch.manual_seed(cfg.seed)
-    import numpy as np
-    import random
-
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_kwargs).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     train_images = train_ds
-    if device.type == "cuda":  # small datasets live on the GPU: a batch is one gather there
+    if device.type == "cuda" and train_ds.images.numel() <= GPU_DATASET_BYTES:
+        # a small dataset lives on the GPU: a batch is one gather there, no host-to-device copy
         from softmoe.data import ImageDataset
 
         train_images = ImageDataset(train_ds.images.to(device), train_ds.labels.to(device), train_ds.classes,
@@ -220,9 +232,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     loader = TrainBatches(train_images, cfg.batch_size, cfg.seed, cfg.img_size, cfg.augment,
                           padding=cfg.crop_padding, area_min=cfg.inception_area_min, flip=cfg.flip,
                           device=device)
-    steps_per_epoch = loader.steps_per_epoch
-    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    schedule = make_schedule(cfg, total)
     params = [p for p in model.parameters() if p.requires_grad]
     num_params = sum(p.numel() for p in model.parameters())
 

@@ -152,4 +152,4 @@ def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     ex = Experts(4, 8, 16)
     ex(torch.randn(4, 3, 8)).sum().backward()
     # autograd adopted them as .grad (no copy into yet another new buffer)
-    assert sorted(made) == sorted([ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()])
+    assert {ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()} <= set(made)

@@ -55,8 +55,14 @@ def test_run_writes_the_documented_workdir(tmp_path):
 
 def test_training_learns_digits(tmp_path):
     """A tiny model must beat chance clearly in 60 steps (a broken loop stays near 10%)."""
-    s = train(tiny_config(steps=60, lr=3e-3, augment="none", checkpoint_every=0, routing_metrics_every=0),
-              tmp_path / "learn", log=quiet)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = train(tiny_config(steps=60, lr=3e-3, augment="none", checkpoint_every=0, routing_metrics_every=0),
+                  tmp_path / "learn", log=quiet)
+        assert torch.get_num_threads() == 2 and s["threads"] == 1  # the run's setting does not leak
+    finally:
+        torch.set_num_threads(before)
     assert s["test_accuracy"] > 0.5
 
 
@@ -132,7 +138,9 @@ def test_bad_input_fails_before_writing(tmp_path):
         train(tiny_config(data="digit"), tmp_path / "d", log=quiet)
     with pytest.raises(ValueError, match="model_kwargs.in_chans=3 disagrees with the dataset"):
         train(tiny_config(model_kwargs={"in_chans": 3}), tmp_path / "c", log=quiet)
-    for name in ("b", "m", "d", "c"):
+    with pytest.raises(ValueError, match="warmup_steps=50 must be smaller than the run's 12 steps"):
+        train(tiny_config(warmup_steps=50), tmp_path / "w", log=quiet)
+    for name in ("b", "m", "d", "c", "w"):
         assert not (tmp_path / name).exists()
 
 
@@ -197,3 +205,24 @@ def test_classification_losses_match_formulas():
     ts = t * 0.9 + 0.1 / 3
     bce_s = -(ts * s.log() + (1 - ts) * (1 - s).log()).sum(-1).mean()
     assert torch.allclose(trainer_mod.classification_loss(logits, labels, "sigmoid", 0.1), bce_s, atol=1e-12)
+
+
+def test_train_on_image_folder_with_resize(tmp_path, monkeypatch):
+    """An ImageFolder of RGB PNGs of mixed sizes, resized to 8x8 while decoding."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("SOFTMOE_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(20):
+                side = 8 + i % 3
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    s = train(tiny_config(data=str(tmp_path / "imgs"), data_image_size=8, test_split="val", steps=3,
+                          batch_size=16), tmp_path / "run", log=quiet)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model_kwargs"]["in_chans"] == 3 and cfg["model_kwargs"]["num_classes"] == 2
+    assert s["steps"] == 3 and 0 <= s["test_accuracy"] <= 1
