@@ -2,7 +2,7 @@
 
 Data: `data_root` may hold the CIFAR binary batches (cifar-10-batches-bin/) or an ImageFolder
 (train/ and test/); with torchvision installed, --set download=true fetches it. Example:
-  softmoe train --config cifar10 --set data_root=/work/shared/datasets/cifar10
+  softmoe train --config cifar10 --set data_root=../shared/datasets/cifar10
 """
 from softmoe.train import TrainConfig
 

@@ -127,10 +127,14 @@ def test_process_pool_matches_serial(tmp_path, monkeypatch):
     assert np.array_equal(serial[0], pooled[0]) and np.array_equal(serial[1], pooled[1])
 
 
+# The team's shared/ folder sits beside the checkout (and beside CI's clone).
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "cifar10"
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/work/shared/datasets/cifar10/test").is_dir(), reason="shared CIFAR-10 folder absent")
+@pytest.mark.skipif(not (SHARED_CIFAR10 / "test").is_dir(), reason="shared CIFAR-10 folder absent")
 def test_shared_cifar10_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SOFTMOE_CACHE_DIR", str(tmp_path))
-    ds = load_dataset("cifar10", "test", root="/work/shared/datasets/cifar10")
+    ds = load_dataset("cifar10", "test", root=str(SHARED_CIFAR10))
     assert ds.images.shape == (10000, 3, 32, 32) and ds.classes[0] == "airplane"
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 1000))
