@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import sys
 
 import torch
@@ -21,18 +22,22 @@ EXPERT_INITS = ("identical", "distinct")
 
 # -- fresh large buffers backed by transparent huge pages (Linux, CPU) --------------------------
 # Every training step allocates new (E, D, H) weight gradients (optimizer.zero_grad() sets
-# them to None). glibc serves blocks above 32 MB with a fresh mmap, so each step the kernel
-# faults in and zeroes them 4 KiB at a time: at E=128, D=384, H=1536 that is 150k page
-# faults, more time than the matmuls that fill them. Asking for huge pages (madvise) cuts the
-# fault count 512x. Pure advice: where it is unavailable the buffer is an ordinary one.
+# them to None). glibc serves blocks of 32 MiB and more (its largest mmap threshold) with a
+# fresh mmap, so each step the kernel faults them in and zeroes them 4 KiB at a time: at
+# E=128, D=384, H=1536 that is 150k page faults, more time than the matmuls that fill them.
+# Asking for huge pages (madvise) cuts the fault count 512x. Smaller blocks are left alone:
+# glibc may recycle them from its heap without any fault, and advice would not help there.
+# Pure advice: where it is unavailable the buffer is an ordinary one.
 _HUGE_PAGE = 2 << 20
+_MADVISE_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
 
 
 @functools.lru_cache(maxsize=1)
 def _madvise():
-    """libc's madvise where transparent huge pages can be requested, else None."""
-    if not sys.platform.startswith("linux"):
+    """libc's madvise where transparent huge pages can be requested, else None.
+    `SOFTMOE_HUGEPAGES=0` in the environment turns the advice off."""
+    if not sys.platform.startswith("linux") or os.environ.get("SOFTMOE_HUGEPAGES", "1") == "0":
         return None
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -48,10 +53,10 @@ def _madvise():
 
 
 def fresh_buffer(shape, like: torch.Tensor) -> torch.Tensor:
-    """`torch.empty(shape)` with `like`'s dtype/device, its pages not yet touched; for large
-    CPU buffers on Linux advised to be backed by transparent huge pages."""
+    """`torch.empty(shape)` with `like`'s dtype/device, its pages not yet touched; CPU buffers
+    of 32 MiB and more are, on Linux, advised to be backed by transparent huge pages."""
     out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if out.device.type != "cpu" or out.nbytes < 2 * _HUGE_PAGE or torch.compiler.is_compiling():
+    if out.device.type != "cpu" or out.nbytes < _MADVISE_MIN_BYTES or torch.compiler.is_compiling():
         return out
     madvise = _madvise()
     if madvise is not None:
@@ -63,45 +68,63 @@ def fresh_buffer(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 class _ExpertsMLP(torch.autograd.Function):
-    """y = gelu_tanh(x w1 + b1) w2 + b2 per expert, x (E, M, D) -> y (E, M, D).
+    """y = gelu_tanh(x w1 + b1) w2 + b2 per expert: (x (E, M, D), w1, b1, w2, b2, train) -> y (E, M, D).
 
-    Why not plain autograd: the backward writes the two weight gradients straight into
-    huge-page buffers (`fresh_buffer`), and the hidden activation gelu(h) (E, M, H) is
-    recomputed from h instead of being kept from the forward (one elementwise pass, saves
-    E*M*H values of memory). First-order gradients only.
+    Why not plain autograd (which keeps h and gelu(h), both (E, M, H), until the backward ends):
+      - the hidden activation gelu(h) is recomputed from h in the backward, in h's own buffer,
+        and h is released as soon as it is used, so the backward holds one (E, M, H) buffer
+        besides the two new weight gradients (plain autograd: three);
+      - without `train` (no graph will be built) the GELU runs in place on h;
+      - the two weight gradients are written straight into huge-page buffers (`fresh_buffer`).
+    First-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, train):
         E, M, _ = x.shape
         h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=fresh_buffer((E, M, w1.shape[2]), x))  # (E, M, H)
+        if not train:
+            return torch.baddbmm(b2.unsqueeze(1), torch.ops.aten.gelu_(h, approximate="tanh"), w2)
         y = torch.baddbmm(b2.unsqueeze(1), F.gelu(h, approximate="tanh"), w2)  # (E, M, D)
-        ctx.save_for_backward(x, w1, w2, h)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(x, w1, b1, w2, h)
+        else:
+            # h lives on ctx rather than in save_for_backward so that the backward can free it
+            # (and overwrite it) early; a second backward (retain_graph) recomputes it.
+            ctx.save_for_backward(x, w1, b1, w2)
+            ctx.h = h
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, w1, w2, h = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        x, w1, b1, w2, *saved_h = ctx.saved_tensors
+        h = saved_h[0].clone() if saved_h else getattr(ctx, "h", None)  # ours to overwrite
+        ctx.h = None
+        if h is None:  # backward through this node again (retain_graph=True)
+            h = torch.baddbmm(b1.unsqueeze(1), x, w1)
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         gx = gw1 = gb1 = gw2 = gb2 = None
-        if need_w2:
-            a = torch._C._nn.gelu(h, approximate="tanh", out=fresh_buffer(h.shape, h))  # (E, M, H), recomputed
-            gw2 = torch.bmm(a.transpose(1, 2), gy, out=fresh_buffer(w2.shape, w2))  # (E, H, D)
-            del a
-        if need_b2:
-            gb2 = gy.sum(1)  # (E, D)
+        gh = None
         if need_x or need_w1 or need_b1:
             gh = torch.bmm(gy, w2.transpose(1, 2), out=fresh_buffer(h.shape, h))  # (E, M, H) dL/da
-            # dL/dh in place of dL/da (an elementwise kernel may write over its input)
+            # dL/dh written over dL/da (an elementwise kernel may write over its input)
             gh = torch.ops.aten.gelu_backward.grad_input(gh, h, approximate="tanh", grad_input=gh)
-            if need_w1:
-                gw1 = torch.bmm(x.transpose(1, 2), gh, out=fresh_buffer(w1.shape, w1))  # (E, D, H)
+        if need_b2:
+            gb2 = gy.sum(1)  # (E, D)
+        if need_w2:
+            a = torch.ops.aten.gelu_(h, approximate="tanh")  # (E, M, H) recomputed, over h
+            gw2 = torch.bmm(a.transpose(1, 2), gy, out=fresh_buffer(w2.shape, w2))  # (E, H, D)
+            del a
+        del h  # before the second weight gradient is allocated: lowers the peak
+        if gh is not None:
             if need_b1:
                 gb1 = gh.sum(1)  # (E, H)
+            if need_w1:
+                gw1 = torch.bmm(x.transpose(1, 2), gh, out=fresh_buffer(w1.shape, w1))  # (E, D, H)
             if need_x:
                 gx = torch.bmm(gh, w1.transpose(1, 2))  # (E, M, D)
-        return gx, gw1, gb1, gw2, gb2
+        return gx, gw1, gb1, gw2, gb2, None
 
 
 class Experts(nn.Module):
@@ -117,6 +140,11 @@ class Experts(nn.Module):
       "identical" (vmoe's default, `split_rngs=False`): every expert starts from the same
         xavier-uniform kernels; routing differences break the symmetry during training.
       "distinct": each expert's kernels drawn independently.
+
+    Speed/memory: for float32/float64 input of the weights' dtype outside autocast, forward
+    and backward run as one autograd node (`_ExpertsMLP`: recomputed GELU, early-freed hidden
+    activation, huge-page weight gradients); first-order gradients only. `fused = False`
+    selects plain autograd (double backward works there).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, expert_init: str = "identical",
@@ -155,7 +183,8 @@ class Experts(nn.Module):
         # x: (E, M, D)
         if (self.fused and x.dtype in (torch.float32, torch.float64) and x.dtype == self.w1.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            return _ExpertsMLP.apply(x, self.w1, self.b1, self.w2, self.b2)
+            train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            return _ExpertsMLP.apply(x, self.w1, self.b1, self.w2, self.b2, train)
         h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)  # (E, M, H)
         h = F.gelu(h, approximate="tanh")
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (E, M, D)

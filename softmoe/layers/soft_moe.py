@@ -49,8 +49,9 @@ class SoftMoE(MoELayer):
     Speed: with soft dispatch and combine, float32/float64 input and no autocast, the forward
     runs logits, both softmaxes and the dispatch as one autograd node (`_FusedSoftRouting`)
     whose backward accumulates the three input-gradient terms into one buffer. It computes
-    the same numbers as the separable steps below (bit for bit in the forward). It supports
-    first-order gradients only; set `layer.fused = False` for double backward.
+    the same numbers as the separable steps below (bit for bit in the forward). The experts
+    have their own fused node (see `Experts`). Both support first-order gradients only; set
+    `layer.fused = layer.experts.fused = False` for double backward (plain autograd).
 
     NaN/Inf: like any MLP, a non-finite token propagates (through the softmax over N it
     reaches every output token of its own sequence, never other sequences). Set

@@ -128,10 +128,10 @@ def test_fresh_buffer_advises_the_aligned_interior(monkeypatch):
     calls = []
     monkeypatch.setattr(experts_mod, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
     like = torch.empty(0)
-    small = fresh_buffer((1000,), like)
-    assert small.shape == (1000,) and not calls  # under 4 MiB: left alone
-    big = fresh_buffer((3, 1 << 20), like)  # 12 MiB
-    assert big.shape == (3, 1 << 20) and big.dtype == like.dtype
+    small = fresh_buffer((7, 1 << 20), like)  # 28 MiB
+    assert small.shape == (7, 1 << 20) and not calls  # under 32 MiB: left to glibc's heap
+    big = fresh_buffer((9, 1 << 20), like)  # 36 MiB
+    assert big.shape == (9, 1 << 20) and big.dtype == like.dtype
     ((start, length, advice),) = calls
     huge = 2 << 20
     assert advice == 14 and start % huge == 0 and length % huge == 0  # MADV_HUGEPAGE, whole huge pages
@@ -153,3 +153,35 @@ def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     ex(torch.randn(4, 3, 8)).sum().backward()
     # autograd adopted them as .grad (no copy into yet another new buffer)
     assert {ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()} <= set(made)
+
+
+def test_experts_retain_graph_second_backward_recomputes():
+    # The fused backward frees the hidden activation early; a second backward through the
+    # same graph recomputes it and must give the same gradients.
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = ex(x)
+    dy = torch.randn_like(y)
+    y.backward(dy, retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in ex.parameters()]
+    y.backward(dy)
+    for got, one in zip([x.grad] + [p.grad for p in ex.parameters()], first):
+        assert_close64(got, 2 * one)
+
+
+def test_experts_inference_forward_equals_training_forward():
+    # Without a graph the GELU runs in place; same numbers, bit for bit.
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = ex(x)
+    assert torch.equal(y0, ex(x).detach())
+
+
+def test_hugepage_advice_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SOFTMOE_HUGEPAGES", "0")
+    experts_mod._madvise.cache_clear()
+    try:
+        assert experts_mod._madvise() is None
+    finally:
+        experts_mod._madvise.cache_clear()
