@@ -20,14 +20,16 @@ from .common import check_choice, check_positive_int
 
 EXPERT_INITS = ("identical", "distinct")
 
-# -- fresh large buffers backed by transparent huge pages (Linux, CPU) --------------------------
+# -- fresh large buffers, optionally backed by transparent huge pages (Linux, CPU) -------------
 # Every training step allocates new (E, D, H) weight gradients (optimizer.zero_grad() sets
 # them to None). glibc serves blocks of 32 MiB and more (its largest mmap threshold) with a
 # fresh mmap, so each step the kernel faults them in and zeroes them 4 KiB at a time: at
 # E=128, D=384, H=1536 that is 150k page faults, more time than the matmuls that fill them.
-# Asking for huge pages (madvise) cuts the fault count 512x. Smaller blocks are left alone:
-# glibc may recycle them from its heap without any fault, and advice would not help there.
-# Pure advice: where it is unavailable the buffer is an ordinary one.
+# Asking for huge pages (madvise) cuts the fault count 512x, but with the common THP setting
+# defrag=madvise a fault may then compact memory synchronously: on our benchmark machine that
+# made some steps 2x slower instead of faster. So the advice is opt-in: SOFTMOE_HUGEPAGES=1.
+# (Glibc can also be told to keep and reuse freed memory: MALLOC_MMAP_MAX_=0 with a large
+# MALLOC_TRIM_THRESHOLD_; see the benchmark notes in README.md.)
 _HUGE_PAGE = 2 << 20
 _MADVISE_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
@@ -36,8 +38,8 @@ _MADV_HUGEPAGE = 14
 @functools.lru_cache(maxsize=1)
 def _madvise():
     """libc's madvise where transparent huge pages can be requested, else None.
-    `SOFTMOE_HUGEPAGES=0` in the environment turns the advice off."""
-    if not sys.platform.startswith("linux") or os.environ.get("SOFTMOE_HUGEPAGES", "1") == "0":
+    Off unless `SOFTMOE_HUGEPAGES=1` is in the environment (see above)."""
+    if not sys.platform.startswith("linux") or os.environ.get("SOFTMOE_HUGEPAGES", "0") != "1":
         return None
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -53,8 +55,9 @@ def _madvise():
 
 
 def fresh_buffer(shape, like: torch.Tensor) -> torch.Tensor:
-    """`torch.empty(shape)` with `like`'s dtype/device, its pages not yet touched; CPU buffers
-    of 32 MiB and more are, on Linux, advised to be backed by transparent huge pages."""
+    """`torch.empty(shape)` with `like`'s dtype/device, its pages not yet touched; with
+    SOFTMOE_HUGEPAGES=1, CPU buffers of 32 MiB and more are, on Linux, advised to be backed by
+    transparent huge pages."""
     out = torch.empty(shape, dtype=like.dtype, device=like.device)
     if out.device.type != "cpu" or out.nbytes < _MADVISE_MIN_BYTES or torch.compiler.is_compiling():
         return out

@@ -178,10 +178,23 @@ def test_experts_inference_forward_equals_training_forward():
     assert torch.equal(y0, ex(x).detach())
 
 
-def test_hugepage_advice_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("SOFTMOE_HUGEPAGES", "0")
-    experts_mod._madvise.cache_clear()
+def test_hugepage_advice_is_opt_in(monkeypatch):
+    for value in (None, "0", "yes"):  # only "1" turns the advice on
+        if value is None:
+            monkeypatch.delenv("SOFTMOE_HUGEPAGES", raising=False)
+        else:
+            monkeypatch.setenv("SOFTMOE_HUGEPAGES", value)
+        experts_mod._madvise.cache_clear()
+        try:
+            assert experts_mod._madvise() is None
+        finally:
+            experts_mod._madvise.cache_clear()
+    monkeypatch.setenv("SOFTMOE_HUGEPAGES", "1")
     try:
-        assert experts_mod._madvise() is None
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        thp = "[never]"
+    try:
+        assert (experts_mod._madvise() is not None) == ("[never]" not in thp)
     finally:
         experts_mod._madvise.cache_clear()
