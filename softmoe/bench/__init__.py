@@ -11,9 +11,10 @@ import csv
 import io
 import os
 import statistics
-import tempfile
 import time
 from typing import Callable, Sequence
+
+from softmoe._io import atomic_write_text
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -95,16 +96,7 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int:
 
 # -- tables ------------------------------------------------------------------------------------
 def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def _cell(value) -> str:

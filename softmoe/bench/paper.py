@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from softmoe._io import atomic_write_text
 
 # Table 8 of the paper: (label, registry name, overrides, MoE layout, params in millions,
 # the unit of its last printed digit in millions, GFLOP/img, ms/img on TPUv3).
@@ -206,12 +209,11 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _fmt_params(m: float, unit: float = 0.1) -> str:
@@ -326,9 +328,7 @@ def run(args) -> int:
                "per forward), so its time per image falls with the batch and grows with the number of experts; "
                "the paper's TPUv3 times are at large batch, where FLOPs dominate.", ""]
         _write_csv(out / "speed.csv", sp_header, speed_rows)
-    tmp = out / "paper.md.tmp"
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, out / "paper.md")
+    atomic_write_text(out / "paper.md", "\n".join(md))
     print(f"\nwrote {out / 'paper.md'}, {out / 'table8.csv'}, {out / 'headlines.csv'}"
           + (f", {out / 'speed.csv'}" if speed_rows else ""))
     return 0 if all(r["params_match"] for r in rows) else 1

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .._io import atomic_write, atomic_write_text
 from ..layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, moe_layers, record_routing
 
 
@@ -291,8 +292,6 @@ def plot_dispatch_grid(images: torch.Tensor, dispatch: torch.Tensor, slots: Sequ
     images (B, C, H, W) model input in [-1, 1]; dispatch (B, N, S); grid (rows, cols) with
     rows*cols = N, or N - 1 when token 0 is a class token (left out of the picture). Written
     atomically (tmp file + os.replace)."""
-    import os
-
     # A bare Figure renders with Agg without touching pyplot's global backend or figure list.
     from matplotlib.figure import Figure
 
@@ -326,10 +325,7 @@ def plot_dispatch_grid(images: torch.Tensor, dispatch: torch.Tensor, slots: Sequ
     fig.suptitle((title + "\n" if title else "") + "each panel coloured from 0 to its own max (printed as a "
                  "multiple of the uniform weight 1/N)", fontsize=8)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def select_layers(stats: list[dict], layers: str | None) -> list[dict]:
@@ -401,16 +397,12 @@ def write_report(report: dict, out_dir) -> None:
     import csv
     import io
     import json
-    import os
     from pathlib import Path
 
     out_dir = Path(out_dir)
 
     def atomic(name: str, text: str) -> None:
-        path = out_dir / name
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(out_dir / name, text)
 
     def table(rows: list[dict]) -> str:
         buf = io.StringIO()

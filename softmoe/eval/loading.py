@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from softmoe._io import atomic_write_json
+
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
     """(model in eval mode, training config dict or None) for a training workdir (its latest
@@ -59,13 +61,4 @@ def make_prepare(model: nn.Module, channels: int) -> Callable[[torch.Tensor], to
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    import json
-
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)

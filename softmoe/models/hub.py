@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from softmoe._io import atomic_write as _atomic_write
 
 from .registry import apply_overrides
 from .vit import ViTConfig, VisionTransformer, build_model
@@ -38,22 +38,6 @@ HEAD_KEYS = ("head.weight", "head.bias")
 
 
 # -- writing --------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temp file next to `path`, fsync it, then rename it over
-    `path`, so a reader sees the old file or the whole new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: VisionTransformer, directory) -> Path:
     """Write `model`'s config and weights to `directory` (created if needed); returns it.
 

@@ -6,8 +6,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from softmoe._io import atomic_write, atomic_write_text
 
 METRICS = "metrics.jsonl"
 
@@ -36,11 +37,7 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsWriter:
@@ -99,12 +96,8 @@ def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, n
     written = []
 
     def save(fig, name):
-        path = out_dir / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".png", dir=out_dir)
-        os.close(fd)
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        path = atomic_write(out_dir / name, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
 
     series = [("loss.png", "loss", [("train", train, "loss"), ("test", evals, "test_loss")]),

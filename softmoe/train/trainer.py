@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe._io import atomic_write_json
 from softmoe.layers import collect_aux_loss, collect_metrics, moe_layers, record_routing
 
 from . import checkpoint as ckpt_mod
@@ -64,16 +65,7 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, doc, sort_keys=True)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
