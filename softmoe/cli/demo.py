@@ -41,8 +41,11 @@ def run(args) -> int:
     print(f"\n== demo results (digits, {steps} steps each, {wall:.0f} s in total) ==")
     width = max(len(m) for m, _ in results)
     for model, s in results:
+        # A work directory that already holds the finished run is resumed at its last step:
+        # nothing is trained again, so there is no speed to report.
+        speed = f"{s['images_per_s']:5.0f} img/s" if s["images_per_s"] else "already trained"
         print(f"  {model.ljust(width)}  test accuracy {100 * s['test_accuracy']:6.2f}%  "
-              f"{s['params'] / 1e6:5.2f}M params  {s['images_per_s']:5.0f} img/s  workdir {s['workdir']}")
+              f"{s['params'] / 1e6:5.2f}M params  {speed}  workdir {s['workdir']}")
     for model, s in results:
         print(f"  {model}: plots in {os.path.join(s['workdir'], 'plots')}, checkpoint {s['checkpoint']}")
     return 0

@@ -10,6 +10,10 @@ def test_demo_command_runs_both_models(tmp_path, capsys):
     for sub in ("soft_moe", "vit"):
         assert (tmp_path / sub / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
         assert (tmp_path / sub / "plots" / "accuracy.png").is_file()
+    # Running it again on the same work directory resumes the finished runs: no crash, same results.
+    assert main(["demo", "--workdir", str(tmp_path), "--steps", "3", "--threads", "1"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("already trained") == 2
     assert main(["demo", "--workdir", str(tmp_path / "x"), "--steps", "0"]) == 2
 
 
