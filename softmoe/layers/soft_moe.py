@@ -54,7 +54,8 @@ class SoftMoE(MoELayer):
     `layer.fused = layer.experts.fused = False` for double backward (plain autograd).
 
     NaN/Inf: like any MLP, a non-finite token propagates (through the softmax over N it
-    reaches every output token of its own sequence, never other sequences). Set
+    reaches every output token of its own sequence, never other sequences); this holds for
+    masked positions too (0 * NaN = NaN), so fill padding with finite values. Set
     `check_finite=True` for an explicit ValueError instead (a data-dependent check; off by
     default to keep the hot path free of device syncs).
     """
