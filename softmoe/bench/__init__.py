@@ -95,10 +95,6 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int:
 
 
 # -- tables ------------------------------------------------------------------------------------
-def _atomic_write(path: str, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def _cell(value) -> str:
     if value is None:
         return "-"
@@ -127,6 +123,6 @@ def write_table(out_dir: str, stem: str, columns: Sequence[str], rows: Sequence[
     for row in rows:
         writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
     md_path, csv_path = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".csv")
-    _atomic_write(md_path, md)
-    _atomic_write(csv_path, buf.getvalue())
+    atomic_write_text(md_path, md)
+    atomic_write_text(csv_path, buf.getvalue())
     return md_path, csv_path

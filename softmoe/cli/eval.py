@@ -42,10 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from softmoe._io import atomic_write_json
     from softmoe.data import load_dataset
     from softmoe.eval.classify import resolve_device
     from softmoe.eval.fewshot import parse_shots
-    from softmoe.eval.loading import load_checkpoint, make_prepare, resolve_data, write_json_atomic
+    from softmoe.eval.loading import load_checkpoint, make_prepare, resolve_data
     from softmoe.eval.run import evaluate_model
 
     shots = parse_shots(args.fewshot)
@@ -93,6 +94,6 @@ def _run(args: argparse.Namespace) -> int:
                "bf16": bool(args.bf16 and device.type == "cuda"), "fewshot_seed": args.fewshot_seed, **result}
         if "fewshot" in out:
             out["fewshot"] = {str(s): r for s, r in out["fewshot"].items()}
-        write_json_atomic(args.json, out)
+        atomic_write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0

@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from softmoe._io import atomic_write_json
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
@@ -58,7 +57,3 @@ def make_prepare(model: nn.Module, channels: int) -> Callable[[torch.Tensor], to
         return x.expand(-1, 3, -1, -1) if x.shape[1] != in_chans else x
 
     return prepare
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    atomic_write_json(path, obj)

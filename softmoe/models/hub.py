@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from softmoe._io import atomic_write as _atomic_write
+from softmoe._io import atomic_write
 
 from .registry import apply_overrides
 from .vit import ViTConfig, VisionTransformer, build_model
@@ -63,13 +63,13 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
         # clone() so that no two entries share storage (safetensors refuses shared tensors).
         tensors[key] = value.detach().to("cpu").contiguous().clone()
     metadata = {"format": "pt", "softmoe_format_version": str(FORMAT_VERSION)}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def write_config(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    atomic_write(directory / CONFIG_NAME, write_config)
     return directory
 
 

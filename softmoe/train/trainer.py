@@ -64,10 +64,6 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
     return workdir
 
 
-def _write_json_atomic(path: Path, doc: dict) -> None:
-    atomic_write_json(path, doc, sort_keys=True)
-
-
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0
                         ) -> torch.Tensor:
     """Mean over the batch of softmax cross-entropy, or of sigmoid (binary) cross-entropy summed
@@ -240,7 +236,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
             raise ValueError(f"checkpoint {str(latest)!r} is at step {start}, past this run's {total} steps")
         logs.truncate_metrics(workdir, start)
         log(f"resuming from {latest} (step {start}/{total})")
-    _write_json_atomic(config_path, resolved)
+    atomic_write_json(config_path, resolved, sort_keys=True)
 
     writer = logs.MetricsWriter(workdir, tensorboard=cfg.tensorboard, purge_step=start if start else None,
                                 notice=log)
@@ -354,7 +350,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
         "threads": torch.get_num_threads(), "workdir": str(workdir), "checkpoint": str(final_ckpt),
         "plots": [str(p) for p in plots],
     }
-    _write_json_atomic(workdir / "summary.json", summary)
+    atomic_write_json(workdir / "summary.json", summary, sort_keys=True)
     log(summary_table(summary))
     return summary
 

@@ -1,6 +1,5 @@
 """TokensChoiceMoE (V-MoE top-K + BPR, SPEC.md §2): dense equivalence, priority, capacity,
 groups, masks and the auxiliary losses against hand-computed values."""
-import math
 
 import numpy as np
 import pytest
