@@ -4,8 +4,10 @@ For each number of experts E (the paper's S/16 shape B=32, N=196, D=384, H=1536,
 E in {8, 32, 128, 512}), every implementation gets the same input and is timed forward
 (no_grad) and forward+backward (input requires grad, parameter grads set to None before each
 step as `optimizer.zero_grad()` does). Implementations are timed side by side, round-robin,
-so that machine noise hits all of them alike; medians are reported. Peak memory is measured
-in a fresh subprocess per (implementation, E). Times are also given as GFLOP/s of the
+so that machine noise hits all of them alike; medians are reported. Each implementation runs
+in a worker process of its own (`--same-process`: all in this one), because in one process
+their allocations change each other's page faults. Peak memory is measured in a fresh
+subprocess per (implementation, E). Times are also given as GFLOP/s of the
 layer's nominal matmul FLOPs and as a fraction of this machine's large-matmul rate measured
 in the same run.
 
@@ -27,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -213,7 +216,7 @@ def _forward(model: nn.Module, x: torch.Tensor):
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
-    for p in model.parameters():  # optimizer.zero_grad(): every step allocates fresh grads
+    for p in model.parameters():  # optimizer.zero_grad(): grads start from None every step
         p.grad = None
     xg = x.detach().requires_grad_()  # the block's LayerNorm output needs its gradient too
     model(xg).backward(dy)
@@ -224,48 +227,134 @@ def param_count(model: nn.Module) -> int:
 
 
 # -- timing --------------------------------------------------------------------------------------
-def time_impls(names: list[str], s: Shape, repeats: int, warmup: int = 2) -> dict[str, dict]:
-    """{name: {"fwd_s", "fwdbwd_s", "params"}}: medians over `repeats` round-robin rounds."""
+def _time_round(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    _forward(model, x)
+    t1 = time.perf_counter()
+    _train_step(model, x, dy)
+    return t1 - t0, time.perf_counter() - t1
+
+
+class _Worker:
+    """One implementation in a Python process of its own, timed one round at a time on request.
+
+    Why: in real use one implementation owns the process. Sharing one would let each
+    implementation's allocations change the others' page faults (glibc's mmap threshold and
+    heap are per process): in one process the ports ran up to 25% faster or slower depending
+    on what ran before them. Caches are still shared, as they are with a model's other layers."""
+
+    def __init__(self, name: str, s: Shape, threads: int) -> None:
+        spec = json.dumps({"impl": name, "shape": dataclasses.asdict(s), "threads": threads})
+        code = "import sys; from softmoe.bench.layer import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+        self.name = name
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, spec], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.params = int(self._reply("READY")[0])
+
+    def _reply(self, tag: str) -> list[str]:
+        line = self.proc.stdout.readline()
+        if not line.startswith(tag + " "):
+            self.proc.kill()
+            self.proc.wait()
+            self._stderr.seek(0)
+            raise RuntimeError(f"benchmark worker for {self.name} failed (exit {self.proc.returncode}):\n"
+                               f"{self._stderr.read()[-2000:]}")
+        return line.split()[1:]
+
+    def round(self) -> tuple[float, float]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        fwd, fb = self._reply("TIME")
+        return float(fwd), float(fb)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self._stderr.close()
+
+
+def worker_main(argv: list[str]) -> int:
+    """The `_Worker` process: build, then one timed forward + training step per "run" line."""
+    spec = json.loads(argv[0])
+    torch.set_num_threads(spec["threads"])
+    s = Shape(**spec["shape"])
+    model = build(spec["impl"], s)
+    x, dy = _inputs(s)
+    print(f"READY {param_count(model)}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        fwd, fb = _time_round(model, x, dy)
+        print(f"TIME {fwd!r} {fb!r}", flush=True)
+    return 0
+
+
+def time_impls(names: list[str], s: Shape, repeats: int, warmup: int = 2, threads: int | None = None,
+               same_process: bool = False) -> dict[str, dict]:
+    """{name: {"fwd_s", "fwdbwd_s", "params"}}: medians over `repeats` round-robin rounds, each
+    implementation in its own worker process (`same_process`: all in this one)."""
+    threads = threads or torch.get_num_threads()
     x, dy = _inputs(s)
     bytes_each = 4 * 2 * s.experts * s.dim * s.hidden
     groups = [names] if bytes_each * len(names) <= ROUND_ROBIN_PARAM_BYTES else [[n] for n in names]
     out = {}
     for group in groups:
-        models = {n: build(n, s) for n in group}
         times = {n: ([], []) for n in group}
-        for r in range(warmup + repeats):
-            for n, m in models.items():
-                t0 = time.perf_counter()
-                _forward(m, x)
-                t1 = time.perf_counter()
-                _train_step(m, x, dy)
-                t2 = time.perf_counter()
-                if r >= warmup:
-                    times[n][0].append(t1 - t0)
-                    times[n][1].append(t2 - t1)
-        for n, m in models.items():
+        if same_process:
+            models = {n: build(n, s) for n in group}
+            rounds = {n: functools.partial(_time_round, m, x, dy) for n, m in models.items()}
+            params = {n: param_count(m) for n, m in models.items()}
+        else:
+            workers = {}
+            try:
+                for n in group:
+                    workers[n] = _Worker(n, s, threads)
+            except BaseException:
+                for w in workers.values():
+                    w.close()
+                raise
+            rounds = {n: w.round for n, w in workers.items()}
+            params = {n: w.params for n, w in workers.items()}
+        try:
+            for r in range(warmup + repeats):
+                for n, step in rounds.items():
+                    fwd, fb = step()
+                    if r >= warmup:
+                        times[n][0].append(fwd)
+                        times[n][1].append(fb)
+        finally:
+            if not same_process:
+                for w in workers.values():
+                    w.close()
+        for n in group:
             fwd, fb = times[n]
             out[n] = {"fwd_s": sorted(fwd)[len(fwd) // 2], "fwdbwd_s": sorted(fb)[len(fb) // 2],
-                      "params": param_count(m), "round_robin": len(group) > 1}
-            for p in m.parameters():
-                p.grad = None
-        del models
+                      "params": params[n], "round_robin": len(group) > 1}
+        rounds = models = None
     return out
 
 
 # -- peak memory (one fresh subprocess per measurement) -------------------------------------------
 def _probe(name: str, s: Shape, threads: int) -> dict:
-    """Runs inside the subprocess: peak RSS above the baseline after model creation (and one
-    warm-up step, so one-time allocations such as thread pools are not counted)."""
+    """Runs inside the subprocess: peak RSS above the baseline after model creation and one
+    warm-up pass of the same kind (so one-time allocations such as thread pools are not
+    counted). The forward is measured before any training step (inference use). Buffers
+    that softmoe's `BufferPool`s keep from the warm-up are resident before the measured pass,
+    so they are added back: the figure is what the pass needs on top of the model and its
+    inputs, retained buffers included."""
+    from softmoe.layers.buffers import pooled_bytes
+
     torch.set_num_threads(threads)
     model = build(name, s)
     x, dy = _inputs(s)
     _forward(model, x)
+    fwd = pooled_bytes(model) + peak_rss_bytes(lambda: _forward(model, x))
     _train_step(model, x, dy)
     for p in model.parameters():
         p.grad = None
-    fwd = peak_rss_bytes(lambda: _forward(model, x))
-    fb = peak_rss_bytes(lambda: _train_step(model, x, dy))
+    fb = pooled_bytes(model) + peak_rss_bytes(lambda: _train_step(model, x, dy))
     return {"fwd_peak_bytes": fwd, "fwdbwd_peak_bytes": fb}
 
 
@@ -292,9 +381,9 @@ def measure_memory(name: str, s: Shape, threads: int, timeout: float = 600) -> d
 
 
 def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gflops: float,
-                  memory: bool = True) -> list[dict]:
+                  memory: bool = True, same_process: bool = False) -> list[dict]:
     """One table row per implementation for shape `s` (see COLUMNS)."""
-    times = time_impls(impls, s, repeats)
+    times = time_impls(impls, s, repeats, threads=threads, same_process=same_process)
     mem = {n: measure_memory(n, s, threads) for n in impls} if memory else {}
     fl = layer_flops(s)
     ref = times.get("softmoe", {}).get("fwdbwd_s")
@@ -347,6 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", nargs="+", default=None, choices=[i.name for i in IMPLS],
                         help="only these implementations")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time every implementation in this process instead of one worker process each")
 
 
 def _check_args(args) -> None:
@@ -377,7 +468,7 @@ def run(args) -> int:
     for E in experts:
         s = Shape(experts=E, **base)
         t0 = time.perf_counter()
-        rows += measure_shape(s, impls, repeats, args.threads, mm, memory)
+        rows += measure_shape(s, impls, repeats, args.threads, mm, memory, args.same_process)
         for r in rows[-len(impls):]:
             print(f"E={E:4d} {r['implementation']:17s} fwd {r['fwd_ms']:8.1f} ms ({r['fwd_frac_mm']:5.1%} of mm)  "
                   f"fwd+bwd {r['fwdbwd_ms']:8.1f} ms ({r['fwdbwd_frac_mm']:5.1%} of mm)  "
@@ -389,16 +480,22 @@ def run(args) -> int:
         f"Shape: B={base['batch']}, N={base['tokens']}, D={base['dim']}, H={base['hidden']}, P={base['slots']}"
         + (" (the paper's S/16 layer at E=128)" if not args.quick else " (--quick)") + "; float32.",
         f"torch {torch.__version__}, torch.set_num_threads({args.threads}), {platform.machine()}; medians of "
-        f"{repeats} rounds after 2 warm-up rounds; implementations timed round-robin in one process "
-        f"(one at a time when all weights together exceed {ROUND_ROBIN_PARAM_BYTES >> 30} GiB).",
+        f"{repeats} rounds after 2 warm-up rounds; implementations timed round-robin, "
+        + ("all in one process " if args.same_process else
+           "each in a worker process of its own (as in real use: one implementation per process, its own malloc "
+           "state; caches shared, as with a model's other layers) ")
+        + f"(one at a time when all weights together exceed {ROUND_ROBIN_PARAM_BYTES >> 30} GiB).",
         "fwd: torch.no_grad() forward. fwd+bwd: forward + backward(dy) with the input requiring grad and "
-        "parameter grads set to None before each step (fresh grad buffers, as optimizer.zero_grad()).",
+        "parameter grads set to None before each step (as optimizer.zero_grad(); softmoe then reuses the "
+        "buffers, see Peak memory).",
         f"GFLOPs = nominal layer FLOPs / time: forward = 2BNDS (logits) + 2BNSD (dispatch) + 4BSDH (experts) "
         f"+ 2BNSD (combine), S=E*P, fwd+bwd = 3x forward; frac_mm = that / {mm:.1f} GFLOP/s, the median rate "
         f"of a 2048x2048x2048 fp32 torch.mm measured in this run.",
         ("Peak memory: peak RSS (VmHWM, reset via /proc/self/clear_refs) above the RSS just before the pass, "
-         "in a fresh subprocess per (implementation, E) after model creation and one warm-up step, glibc "
-         "MALLOC_MMAP_THRESHOLD_=65536 so freed memory returns to the OS; fwd+bwd includes the new parameter grads."
+         "in a fresh subprocess per (implementation, E) after model creation and one warm-up pass (fwd: before "
+         "any training step), glibc "
+         "MALLOC_MMAP_THRESHOLD_=65536 so freed memory returns to the OS; fwd+bwd includes the new parameter grads; "
+         "buffers softmoe's BufferPools keep between steps (reused weight grads and temporaries) are counted in full."
          if memory else "Peak memory: not measured."),
         "fwdbwd_vs_softmoe = fwd+bwd time / softmoe's fwd+bwd time (> 1: slower than softmoe).",
     ] + [f"{i.name}: {i.note}" for i in IMPLS if i.name in impls]

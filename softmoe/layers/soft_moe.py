@@ -8,14 +8,20 @@ P slots per expert, S = E*P slots, H expert hidden width.
     Dw      = softmax(logits, over N)        # (B, N, S)  one distribution per slot
     Cw      = softmax(logits, over S)        # (B, N, S)  one distribution per token
     slots   = Dw^T x                         # (B, S, D)  from the UN-normalised x
-    ys      = experts(slots as (E, B*P, D))  # (E, B*P, D)
+    ys      = experts(slots as (E, P*B, D))  # (E, P*B, D)
     y       = Cw ys                          # (B, N, D)
+
+Slots are stored slot-major, (S, B, D) = (E, P*B, D): expert e's items are its P slots of
+every sequence, item p*B + b being slot (e, p) of sequence b. In that layout the expert input
+and output are contiguous and the (B, S, D) views the dispatch and combine matmuls need are
+strided views of the same memory, so no copy is made between the three steps.
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .buffers import BufferPool
 from .common import MoELayer, check_choice, check_input, check_nonneg_float, check_positive_int
 from .experts import Experts
 from .router import SoftRouter, soft_logits
@@ -48,10 +54,14 @@ class SoftMoE(MoELayer):
 
     Speed: with soft dispatch and combine, float32/float64 input and no autocast, the forward
     runs logits, both softmaxes and the dispatch as one autograd node (`_FusedSoftRouting`)
-    whose backward accumulates the three input-gradient terms into one buffer. It computes
-    the same numbers as the separable steps below (bit for bit in the forward). The experts
-    have their own fused node (see `Experts`). Both support first-order gradients only; set
+    whose backward accumulates the three input-gradient terms into one buffer, and the
+    combine as another (`_FusedCombine`). They compute the same numbers as the separable
+    steps below (bit for bit in the forward). The experts have their own fused node (see
+    `Experts`). All support first-order gradients only; set
     `layer.fused = layer.experts.fused = False` for double backward (plain autograd).
+    On CPU these nodes reuse last step's buffers (slots, output, dL/dys, dL/dx) through the
+    pool they share with the experts (`layer.buffer_pool`, see `Experts`);
+    `softmoe.release_buffers(model)` frees what the pools keep between steps.
 
     NaN/Inf: like any MLP, a non-finite token propagates (through the softmax over N it
     reaches every output token of its own sequence, never other sequences); this holds for
@@ -77,6 +87,9 @@ class SoftMoE(MoELayer):
         self.fused = True  # see "Speed" above
         self.router = SoftRouter(dim, num_experts, slots_per_expert, normalize=normalize)
         self.experts = Experts(num_experts, dim, hidden_dim, expert_init=expert_init)
+        # Reused output / input-gradient buffers of the fused path (see "Speed" above), one
+        # pool with the experts' (theirs are dead when dx is computed: dx may reuse h's).
+        self.buffer_pool = self.experts.buffer_pool
 
     # -- routing -------------------------------------------------------------------------
     def routing_weights_for(self, x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -117,16 +130,15 @@ class SoftMoE(MoELayer):
 
     # -- the three separable steps ---------------------------------------------------------
     def dispatch_tokens(self, x: torch.Tensor, dispatch: torch.Tensor) -> torch.Tensor:
-        """slots (E, B*P, D) from x (B, N, D) and dispatch weights (B, N, S)."""
-        return _dispatch(x, dispatch, self.num_experts, self.slots_per_expert)
+        """slots (E, P*B, D) (item p*B + b: slot p of sequence b) from x (B, N, D) and
+        dispatch weights (B, N, S)."""
+        B, _, D = x.shape
+        slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)  # (B, S, D)
+        return slots.transpose(0, 1).reshape(self.num_experts, self.slots_per_expert * B, D)
 
     def combine_slots(self, ys: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        """y (B, N, D) from expert outputs (E, B*P, D) and combine weights (B, N, S)."""
-        E, _, D = ys.shape
-        B = combine.shape[0]
-        P = self.slots_per_expert
-        ys = ys.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)  # (B, S, D)
-        return torch.bmm(combine.to(ys.dtype), ys)  # (B, N, D)
+        """y (B, N, D) from expert outputs (E, P*B, D) and combine weights (B, N, S)."""
+        return torch.bmm(combine.to(ys.dtype), _slot_view(ys, combine.shape[0]))  # (B, N, D)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         return (self.fused and self.dispatch == "soft" and self.combine == "soft"
@@ -140,14 +152,14 @@ class SoftMoE(MoELayer):
             if self.training and self.noise_std > 0:
                 B, N, _ = x.shape
                 noise = self.noise_std * torch.randn(B, N, self.num_slots, dtype=x.dtype, device=x.device)
+            pool = None if torch.compiler.is_compiling() else self.buffer_pool  # no Python state in graphs
             slots, dispatch, combine = _FusedSoftRouting.apply(
                 x, self.router.slot_weights(x.dtype), mask, noise, self.router.normalize,
-                self.num_experts, self.slots_per_expert)
+                self.num_experts, self.slots_per_expert, pool)
+            y = _FusedCombine.apply(self.experts(slots), combine, pool)
         else:
             dispatch, combine = self.routing_weights_for(x, mask)
-            slots = self.dispatch_tokens(x, dispatch)
-        ys = self.experts(slots)
-        y = self.combine_slots(ys, combine)
+            y = self.combine_slots(self.experts(self.dispatch_tokens(x, dispatch)), combine)
         self.aux_loss = None  # Soft MoE needs no auxiliary loss.
         if self.record_metrics:
             self.metrics = _soft_metrics(dispatch, combine, mask)
@@ -178,25 +190,26 @@ def _soft_combine(logits: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return combine if m is None else combine * m
 
 
-def _dispatch(x: torch.Tensor, dispatch: torch.Tensor, E: int, P: int) -> torch.Tensor:
-    """slots (E, B*P, D) = dispatch^T x per sequence, for x (B, N, D), dispatch (B, N, S)."""
-    B, _, D = x.shape
-    slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)  # (B, S, D)
-    return slots.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)
+def _slot_view(slots: torch.Tensor, B: int) -> torch.Tensor:
+    """The (B, S, D) view (strided, no copy) of slot-major (E, P*B, D) slots."""
+    E, M, D = slots.shape
+    return slots.view(E * (M // B), B, D).transpose(0, 1)
 
 
 class _FusedSoftRouting(torch.autograd.Function):
-    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P) -> slots (E, B*P, D),
+    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P, pool) -> slots (E, P*B, D),
     dispatch (B, N, S) (for metrics only, not differentiable), combine (B, N, S).
 
-    The forward is exactly `soft_logits` + `_soft_dispatch` / `_soft_combine` + `_dispatch`
-    (the separable steps). The backward, written out by hand, differs from what autograd would
-    record in what it keeps and how many passes it makes over (B, N, D) tensors:
+    The forward computes exactly `soft_logits` + `_soft_dispatch` / `_soft_combine` +
+    `dispatch_tokens` (the separable steps), writing the slots straight into slot-major
+    layout. The backward, written out by hand, differs from what autograd would record in
+    what it keeps and how many passes it makes over (B, N, D) tensors:
       - it saves only x, w, the clean logits, r, and the two weight tensors (no normalised
         copy of x, no squared x);
       - the three contributions to dx (through the dispatch, the logits and the
         normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
-      - both softmax backwards are one expression each, summed in place.
+      - both softmax backwards accumulate in place into one (B, N, S) buffer.
+    The slots and dx come from the layer's `BufferPool` (roles "slots", "dx"; None: fresh).
     Gradients (g = dL/dlogits, over the noisy softmax inputs):
       g      = Dw * (gDw - sum_n Dw*gDw) + Cw * (gCw - sum_s Cw*gCw)
       dx     = Dw gXs + (g r) w^T - r^2 * sum_s(g * logits) * x      (logits = r * x w)
@@ -204,48 +217,110 @@ class _FusedSoftRouting(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, mask, noise, normalize, E, P):
+    def forward(ctx, x, w, mask, noise, normalize, E, P, pool):
+        B, _, D = x.shape
         logits, r = soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
         noisy = logits if noise is None else logits + noise
         m = None if mask is None else mask.unsqueeze(-1)
         dispatch = _soft_dispatch(noisy, m)
         combine = _soft_combine(noisy, m)
-        slots = _dispatch(x, dispatch, E, P)
+        slots = _bmm_slot_major(dispatch.transpose(1, 2), x, _empty(pool, "slots", (E, P * B, D), x))
         ctx.save_for_backward(x, w, logits, r, dispatch, combine)
-        ctx.experts_slots = (E, P)
+        ctx.pool = pool
         ctx.mark_non_differentiable(dispatch)
+        ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, not zeros
         return slots, dispatch, combine
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_slots, g_dispatch, g_combine):
         x, w, logits, r, dispatch, combine = ctx.saved_tensors
-        E, P = ctx.experts_slots
         B, N, D = x.shape
         S = w.shape[1]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = dx = None
+        pool = ctx.pool
+        # dL/dlogits (B, N, S), accumulated in place, and a buffer for products that are summed
+        # at once: scratch in the slots' and dL/dys' buffers, both dead by now.
+        g = _scratch(pool, "slots", (B, N, S), x)
+        tmp = _scratch(pool, "g_ys", (B, N, S), x)
+        dx = None
         if g_slots is not None:
-            g_xs = g_slots.view(E, B, P, D).transpose(0, 1).reshape(B, S, D)  # (B, S, D)
-            g_d = torch.bmm(x, g_xs.transpose(1, 2))  # (B, N, S) dL/dDw
-            g = dispatch * (g_d - (dispatch * g_d).sum(1, keepdim=True))
+            g_xs = _slot_view(g_slots, B)  # (B, S, D)
+            g = torch.bmm(x, g_xs.transpose(1, 2), out=g)  # (B, N, S) dL/dDw
+            g.sub_(torch.mul(dispatch, g, out=tmp).sum(1, keepdim=True)).mul_(dispatch)  # softmax over N
             if need_x:
-                dx = torch.bmm(dispatch, g_xs)  # (B, N, D)
-        if g_combine is not None:
-            g_c = combine * (g_combine - (combine * g_combine).sum(-1, keepdim=True))
-            g = g_c if g is None else g.add_(g_c)
-        if g is None:
-            return None, None, None, None, None, None, None
-        g_raw = g if r is None else g * r  # (B, N, S) dL/d(x w)
-        dw = torch.mm(x.reshape(B * N, D).t(), g_raw.reshape(B * N, S)) if need_w else None  # (D, S)
+                dx = torch.bmm(dispatch, g_xs, out=_dx_buffer(pool, x))  # (B, N, D)
+        if g_combine is not None:  # through the softmax over S
+            s_c = torch.mul(combine, g_combine, out=tmp).sum(-1, keepdim=True)  # (B, N, 1)
+            g = torch.mul(combine, g_combine, out=g) if g_slots is None else g.addcmul_(combine, g_combine)
+            g.addcmul_(combine, s_c, value=-1.0)
+        elif g_slots is None:
+            return None, None, None, None, None, None, None, None
+        if r is not None:
+            g.mul_(r)  # dL/d(x w)
+        # dw (D, S) as the transpose of g^T x: MKL computes that orientation about 2x faster here
+        dw = torch.mm(g.reshape(B * N, S).t(), x.reshape(B * N, D)).t() if need_w else None
         if need_x:
             if dx is None:
-                dx = torch.mm(g_raw.reshape(B * N, S), w.t()).view(B, N, D)
+                dx = torch.mm(g.reshape(B * N, S), w.t()).view(B, N, D)
             else:
-                dx.view(B * N, D).addmm_(g_raw.reshape(B * N, S), w.t())
-            if r is not None:
-                dx.addcmul_(x, (g * logits).sum(-1, keepdim=True) * r.square(), value=-1.0)
-        return dx, dw, None, None, None, None, None
+                dx.view(B * N, D).addmm_(g.reshape(B * N, S), w.t())
+            if r is not None:  # through r: r^2 sum_s(dL/dlogits * logits) = r sum_s(dL/d(x w) * logits)
+                dx.addcmul_(x, torch.mul(g, logits, out=tmp).sum(-1, keepdim=True) * r, value=-1.0)
+        return dx, dw, None, None, None, None, None, None
+
+
+class _FusedCombine(torch.autograd.Function):
+    """(ys (E, P*B, D), combine (B, N, S), pool) -> y (B, N, D) = combine ys per sequence.
+
+    Exactly `combine_slots`, but y and dL/dys (which the expert backward reads in place)
+    come from the layer's `BufferPool` (roles "y", "g_ys"; None: fresh), and dL/dys is
+    written straight into slot-major layout.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, combine, pool):
+        B, N, _ = combine.shape
+        y = torch.bmm(combine, _slot_view(ys, B), out=_empty(pool, "y", (B, N, ys.shape[2]), ys))
+        ctx.save_for_backward(ys, combine)
+        ctx.pool = pool
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        ys, combine = ctx.saved_tensors
+        B = combine.shape[0]
+        g_ys = g_combine = None
+        if ctx.needs_input_grad[0]:
+            g_ys = _bmm_slot_major(combine.transpose(1, 2), gy, _empty(ctx.pool, "g_ys", ys.shape, ys))
+        if ctx.needs_input_grad[1]:
+            g_combine = torch.bmm(gy, _slot_view(ys, B).transpose(1, 2))  # (B, N, S)
+        return g_ys, g_combine, None
+
+
+def _bmm_slot_major(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`a @ b` (B, S, D) per sequence written into slot-major `out` (E, P*B, D), returned."""
+    if torch.compiler.is_compiling():  # graphs take no strided out= (and own their buffers)
+        return torch.bmm(a, b).transpose(0, 1).reshape(out.shape)
+    torch.bmm(a, b, out=_slot_view(out, a.shape[0]))
+    return out
+
+
+def _scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+    return None if pool is None else pool.scratch(role, shape, like)
+
+
+def _dx_buffer(pool: BufferPool | None, x: torch.Tensor) -> torch.Tensor:
+    """dL/dx's buffer: when it fits, the experts' "h" buffer, dead by the time the routing
+    backward runs (and in use again only at the next forward, when dL/dx has normally been
+    consumed; if not, that forward allocates a new h): no buffer kept for dx alone."""
+    dx = _scratch(pool, "h", x.shape, x)
+    return dx if dx is not None else _empty(pool, "dx", x.shape, x)
+
+
+def _empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device) if pool is None else pool.empty(role, shape, like)
 
 
 @torch.no_grad()

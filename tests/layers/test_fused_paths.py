@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-import softmoe.layers.experts as experts_mod
+import softmoe.layers.buffers as experts_mod
 from softmoe import SoftMoE
-from softmoe.layers.experts import Experts, fresh_buffer
+from softmoe.layers.buffers import fresh_buffer
+from softmoe.layers.experts import Experts
 
 
 def randomized(layer, seed=0):
@@ -151,7 +152,7 @@ def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     monkeypatch.setattr(experts_mod, "fresh_buffer", recording)
     ex = Experts(4, 8, 16)
     ex(torch.randn(4, 3, 8)).sum().backward()
-    # autograd adopted them as .grad (no copy into yet another new buffer)
+    # autograd adopted the pool's first buffers as .grad (no copy into yet another buffer)
     assert {ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()} <= set(made)
 
 

@@ -49,7 +49,7 @@ def test_separable_steps_compose_to_forward():
     x = tokens(2, 5, 6)
     dispatch, combine = layer.routing_weights_for(x)
     slots = layer.dispatch_tokens(x, dispatch)
-    assert slots.shape == (3, 2 * 2, 6)  # (E, B*P, D)
+    assert slots.shape == (3, 2 * 2, 6)  # (E, P*B, D)
     y = layer.combine_slots(layer.experts(slots), combine)
     assert torch.equal(y, layer(x))
 
@@ -249,8 +249,8 @@ def test_uniform_dispatch_every_slot_is_the_mean_token():
     layer = make_layer(E=3, P=2, dispatch="uniform")
     x = tokens(2, 5, 6)
     dispatch, _ = layer.routing_weights_for(x)
-    slots = layer.dispatch_tokens(x, dispatch)  # (E, B*P, D)
-    expected = x.mean(1).repeat_interleave(2, 0).expand(3, 4, 6)  # slot (e, b*P+p) = mean of sequence b
+    slots = layer.dispatch_tokens(x, dispatch)  # (E, P*B, D)
+    expected = x.mean(1).repeat(2, 1).expand(3, 4, 6)  # item p*B + b of every expert = mean of sequence b
     assert_close64(slots, expected)
     y = layer(x)
     ref = layer.combine_slots(layer.experts(expected.contiguous()), torch.softmax(layer.router(x), -1))
@@ -269,8 +269,8 @@ def test_uniform_combine_every_token_gets_the_mean_slot_output():
     layer = make_layer(E=3, P=2, combine="uniform")
     x = tokens(2, 5, 6)
     dispatch, _ = layer.routing_weights_for(x)
-    ys = layer.experts(layer.dispatch_tokens(x, dispatch))  # (E, B*P, D)
-    mean_slot = ys.view(3, 2, 2, 6).mean((0, 2))  # (B, D)
+    ys = layer.experts(layer.dispatch_tokens(x, dispatch))  # (E, P*B, D)
+    mean_slot = ys.view(3, 2, 2, 6).mean((0, 1))  # (E, P, B, D) -> (B, D)
     assert_close64(layer(x), mean_slot.unsqueeze(1).expand(2, 5, 6))
 
 
