@@ -292,48 +292,46 @@ def worker_main(argv: list[str]) -> int:
 
 
 def time_impls(names: list[str], s: Shape, repeats: int, warmup: int = 2, threads: int | None = None,
-               same_process: bool = False) -> dict[str, dict]:
-    """{name: {"fwd_s", "fwdbwd_s", "params"}}: medians over `repeats` round-robin rounds, each
-    implementation in its own worker process (`same_process`: all in this one)."""
+               same_process: bool = False, processes: int = 1) -> dict[str, dict]:
+    """{name: {"fwd_s", "fwdbwd_s", "params"}}: medians over rounds timed round-robin, each
+    implementation in worker processes of its own: `processes` of them one after another,
+    `warmup` + `repeats` rounds each (so one process's allocator luck cannot decide the
+    result). `same_process`: all implementations in this process, one pass."""
     threads = threads or torch.get_num_threads()
-    x, dy = _inputs(s)
     bytes_each = 4 * 2 * s.experts * s.dim * s.hidden
     groups = [names] if bytes_each * len(names) <= ROUND_ROBIN_PARAM_BYTES else [[n] for n in names]
-    out = {}
+    times = {n: ([], []) for n in names}
+    params = {}
     for group in groups:
-        times = {n: ([], []) for n in group}
-        if same_process:
-            models = {n: build(n, s) for n in group}
-            rounds = {n: functools.partial(_time_round, m, x, dy) for n, m in models.items()}
-            params = {n: param_count(m) for n, m in models.items()}
-        else:
+        for _ in range(1 if same_process else processes):
             workers = {}
             try:
-                for n in group:
-                    workers[n] = _Worker(n, s, threads)
-            except BaseException:
+                if same_process:
+                    x, dy = _inputs(s)
+                    models = {n: build(n, s) for n in group}
+                    rounds = {n: functools.partial(_time_round, m, x, dy) for n, m in models.items()}
+                    params.update({n: param_count(m) for n, m in models.items()})
+                else:
+                    for n in group:
+                        workers[n] = _Worker(n, s, threads)
+                    rounds = {n: w.round for n, w in workers.items()}
+                    params.update({n: w.params for n, w in workers.items()})
+                for r in range(warmup + repeats):
+                    for n, step in rounds.items():
+                        fwd, fb = step()
+                        if r >= warmup:
+                            times[n][0].append(fwd)
+                            times[n][1].append(fb)
+            finally:
                 for w in workers.values():
                     w.close()
-                raise
-            rounds = {n: w.round for n, w in workers.items()}
-            params = {n: w.params for n, w in workers.items()}
-        try:
-            for r in range(warmup + repeats):
-                for n, step in rounds.items():
-                    fwd, fb = step()
-                    if r >= warmup:
-                        times[n][0].append(fwd)
-                        times[n][1].append(fb)
-        finally:
-            if not same_process:
-                for w in workers.values():
-                    w.close()
-        for n in group:
-            fwd, fb = times[n]
-            out[n] = {"fwd_s": sorted(fwd)[len(fwd) // 2], "fwdbwd_s": sorted(fb)[len(fb) // 2],
-                      "params": params[n], "round_robin": len(group) > 1}
-        rounds = models = None
-    return out
+                rounds = models = None
+    return {n: {"fwd_s": _median(times[n][0]), "fwdbwd_s": _median(times[n][1]), "params": params[n],
+                "round_robin": len(groups) == 1 and len(names) > 1} for n in names}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 # -- peak memory (one fresh subprocess per measurement) -------------------------------------------
@@ -381,9 +379,9 @@ def measure_memory(name: str, s: Shape, threads: int, timeout: float = 600) -> d
 
 
 def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gflops: float,
-                  memory: bool = True, same_process: bool = False) -> list[dict]:
+                  memory: bool = True, same_process: bool = False, processes: int = 1) -> list[dict]:
     """One table row per implementation for shape `s` (see COLUMNS)."""
-    times = time_impls(impls, s, repeats, threads=threads, same_process=same_process)
+    times = time_impls(impls, s, repeats, threads=threads, same_process=same_process, processes=processes)
     mem = {n: measure_memory(n, s, threads) for n in impls} if memory else {}
     fl = layer_flops(s)
     ref = times.get("softmoe", {}).get("fwdbwd_s")
@@ -436,6 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", nargs="+", default=None, choices=[i.name for i in IMPLS],
                         help="only these implementations")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes per implementation, one after another (default 3, quick 1)")
     parser.add_argument("--same-process", action="store_true",
                         help="time every implementation in this process instead of one worker process each")
 
@@ -443,6 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_args(args) -> None:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.processes is not None and args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.experts is not None and any(e < 1 for e in args.experts):
@@ -453,6 +455,7 @@ def run(args) -> int:
     _check_args(args)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
+    processes = 1 if args.same_process else args.processes or (1 if args.quick else 3)
     experts = args.experts or (QUICK_EXPERTS if args.quick else FULL_EXPERTS)
     base = dict(S16, batch=QUICK_BATCH) if args.quick else dict(S16)
     impls = [i.name for i in available_impls(args.impls)]
@@ -468,7 +471,7 @@ def run(args) -> int:
     for E in experts:
         s = Shape(experts=E, **base)
         t0 = time.perf_counter()
-        rows += measure_shape(s, impls, repeats, args.threads, mm, memory, args.same_process)
+        rows += measure_shape(s, impls, repeats, args.threads, mm, memory, args.same_process, processes)
         for r in rows[-len(impls):]:
             print(f"E={E:4d} {r['implementation']:17s} fwd {r['fwd_ms']:8.1f} ms ({r['fwd_frac_mm']:5.1%} of mm)  "
                   f"fwd+bwd {r['fwdbwd_ms']:8.1f} ms ({r['fwdbwd_frac_mm']:5.1%} of mm)  "
@@ -480,10 +483,11 @@ def run(args) -> int:
         f"Shape: B={base['batch']}, N={base['tokens']}, D={base['dim']}, H={base['hidden']}, P={base['slots']}"
         + (" (the paper's S/16 layer at E=128)" if not args.quick else " (--quick)") + "; float32.",
         f"torch {torch.__version__}, torch.set_num_threads({args.threads}), {platform.machine()}; medians of "
-        f"{repeats} rounds after 2 warm-up rounds; implementations timed round-robin, "
+        f"{processes * repeats} rounds ({processes} x {repeats} after 2 warm-up rounds each); implementations "
+        "timed round-robin, "
         + ("all in one process " if args.same_process else
-           "each in a worker process of its own (as in real use: one implementation per process, its own malloc "
-           "state; caches shared, as with a model's other layers) ")
+           f"each in worker processes of its own, {processes} one after another (as in real use: one "
+           "implementation per process, with its own malloc state; caches shared, as with a model's other layers) ")
         + f"(one at a time when all weights together exceed {ROUND_ROBIN_PARAM_BYTES >> 30} GiB).",
         "fwd: torch.no_grad() forward. fwd+bwd: forward + backward(dy) with the input requiring grad and "
         "parameter grads set to None before each step (as optimizer.zero_grad(); softmoe then reuses the "

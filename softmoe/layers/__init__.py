@@ -1,5 +1,5 @@
 """MoE layers: router -> dispatch -> experts -> combine, each in its own small file."""
-from .buffers import BufferPool, pooled_bytes, release_buffers
+from .buffers import BufferPool, pooled_bytes, release_buffers, set_buffer_reuse
 from .common import MoELayer, collect_aux_loss, collect_metrics, moe_layers, record_routing
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
@@ -9,4 +9,4 @@ from .tokens_choice import TokensChoiceMoE
 
 __all__ = ["MoELayer", "Experts", "SoftRouter", "Gate", "SoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE",
            "collect_aux_loss", "collect_metrics", "record_routing", "moe_layers", "BufferPool", "pooled_bytes",
-           "release_buffers"]
+           "release_buffers", "set_buffer_reuse"]

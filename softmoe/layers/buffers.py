@@ -113,6 +113,14 @@ def pooled_bytes(model: torch.nn.Module) -> int:
     return sum(pool.nbytes() for pool in buffer_pools(model))
 
 
+def set_buffer_reuse(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn buffer reuse on or off in every pool of `model` (off also releases the buffers)."""
+    for pool in buffer_pools(model):
+        pool.enabled = enabled and _storage_use_count is not None
+        if not enabled:
+            pool.clear()
+
+
 def release_buffers(model: torch.nn.Module) -> int:
     """Drop every buffer `model`'s pools keep between steps (e.g. after training, before
     inference at another shape). Returns the bytes freed. Reuse starts again at the next step."""

@@ -114,14 +114,16 @@ class Experts(nn.Module):
     first-order gradients only. `fused = False` selects plain autograd (double backward
     works there).
 
-    Buffer reuse (CPU): that node takes its hidden activation and the weight gradients from
-    `self.buffer_pool` (`softmoe.layers.buffers.BufferPool`), which hands last step's
-    buffers back once nothing references them any more, e.g. after `optimizer.zero_grad()`.
-    Without it every step faults in and zeroes fresh pages (576 MiB per step at the paper's
-    S/16 shape with E=128, more time than the matmuls that fill them). The price: between
-    steps the pool keeps those buffers (about the memory `zero_grad(set_to_none=False)`
-    keeps); the peak of a training step does not grow. `softmoe.release_buffers(model)`
-    frees them; `experts.buffer_pool.enabled = False` turns reuse off.
+    Buffer reuse (CPU, training steps; inference keeps nothing): that node takes its hidden
+    activation and the weight gradients from `self.buffer_pool` (`BufferPool` in
+    `softmoe.layers.buffers`), which hands last step's buffers back once nothing references
+    them any more, e.g. after `optimizer.zero_grad()`. Without it every step faults in and
+    zeroes fresh pages (576 MiB per step at the paper's S/16 shape with E=128: more time than
+    the matmuls that fill them). The price: the pool keeps those buffers between steps. The
+    peak of one layer's step does not grow, but in a deep model the kept weight gradients
+    are resident during the next forward, as with `zero_grad(set_to_none=False)`, so the
+    whole model's peak can grow by up to the experts' weight size. `softmoe.release_buffers(model)`
+    frees what the pools keep; `experts.buffer_pool.enabled = False` turns reuse off.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, expert_init: str = "identical",
@@ -163,7 +165,8 @@ class Experts(nn.Module):
         if (self.fused and x.dtype in (torch.float32, torch.float64) and x.dtype == self.w1.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
             train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            pool = None if torch.compiler.is_compiling() else self.buffer_pool  # no Python state in graphs
+            # Training steps only (inference keeps nothing between calls); no Python state in graphs.
+            pool = self.buffer_pool if train and not torch.compiler.is_compiling() else None
             return _ExpertsMLP.apply(x, self.w1, self.b1, self.w2, self.b2, train, pool)
         h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)  # (E, M, H)
         h = F.gelu(h, approximate="tanh")

@@ -152,7 +152,9 @@ class SoftMoE(MoELayer):
             if self.training and self.noise_std > 0:
                 B, N, _ = x.shape
                 noise = self.noise_std * torch.randn(B, N, self.num_slots, dtype=x.dtype, device=x.device)
-            pool = None if torch.compiler.is_compiling() else self.buffer_pool  # no Python state in graphs
+            # Training steps only (inference keeps nothing between calls); no Python state in graphs.
+            train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            pool = self.buffer_pool if train and not torch.compiler.is_compiling() else None
             slots, dispatch, combine = _FusedSoftRouting.apply(
                 x, self.router.slot_weights(x.dtype), mask, noise, self.router.normalize,
                 self.num_experts, self.slots_per_expert, pool)

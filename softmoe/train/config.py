@@ -63,6 +63,9 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
+    # CPU: MoE layers reuse last step's weight-gradient and activation buffers (no page faults
+    # per step; the model's peak can grow by up to the experts' weight size). False: fresh buffers.
+    reuse_buffers: bool = True
     # logging, evaluation, checkpoints
     log_every: int = 10
     eval_every: int = 0  # test accuracy every N steps (0: only at the end)

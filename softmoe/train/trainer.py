@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmoe._io import atomic_write_json
-from softmoe.layers import collect_aux_loss, collect_metrics, moe_layers, record_routing
+from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, record_routing, release_buffers,
+                            set_buffer_reuse)
 
 from . import checkpoint as ckpt_mod
 from . import logs
@@ -32,7 +33,8 @@ from .optim import build_optimizer, make_schedule, set_lr
 
 # Fields that may differ when resuming: they change what is logged or saved, never the weights.
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every", "checkpoint_every",
-                     "keep_checkpoints", "tensorboard", "plots", "workdir", "num_threads", "device"}
+                     "keep_checkpoints", "tensorboard", "plots", "workdir", "num_threads", "device",
+                     "reuse_buffers"}
 
 
 GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
@@ -209,6 +211,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     random.seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_kwargs).to(device)
     model.train()
+    set_buffer_reuse(model, cfg.reuse_buffers)
     optimizer = build_optimizer(model, cfg)
     train_images = train_ds
     if device.type == "cuda" and train_ds.images.numel() <= GPU_DATASET_BYTES:
@@ -334,6 +337,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     finally:
         bar.close()
         writer.close()
+        release_buffers(model)  # what the MoE layers kept between steps
 
     wall = time.perf_counter() - t_run
     busy = totals["data"] + totals["step"]

@@ -179,10 +179,26 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [(["--threads", "0"], "--threads"), (["--repeats", "0"], "--repeats"),
-                                         (["--experts", "0"], "--experts")])
+                                         (["--experts", "0"], "--experts"), (["--processes", "0"], "--processes")])
 def test_bad_arguments(argv, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         bench_layer.main(argv + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("same_process", [False, True])
+def test_time_impls_round_robin_in_workers_or_in_process(same_process):
+    s = Shape(experts=2, **TINY)
+    out = bench_layer.time_impls(["softmoe", "naive-loop"], s, repeats=2, warmup=1, threads=1,
+                                 same_process=same_process, processes=2)
+    for name in ("softmoe", "naive-loop"):
+        assert out[name]["fwd_s"] > 0 and out[name]["fwdbwd_s"] > 0
+        assert out[name]["params"] == bench_layer.param_count(bench_layer.build("softmoe", s))
+
+
+def test_a_failing_worker_reports_its_error():
+    s = Shape(experts=2, **TINY)
+    with pytest.raises(RuntimeError, match="(?s)worker for nope failed.*implementation must be one of"):
+        bench_layer.time_impls(["softmoe", "nope"], s, repeats=1, warmup=0, threads=1)
 
 
 def test_softmoe_bench_discovers_layer():

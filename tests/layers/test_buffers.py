@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from softmoe import SoftMoE, release_buffers
-from softmoe.layers.buffers import BufferPool, pooled_bytes
+from softmoe.layers.buffers import BufferPool, pooled_bytes, set_buffer_reuse
 
 D, E, P, H = 8, 4, 2, 16
 
@@ -183,3 +183,30 @@ def test_pool_hands_out_free_buffers_only():
     assert pool.empty("r", (20,), like).data_ptr() != c_ptr  # s still lives: the buffer is in use
     a.fill_(1.0)
     assert pool.nbytes() == 4 * 5 * 4 and pool.empty("other", (3,), torch.empty(0, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_inference_keeps_nothing():
+    layer = make(torch.float32)
+    x, _ = data(0, dtype=torch.float32)
+    with torch.no_grad():
+        layer(x)
+    layer.requires_grad_(False)
+    layer(x)  # grad mode on, but nothing to differentiate: no training step either
+    assert layer.buffer_pool._storages == {}
+
+
+def test_set_buffer_reuse_switches_every_pool_of_a_model():
+    model = torch.nn.Sequential(make(torch.float32, seed=0), make(torch.float32, seed=1))
+    x, dy = data(0, dtype=torch.float32)
+    model(x.requires_grad_()).backward(dy)
+    model.zero_grad(set_to_none=True)
+    assert pooled_bytes(model) > 0
+    set_buffer_reuse(model, False)
+    assert pooled_bytes(model) == 0
+    model(x).backward(dy)
+    model.zero_grad(set_to_none=True)
+    assert pooled_bytes(model) == 0
+    set_buffer_reuse(model, True)
+    model(x).backward(dy)
+    model.zero_grad(set_to_none=True)
+    assert pooled_bytes(model) > 0
