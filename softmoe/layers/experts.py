@@ -24,7 +24,8 @@ class _ExpertsMLP(torch.autograd.Function):
     Why not plain autograd: it keeps the same two (E, M, H) activations (h and a = gelu(h))
     but allocates every buffer afresh and holds a third one, dL/da, beside dL/dh. Here:
       - the backward writes dL/dh over h (h is ours: it is kept on ctx, not saved);
-      - without `train` (no graph will be built) the GELU runs in place on h.
+      - without `train` (no graph will be built) the GELU runs in place on h, and h is
+        computed a few experts at a time (`_inference`).
     Buffers come from the module's `BufferPool` (None: all fresh), so that a training step
     faults in no new pages and holds no more memory at its peak (both weight gradients and
     h, while dw1 is written) than without the pool:
@@ -40,9 +41,9 @@ class _ExpertsMLP(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, train, pool):
         E, M, _ = x.shape
         H = w1.shape[2]
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=_empty(pool, "h", (E, M, H), x))  # (E, M, H)
         if not train:
-            return torch.baddbmm(b2.unsqueeze(1), torch.ops.aten.gelu_(h, approximate="tanh"), w2)
+            return _inference(x, w1, b1, w2, b2)
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=_empty(pool, "h", (E, M, H), x))  # (E, M, H)
         a = None if pool is None else pool.scratch("w1_grad", (E, M, H), x)
         a = F.gelu(h, approximate="tanh") if a is None else torch.ops.aten.gelu.out(h, approximate="tanh", out=a)
         y = torch.baddbmm(b2.unsqueeze(1), a, w2)  # (E, M, D)
@@ -89,6 +90,29 @@ class _ExpertsMLP(torch.autograd.Function):
             if need_x:
                 gx = torch.bmm(gh, w1.transpose(1, 2))  # (E, M, D)
         return gx, gw1, gb1, gw2, gb2, None, None
+
+
+# Inference runs the experts in groups whose hidden activation stays this small: one buffer,
+# allocated once per call and warm in cache, instead of an (E, M, H) one (100 MiB at E=512
+# of the paper's S/16 layer) whose fresh pages cost more than the GELU that fills them.
+_INFERENCE_HIDDEN_BYTES = 8 << 20
+
+
+def _inference(x, w1, b1, w2, b2) -> torch.Tensor:
+    """The no-graph forward, `_INFERENCE_HIDDEN_BYTES` of hidden activation at a time."""
+    E, M, _ = x.shape
+    H = w1.shape[2]
+    group = max(1, min(E, _INFERENCE_HIDDEN_BYTES // max(1, M * H * x.element_size())))
+    if group >= E or torch.compiler.is_compiling():
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, M, H)
+        return torch.baddbmm(b2.unsqueeze(1), torch.ops.aten.gelu_(h, approximate="tanh"), w2)
+    y = x.new_empty(E, M, w2.shape[2])  # (E, M, D)
+    h = x.new_empty(group, M, H)
+    for e in range(0, E, group):  # E / group iterations (4 at the paper's S/16 with E=128)
+        g = slice(e, min(E, e + group))
+        he = torch.baddbmm(b1[g].unsqueeze(1), x[g], w1[g], out=h[: g.stop - e])
+        torch.baddbmm(b2[g].unsqueeze(1), torch.ops.aten.gelu_(he, approximate="tanh"), w2[g], out=y[g])
+    return y
 
 
 def _empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
