@@ -344,7 +344,8 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     plots = logs.write_plots(workdir, notice=log) if cfg.plots else []
     summary = {
         "model": cfg.model, "params": num_params, "data": cfg.data, "steps": total, "resumed_from": start or None,
-        "steps_this_session": totals["steps"], "train_loss": last_loss,
+        "steps_this_session": totals["steps"],
+        "train_loss": last_loss if totals["steps"] else None,  # None, not NaN (invalid JSON), when nothing ran
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
         "images_per_s": totals["images"] / busy if busy else None,
         "data_ms_per_step": 1e3 * totals["data"] / totals["steps"] if totals["steps"] else None,

@@ -1,4 +1,6 @@
 """`softmoe demo` end to end with a few steps (the real run is ~2 minutes; its figures are in the report)."""
+import json
+
 from softmoe.cli import main
 from softmoe.train.presets import DEMO_STEPS, demo_config
 
@@ -14,6 +16,9 @@ def test_demo_command_runs_both_models(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "3", "--threads", "1"]) == 0
     again = capsys.readouterr().out
     assert again.count("already trained") == 2
+    assert "nan" not in again.lower()  # no training this session: "-", not NaN
+    summary = json.loads((tmp_path / "vit" / "summary.json").read_text())  # strict JSON: no NaN
+    assert summary["steps_this_session"] == 0 and summary["train_loss"] is None
     assert main(["demo", "--workdir", str(tmp_path / "x"), "--steps", "0"]) == 2
 
 
