@@ -211,7 +211,10 @@ class _FusedSoftRouting(torch.autograd.Function):
       - the three contributions to dx (through the dispatch, the logits and the
         normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
       - both softmax backwards accumulate in place into one (B, N, S) buffer.
-    The slots and dx come from the layer's `BufferPool` (roles "slots", "dx"; None: fresh).
+    Buffers, from the layer's `BufferPool` (None: all fresh): the slots (role "slots"); in
+    the backward, dL/dx in the experts' dead "h" buffer when it fits (else role "dx"), and
+    dL/dlogits and one (B, N, S) temporary as scratch in the then dead "slots" and "g_ys"
+    buffers. At the paper's S/16 shape that keeps a step's peak at or below the ports'.
     Gradients (g = dL/dlogits, over the noisy softmax inputs):
       g      = Dw * (gDw - sum_n Dw*gDw) + Cw * (gCw - sum_s Cw*gCw)
       dx     = Dw gXs + (g r) w^T - r^2 * sum_s(g * logits) * x      (logits = r * x w)
