@@ -58,7 +58,7 @@ class BufferPool:
         with self._lock:  # the count check and the take must not interleave with another thread's
             st = self._storages.get(role)
             if st is not None and st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
-                return torch.empty(0, dtype=like.dtype).set_(st, 0, shape)
+                return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, shape)
             out = fresh_buffer(shape, like)
             self._storages[role] = out.untyped_storage()
             return out
@@ -74,7 +74,7 @@ class BufferPool:
         with self._lock:
             st = self._storages.get(role)
             if st is not None and st.nbytes() >= nbytes and _storage_use_count(st._cdata) == 1:
-                return torch.empty(0, dtype=like.dtype).set_(st, 0, shape)
+                return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, shape)
             return None
 
     # A copied or pickled module gets an empty pool of its own (a lock cannot be copied, and

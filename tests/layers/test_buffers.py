@@ -210,3 +210,17 @@ def test_set_buffer_reuse_switches_every_pool_of_a_model():
     model(x).backward(dy)
     model.zero_grad(set_to_none=True)
     assert pooled_bytes(model) > 0
+
+
+def test_reused_buffers_stay_on_the_tensors_device_whatever_the_default_device():
+    pool = BufferPool()
+    like = torch.empty(0, device="cpu")
+    del_me = pool.empty("r", (3,), like)
+    del del_me
+    torch.set_default_device("meta")
+    try:
+        again = pool.empty("r", (3,), like)
+        view = pool.scratch("s", (1,), like)
+    finally:
+        torch.set_default_device(None)
+    assert again.device.type == "cpu" and view is None
