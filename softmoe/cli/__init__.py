@@ -1,6 +1,10 @@
 """`softmoe` command line. Each sub-command lives in its own module of this package and
 exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-Modules are discovered, so adding a command never edits this file."""
+Modules are discovered, so adding a command never edits this file.
+
+Errors a user can cause (bad arguments or configs, missing files; see `USER_ERRORS`) become
+one line on stderr and exit status 2, for every command; an exception with an `exit_code`
+attribute (e.g. `softmoe.train.TrainingDiverged`, 1) gets that status instead."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,8 @@ import importlib
 import os
 import pkgutil
 import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours to report
+        code = 2 if isinstance(e, USER_ERRORS) else getattr(e, "exit_code", None)
+        if code is None:
+            raise
+        print(f"softmoe {args.command}: error: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

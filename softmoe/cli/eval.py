@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 
 def register(subparsers) -> None:
@@ -34,14 +33,6 @@ def _l2(v: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"softmoe eval: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from softmoe._io import atomic_write_json
     from softmoe.data import load_dataset
     from softmoe.eval.classify import resolve_device

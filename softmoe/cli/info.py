@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -54,12 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from softmoe.cli.models import format_count
     from softmoe.models import build_model, profile_model
 
-    try:
-        cfg = _config_for(args.name, parse_overrides(args.overrides))
-        prof = profile_model(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"softmoe info: error: {e}", file=sys.stderr)
-        return 2
+    cfg = _config_for(args.name, parse_overrides(args.overrides))
+    prof = profile_model(cfg)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2))
         return 0

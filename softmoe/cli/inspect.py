@@ -3,7 +3,6 @@ statistics), see softmoe.eval.inspect."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 MAX_PRINTED_ROWS = 16  # longer tables are summarised on screen; the CSV files hold every row
 
@@ -33,14 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--download", action="store_true")
     p.add_argument("--out", default="inspect", metavar="DIR", help="output directory (default: ./inspect)")
     p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"softmoe inspect: error: {e}", file=sys.stderr)
-        return 2
 
 
 def _fmt(v) -> str:
@@ -87,7 +78,7 @@ def _print_layer(s: dict) -> None:
         _print_table(s["experts"], ["expert", "selected_gate_mean", "mean_gate"], "selected_gate_mean")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from softmoe.data import load_dataset

@@ -1,7 +1,6 @@
 """`softmoe train --config NAME_OR_PATH [--set key=value ...] [--workdir DIR] [--resume]`."""
 from __future__ import annotations
 
-import sys
 
 
 def register(subparsers) -> None:
@@ -26,20 +25,13 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from softmoe.train import TrainingDiverged, apply_overrides, load_config, train
+    from softmoe.train import apply_overrides, load_config, train
 
-    try:
-        cfg = apply_overrides(load_config(args.config), args.overrides)
-        if args.workdir:
-            cfg.workdir = args.workdir
-        if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-            return 0
-        train(cfg, cfg.workdir, resume=True if args.resume else None, progress=False if args.no_progress else None)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = apply_overrides(load_config(args.config), args.overrides)
+    if args.workdir:
+        cfg.workdir = args.workdir
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        return 0
+    train(cfg, cfg.workdir, resume=True if args.resume else None, progress=False if args.no_progress else None)
     return 0

@@ -43,6 +43,8 @@ GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied t
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/Inf; nothing was saved after the last good step."""
 
+    exit_code = 1  # `softmoe train` / `softmoe demo` exit status (bad input exits 2)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
