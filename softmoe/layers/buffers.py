@@ -54,13 +54,11 @@ class BufferPool:
     def empty(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
         if not self.enabled or like.device.type != "cpu":
             return fresh_buffer(shape, like)
-        nbytes = math.prod(shape) * like.element_size()
         with self._lock:  # the count check and the take must not interleave with another thread's
-            st = self._storages.get(role)
-            if st is not None and st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
-                return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, shape)
-            out = fresh_buffer(shape, like)
-            self._storages[role] = out.untyped_storage()
+            out = self._take(role, shape, like, exact=True)
+            if out is None:
+                out = fresh_buffer(shape, like)
+                self._storages[role] = out.untyped_storage()
             return out
 
     def scratch(self, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
@@ -70,12 +68,19 @@ class BufferPool:
         a new buffer)."""
         if not self.enabled or like.device.type != "cpu":
             return None
-        nbytes = math.prod(shape) * like.element_size()
         with self._lock:
-            st = self._storages.get(role)
-            if st is not None and st.nbytes() >= nbytes and _storage_use_count(st._cdata) == 1:
-                return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, shape)
+            return self._take(role, shape, like, exact=False)
+
+    def _take(self, role: str, shape, like: torch.Tensor, exact: bool) -> torch.Tensor | None:
+        """`role`'s buffer viewed as `shape`, if nothing else references it and its size fits
+        (equal when `exact`, else at least). Call with the lock held."""
+        st = self._storages.get(role)
+        if st is None or _storage_use_count(st._cdata) != 1:
             return None
+        nbytes = math.prod(shape) * like.element_size()
+        if st.nbytes() != nbytes if exact else st.nbytes() < nbytes:
+            return None
+        return torch.empty(0, dtype=like.dtype, device=like.device).set_(st, 0, shape)
 
     # A copied or pickled module gets an empty pool of its own (a lock cannot be copied, and
     # buffers must never be shared between modules).
@@ -96,6 +101,27 @@ class BufferPool:
         with self._lock:
             return sum(st.nbytes() for st in self._storages.values()
                        if _storage_use_count is not None and _storage_use_count(st._cdata) == 1)
+
+
+def records_graph(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether a forward of `module` on `x` now records an autograd graph (a training step)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def step_pool(pool: BufferPool, train: bool) -> BufferPool | None:
+    """`pool` for a training step, else None: inference keeps nothing between calls, and
+    compiled graphs hold no Python state."""
+    return pool if train and not torch.compiler.is_compiling() else None
+
+
+def pooled_empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """`pool.empty(role, shape, like)`, or a fresh buffer without a pool."""
+    return fresh_buffer(shape, like) if pool is None else pool.empty(role, shape, like)
+
+
+def pooled_scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+    """`pool.scratch(role, shape, like)`, or None without a pool (ops given `out=None` allocate)."""
+    return None if pool is None else pool.scratch(role, shape, like)
 
 
 def buffer_pools(model: torch.nn.Module):

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .buffers import BufferPool, fresh_buffer
+from .buffers import BufferPool, pooled_empty, pooled_scratch, records_graph, step_pool
 from .common import check_choice, check_positive_int
 
 EXPERT_INITS = ("identical", "distinct")
+
 
 class _ExpertsMLP(torch.autograd.Function):
     """y = gelu_tanh(x w1 + b1) w2 + b2 per expert:
@@ -43,8 +44,8 @@ class _ExpertsMLP(torch.autograd.Function):
         H = w1.shape[2]
         if not train:
             return _inference(x, w1, b1, w2, b2)
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=_empty(pool, "h", (E, M, H), x))  # (E, M, H)
-        a = None if pool is None else pool.scratch("w1_grad", (E, M, H), x)
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=pooled_empty(pool, "h", (E, M, H), x))  # (E, M, H)
+        a = pooled_scratch(pool, "w1_grad", (E, M, H), x)
         a = F.gelu(h, approximate="tanh") if a is None else torch.ops.aten.gelu.out(h, approximate="tanh", out=a)
         y = torch.baddbmm(b2.unsqueeze(1), a, w2)  # (E, M, D)
         if torch.compiler.is_compiling():
@@ -73,20 +74,19 @@ class _ExpertsMLP(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gx = gw1 = gb1 = gw2 = gb2 = None
         if need_w2:
-            gw2 = torch.bmm(a.transpose(1, 2), gy, out=_empty(pool, "w2_grad", w2.shape, w2))  # (E, H, D)
+            gw2 = torch.bmm(a.transpose(1, 2), gy, out=pooled_empty(pool, "w2_grad", w2.shape, w2))  # (E, H, D)
         del a  # frees the scratch in the "w1_grad" buffer
         if need_b2:
             gb2 = gy.sum(1)  # (E, D)
         if need_x or need_w1 or need_b1:
-            ga = None if pool is None else pool.scratch("w1_grad", h.shape, h)
-            ga = torch.bmm(gy, w2.transpose(1, 2), out=ga) if ga is not None else torch.bmm(gy, w2.transpose(1, 2))
+            ga = torch.bmm(gy, w2.transpose(1, 2), out=pooled_scratch(pool, "w1_grad", h.shape, h))  # dL/da
             # dL/dh (E, M, H), written over h (an elementwise kernel may write over its input)
             gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=h if own_h else ga)
             del ga, h
             if need_b1:
                 gb1 = gh.sum(1)  # (E, H)
             if need_w1:
-                gw1 = torch.bmm(x.transpose(1, 2), gh, out=_empty(pool, "w1_grad", w1.shape, w1))  # (E, D, H)
+                gw1 = torch.bmm(x.transpose(1, 2), gh, out=pooled_empty(pool, "w1_grad", w1.shape, w1))  # (E, D, H)
             if need_x:
                 gx = torch.bmm(gh, w1.transpose(1, 2))  # (E, M, D)
         return gx, gw1, gb1, gw2, gb2, None, None
@@ -113,10 +113,6 @@ def _inference(x, w1, b1, w2, b2) -> torch.Tensor:
         he = torch.baddbmm(b1[g].unsqueeze(1), x[g], w1[g], out=h[: g.stop - e])
         torch.baddbmm(b2[g].unsqueeze(1), torch.ops.aten.gelu_(he, approximate="tanh"), w2[g], out=y[g])
     return y
-
-
-def _empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
-    return fresh_buffer(shape, like) if pool is None else pool.empty(role, shape, like)
 
 
 class Experts(nn.Module):
@@ -188,9 +184,8 @@ class Experts(nn.Module):
         # x: (E, M, D)
         if (self.fused and x.dtype in (torch.float32, torch.float64) and x.dtype == self.w1.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            # Training steps only (inference keeps nothing between calls); no Python state in graphs.
-            pool = self.buffer_pool if train and not torch.compiler.is_compiling() else None
+            train = records_graph(x, self)
+            pool = step_pool(self.buffer_pool, train)
             return _ExpertsMLP.apply(x, self.w1, self.b1, self.w2, self.b2, train, pool)
         h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)  # (E, M, H)
         h = F.gelu(h, approximate="tanh")

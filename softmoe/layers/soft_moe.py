@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .buffers import BufferPool
+from .buffers import BufferPool, pooled_empty, pooled_scratch, records_graph, step_pool
 from .common import MoELayer, check_choice, check_input, check_nonneg_float, check_positive_int
 from .experts import Experts
 from .router import SoftRouter, soft_logits
@@ -152,9 +152,7 @@ class SoftMoE(MoELayer):
             if self.training and self.noise_std > 0:
                 B, N, _ = x.shape
                 noise = self.noise_std * torch.randn(B, N, self.num_slots, dtype=x.dtype, device=x.device)
-            # Training steps only (inference keeps nothing between calls); no Python state in graphs.
-            train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-            pool = self.buffer_pool if train and not torch.compiler.is_compiling() else None
+            pool = step_pool(self.buffer_pool, records_graph(x, self))
             slots, dispatch, combine = _FusedSoftRouting.apply(
                 x, self.router.slot_weights(x.dtype), mask, noise, self.router.normalize,
                 self.num_experts, self.slots_per_expert, pool)
@@ -229,7 +227,7 @@ class _FusedSoftRouting(torch.autograd.Function):
         m = None if mask is None else mask.unsqueeze(-1)
         dispatch = _soft_dispatch(noisy, m)
         combine = _soft_combine(noisy, m)
-        slots = _bmm_slot_major(dispatch.transpose(1, 2), x, _empty(pool, "slots", (E, P * B, D), x))
+        slots = _bmm_slot_major(dispatch.transpose(1, 2), x, pooled_empty(pool, "slots", (E, P * B, D), x))
         ctx.save_for_backward(x, w, logits, r, dispatch, combine)
         ctx.pool = pool
         ctx.mark_non_differentiable(dispatch)
@@ -246,8 +244,8 @@ class _FusedSoftRouting(torch.autograd.Function):
         pool = ctx.pool
         # dL/dlogits (B, N, S), accumulated in place, and a buffer for products that are summed
         # at once: scratch in the slots' and dL/dys' buffers, both dead by now.
-        g = _scratch(pool, "slots", (B, N, S), x)
-        tmp = _scratch(pool, "g_ys", (B, N, S), x)
+        g = pooled_scratch(pool, "slots", (B, N, S), x)
+        tmp = pooled_scratch(pool, "g_ys", (B, N, S), x)
         dx = None
         if g_slots is not None:
             g_xs = _slot_view(g_slots, B)  # (B, S, D)
@@ -286,7 +284,7 @@ class _FusedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ys, combine, pool):
         B, N, _ = combine.shape
-        y = torch.bmm(combine, _slot_view(ys, B), out=_empty(pool, "y", (B, N, ys.shape[2]), ys))
+        y = torch.bmm(combine, _slot_view(ys, B), out=pooled_empty(pool, "y", (B, N, ys.shape[2]), ys))
         ctx.save_for_backward(ys, combine)
         ctx.pool = pool
         return y
@@ -298,7 +296,7 @@ class _FusedCombine(torch.autograd.Function):
         B = combine.shape[0]
         g_ys = g_combine = None
         if ctx.needs_input_grad[0]:
-            g_ys = _bmm_slot_major(combine.transpose(1, 2), gy, _empty(ctx.pool, "g_ys", ys.shape, ys))
+            g_ys = _bmm_slot_major(combine.transpose(1, 2), gy, pooled_empty(ctx.pool, "g_ys", ys.shape, ys))
         if ctx.needs_input_grad[1]:
             g_combine = torch.bmm(gy, _slot_view(ys, B).transpose(1, 2))  # (B, N, S)
         return g_ys, g_combine, None
@@ -312,20 +310,12 @@ def _bmm_slot_major(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torc
     return out
 
 
-def _scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
-    return None if pool is None else pool.scratch(role, shape, like)
-
-
 def _dx_buffer(pool: BufferPool | None, x: torch.Tensor) -> torch.Tensor:
     """dL/dx's buffer: when it fits, the experts' "h" buffer, dead by the time the routing
     backward runs (and in use again only at the next forward, when dL/dx has normally been
     consumed; if not, that forward allocates a new h): no buffer kept for dx alone."""
-    dx = _scratch(pool, "h", x.shape, x)
-    return dx if dx is not None else _empty(pool, "dx", x.shape, x)
-
-
-def _empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device) if pool is None else pool.empty(role, shape, like)
+    dx = pooled_scratch(pool, "h", x.shape, x)
+    return dx if dx is not None else pooled_empty(pool, "dx", x.shape, x)
 
 
 @torch.no_grad()
