@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -327,12 +328,8 @@ def time_impls(names: list[str], s: Shape, repeats: int, warmup: int = 2, thread
                 for w in workers.values():
                     w.close()
                 rounds = models = None
-    return {n: {"fwd_s": _median(times[n][0]), "fwdbwd_s": _median(times[n][1]), "params": params[n],
-                "round_robin": len(groups) == 1 and len(names) > 1} for n in names}
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    return {n: {"fwd_s": statistics.median(times[n][0]), "fwdbwd_s": statistics.median(times[n][1]),
+                "params": params[n]} for n in names}
 
 
 # -- peak memory (one fresh subprocess per measurement) -------------------------------------------
