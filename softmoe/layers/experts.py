@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..kernels import bmm_nn, bmm_nt, bmm_tn
 from .buffers import BufferPool, pooled_empty, pooled_scratch, records_graph, step_pool
 from .common import check_choice, check_positive_int
 
@@ -44,10 +45,10 @@ class _ExpertsMLP(torch.autograd.Function):
         H = w1.shape[2]
         if not train:
             return _inference(x, w1, b1, w2, b2)
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1, out=pooled_empty(pool, "h", (E, M, H), x))  # (E, M, H)
+        h = bmm_nn(x, w1, b1, out=pooled_empty(pool, "h", (E, M, H), x))  # (E, M, H)
         a = pooled_scratch(pool, "w1_grad", (E, M, H), x)
         a = F.gelu(h, approximate="tanh") if a is None else torch.ops.aten.gelu.out(h, approximate="tanh", out=a)
-        y = torch.baddbmm(b2.unsqueeze(1), a, w2)  # (E, M, D)
+        y = bmm_nn(a, w2, b2)  # (E, M, D)
         if torch.compiler.is_compiling():
             ctx.save_for_backward(x, w1, b1, w2, h, a)
         else:
@@ -68,27 +69,27 @@ class _ExpertsMLP(torch.autograd.Function):
             h, a, own_h = getattr(ctx, "h", None), getattr(ctx, "a", None), True
             ctx.h = ctx.a = None
             if h is None:  # backward through this node again (retain_graph=True)
-                h = torch.baddbmm(b1.unsqueeze(1), x, w1)
+                h = bmm_nn(x, w1, b1)
                 a = F.gelu(h, approximate="tanh")
         pool = ctx.pool
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gx = gw1 = gb1 = gw2 = gb2 = None
         if need_w2:
-            gw2 = torch.bmm(a.transpose(1, 2), gy, out=pooled_empty(pool, "w2_grad", w2.shape, w2))  # (E, H, D)
+            gw2 = bmm_tn(a, gy, out=pooled_empty(pool, "w2_grad", w2.shape, w2))  # (E, H, D)
         del a  # frees the scratch in the "w1_grad" buffer
         if need_b2:
             gb2 = gy.sum(1)  # (E, D)
         if need_x or need_w1 or need_b1:
-            ga = torch.bmm(gy, w2.transpose(1, 2), out=pooled_scratch(pool, "w1_grad", h.shape, h))  # dL/da
+            ga = bmm_nt(gy, w2, out=pooled_scratch(pool, "w1_grad", h.shape, h))  # dL/da
             # dL/dh (E, M, H), written over h (an elementwise kernel may write over its input)
             gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=h if own_h else ga)
             del ga, h
             if need_b1:
                 gb1 = gh.sum(1)  # (E, H)
             if need_w1:
-                gw1 = torch.bmm(x.transpose(1, 2), gh, out=pooled_empty(pool, "w1_grad", w1.shape, w1))  # (E, D, H)
+                gw1 = bmm_tn(x, gh, out=pooled_empty(pool, "w1_grad", w1.shape, w1))  # (E, D, H)
             if need_x:
-                gx = torch.bmm(gh, w1.transpose(1, 2))  # (E, M, D)
+                gx = bmm_nt(gh, w1)  # (E, M, D)
         return gx, gw1, gb1, gw2, gb2, None, None
 
 
@@ -104,14 +105,14 @@ def _inference(x, w1, b1, w2, b2) -> torch.Tensor:
     H = w1.shape[2]
     group = max(1, min(E, _INFERENCE_HIDDEN_BYTES // max(1, M * H * x.element_size())))
     if group >= E or torch.compiler.is_compiling():
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, M, H)
-        return torch.baddbmm(b2.unsqueeze(1), torch.ops.aten.gelu_(h, approximate="tanh"), w2)
+        h = bmm_nn(x, w1, b1)  # (E, M, H)
+        return bmm_nn(torch.ops.aten.gelu_(h, approximate="tanh"), w2, b2)
     y = x.new_empty(E, M, w2.shape[2])  # (E, M, D)
     h = x.new_empty(group, M, H)
     for e in range(0, E, group):  # E / group iterations (4 at the paper's S/16 with E=128)
         g = slice(e, min(E, e + group))
-        he = torch.baddbmm(b1[g].unsqueeze(1), x[g], w1[g], out=h[: g.stop - e])
-        torch.baddbmm(b2[g].unsqueeze(1), torch.ops.aten.gelu_(he, approximate="tanh"), w2[g], out=y[g])
+        he = bmm_nn(x[g], w1[g], b1[g], out=h[: g.stop - e])
+        bmm_nn(torch.ops.aten.gelu_(he, approximate="tanh"), w2[g], b2[g], out=y[g])
     return y
 
 

@@ -1,0 +1,182 @@
+"""The compiled small-M expert matmuls (`softmoe.kernels`) against float64 torch.
+
+Tolerance: float32 products summed over K <= 1536 terms in a different order than torch's;
+the error of either is a few ulp of the largest partial sums, so results are compared relative
+to the output's largest magnitude at 2e-6 (observed: 1e-7 to 8e-7; a wrong tile, tail mask or
+stride gives errors of order 1).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import softmoe.kernels as K
+from softmoe import SoftMoE
+
+RTOL = 2e-6
+
+# Skipped only for an expected reason (no AVX-512, no compiler); a build or self-test that
+# fails is a test failure.
+K._library()
+needs_kernels = pytest.mark.skipif(K._library() is None and not K._state["failed"], reason=f"kernels {K.status()}")
+
+
+@pytest.fixture
+def always(monkeypatch):
+    """Kernels for every size (the size thresholds only decide where they are faster)."""
+    monkeypatch.setattr(K, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(K, "MAX_ROWS", {"nn": 64, "nt": 64, "tn": 64})
+    monkeypatch.setitem(K._state, "enabled", True)
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def operands(E, M, K_, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in ((E, M, K_), (E, K_, N), (E, N), (E, N, K_), (E, M, N))]
+
+
+# Shapes hit every tail: rows not a multiple of 8 (nn, tn) or 16 (nt), columns not a multiple
+# of 16 or 48, K not a multiple of the 64-row block, one expert, more threads than experts,
+# an expert count that does not divide the thread count, the largest M of each kernel.
+SHAPES = [(1, 1, 1, 1), (3, 5, 17, 33), (2, 32, 384, 1536), (5, 13, 70, 49), (1, 64, 100, 96),
+          (7, 1, 8, 16), (4, 48, 131, 200), (3, 17, 65, 47), (2, 33, 9, 100)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_float64(always, shape, threads):
+    E, M, K_, N = shape
+    a, b, bias, bt, c = operands(*shape)
+    a64 = a.double()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert K.use_kernel("nn", M, b.numel(), None, (E, M, N), a, b, bias)
+        assert rel_err(K.bmm_nn(a, b, bias), torch.baddbmm(bias.double().unsqueeze(1), a64, b.double())) < RTOL
+        assert rel_err(K.bmm_nn(a, b), torch.bmm(a64, b.double())) < RTOL
+        assert rel_err(K.bmm_nt(a, bt), torch.bmm(a64, bt.double().transpose(1, 2))) < RTOL
+        assert rel_err(K.bmm_tn(a, c), torch.bmm(a64.transpose(1, 2), c.double())) < RTOL
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernels
+def test_out_buffers_are_filled_and_returned(always):
+    E, M, K_, N = 3, 13, 70, 53
+    a, b, bias, bt, c = operands(E, M, K_, N)
+    for fn, args, shape in ((K.bmm_nn, (a, b, bias), (E, M, N)), (K.bmm_nt, (a, bt), (E, M, N)),
+                            (K.bmm_tn, (a, c), (E, K_, N))):
+        out = torch.full(shape, float("nan"))
+        got = fn(*args, out=out)
+        assert got is out and torch.isfinite(out).all()
+        K._state["enabled"] = False
+        assert rel_err(out, fn(*args).double()) < RTOL
+        K._state["enabled"] = True
+
+
+@needs_kernels
+def test_weight_gradient_kernel_with_unaligned_output(always):
+    """The weight-gradient kernel streams its stores only into 64-byte aligned rows."""
+    E, M, K_, N = 2, 8, 20, 48
+    a, _, _, _, c = operands(E, M, K_, N)
+    out = torch.empty(E * K_ * N + 1)[1:].view(E, K_, N)  # 4 bytes off alignment
+    K.bmm_tn(a, c, out=out)
+    assert rel_err(out, torch.bmm(a.double().transpose(1, 2), c.double())) < RTOL
+
+
+def test_torch_path_where_the_kernels_do_not_apply(always):
+    """float64, non-contiguous, autograd-tracked, a wrong-shaped `out`: torch's own result."""
+    E, M, K_, N = 2, 4, 6, 5
+    a, b, bias, bt, c = operands(E, M, K_, N)
+    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a.double(), b.double())
+    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a.transpose(1, 2).contiguous().transpose(1, 2), b)
+    w = b.clone().requires_grad_()
+    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a, w)
+    y = K.bmm_nn(a, w, bias)
+    y.sum().backward()  # the torch path records the graph
+    torch.testing.assert_close(w.grad, a.sum(1, keepdim=True).transpose(1, 2).expand(E, K_, N).contiguous())
+    assert not K.use_kernel("nt", M, b.numel(), torch.empty(1), (E, M, N), a, bt)
+    assert not K.use_kernel("tn", 65, b.numel(), None, (E, K_, N), a, c)
+
+
+def test_size_thresholds(monkeypatch):
+    """By default only large weights with few rows per expert take the kernels."""
+    monkeypatch.setitem(K._state, "enabled", True)
+    small = torch.empty(8, 384, 1536)  # 19 MiB: stays in cache, MKL is as fast
+    large = torch.empty(16, 384, 1536)  # 38 MiB
+    a = torch.empty(16, 32, 384)
+    assert not K.use_kernel("nn", 32, small.numel(), None, (16, 32, 1536), a[:8], small)
+    assert not K.use_kernel("nn", 33, large.numel(), None, (16, 33, 1536), a, large)
+    assert K.use_kernel("nn", 32, large.numel(), None, (16, 32, 1536), a, large) == (K._library() is not None)
+
+
+def test_set_enabled_validates_and_switches(monkeypatch):
+    monkeypatch.setitem(K._state, "enabled", None)
+    with pytest.raises(ValueError, match="enabled must be a bool"):
+        K.set_enabled(1)
+    K.set_enabled(False)
+    assert K.status().startswith("off")
+    assert not K.use_kernel("nn", 1, 1 << 30, None, (1, 1, 1), torch.empty(1, 1, 1), torch.empty(1, 1, 1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mask", [False, True])
+def test_soft_moe_step_with_and_without_kernels(always, mask):
+    """A whole SoftMoE training step: outputs and every gradient agree with the torch path."""
+    torch.manual_seed(0)
+    layer = SoftMoE(48, 6, slots_per_expert=2, hidden_dim=80)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    x0 = torch.randn(5, 11, 48)
+    m = torch.rand(5, 11) > 0.3 if mask else None
+    dy = torch.randn(5, 11, 48)
+    results = []
+    for enabled in (True, False):
+        K._state["enabled"] = enabled
+        for _ in range(2):  # the second step reuses the pooled buffers
+            layer.zero_grad(set_to_none=True)
+            x = x0.clone().requires_grad_()
+            y = layer(x, m)
+            y.backward(dy)
+        with torch.no_grad():
+            y_eval = layer(x0, m)
+        results.append([y.detach(), y_eval, x.grad] + [p.grad.clone() for p in layer.parameters()])
+    for got, want in zip(*results):
+        assert rel_err(got, want.double()) < 1e-5  # float32 routing on top: a few ulp more
+
+
+def test_failed_build_falls_back_to_torch(tmp_path):
+    """A compiler that fails: one warning, then torch ops give the right result."""
+    code = textwrap.dedent("""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        import softmoe.kernels as K
+        K.MIN_WEIGHT_BYTES = 0
+        a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+        torch.testing.assert_close(K.bmm_nn(a, b), torch.bmm(a, b))
+        print("STATUS", K.status())
+    """)
+    env = dict(os.environ, CXX="false", SOFTMOE_CACHE_DIR=str(tmp_path), SOFTMOE_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert "STATUS unavailable: RuntimeError: false" in done.stdout
+        assert done.stderr.count("WARNING softmoe.kernels: compiled kernels failed") == 1
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written
+    else:
+        assert "STATUS unavailable: CPU capability" in done.stdout
+
+
+def test_environment_switch_turns_kernels_off():
+    code = "import softmoe.kernels as K; print(K.status())"
+    env = dict(os.environ, SOFTMOE_KERNELS="0")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.startswith("off"), done.stdout + done.stderr
