@@ -36,6 +36,7 @@ import time
 import torch
 from torch import nn
 
+from softmoe import kernels as softmoe_kernels
 from softmoe.bench import markdown_table, matmul_gflops, peak_rss_bytes, peak_rss_supported, write_table
 
 FULL_EXPERTS = (8, 32, 128, 512)
@@ -463,6 +464,8 @@ def run(args) -> int:
     if missing:
         print(f"not installed, skipped: {', '.join(missing)}")
 
+    kernels = softmoe_kernels.status()
+    print(f"softmoe expert kernels: {kernels}")
     mm = matmul_gflops()
     print(f"large-matmul reference: 2048^3 fp32 torch.mm = {mm:.1f} GFLOP/s")
     rows = []
@@ -487,6 +490,7 @@ def run(args) -> int:
            f"each in worker processes of its own, {processes} one after another (as in real use: one "
            "implementation per process, with its own malloc state; caches shared, as with a model's other layers) ")
         + f"(one at a time when all weights together exceed {ROUND_ROBIN_PARAM_BYTES >> 30} GiB).",
+        f"softmoe's expert kernels (softmoe.kernels, where they apply): {kernels}.",
         "fwd: torch.no_grad() forward. fwd+bwd: forward + backward(dy) with the input requiring grad and "
         "parameter grads set to None before each step (as optimizer.zero_grad(); softmoe then reuses the "
         "buffers, see Peak memory).",

@@ -39,13 +39,17 @@ __all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "status", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
-# Where the kernels win (measured with `benchmarks`-style A/B runs, E=128 and E=8, D=384,
-# H=1536, 2 threads): the forward and input-gradient kernels up to 32 rows per expert (at 64,
-# MKL's packing pays off and it is 0.85-1.0x ours), the weight-gradient kernel up to 64 (1.35x
-# at 64). Below 32 MiB of weights (E=8 at that width: 19 MiB) the weights stay in cache and
-# MKL is as fast or faster, so torch keeps those.
+# Where the kernels win, measured against MKL on 2 cores (sweeps of E, M, D, H in float32;
+# README, "Expert kernels"):
+# - rows per expert: the forward and input-gradient kernels up to 32 (at 64 MKL's packing pays
+#   off and it is 0.85-1.0x ours); the weight-gradient kernel up to 64 (1.35x at 64);
+# - weights (the per-expert operand that streams from memory) of at least 32 MiB for the
+#   forward and input-gradient kernels (1.2-1.4x at 36-72 MiB, 1.7x at 302 MiB; below, the
+#   weights stay in cache and MKL is 0.7-1.5x ours); for the weight-gradient kernel, whose
+#   non-temporal stores only pay when the output would not stay in cache anyway, 64 MiB
+#   (1.3-1.5x at 72-302 MiB, 0.8x at 36 MiB).
 MAX_ROWS = {"nn": 32, "nt": 32, "tn": 64}
-MIN_WEIGHT_BYTES = 32 << 20
+MIN_WEIGHT_BYTES = {"nn": 32 << 20, "nt": 32 << 20, "tn": 64 << 20}
 
 _SOURCE = Path(__file__).with_name("smallm.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared"]
@@ -83,7 +87,7 @@ def use_kernel(kind: str, rows: int, large_numel: int, out: torch.Tensor | None,
     if (
         not _enabled()
         or rows > MAX_ROWS[kind]
-        or large_numel * 4 < MIN_WEIGHT_BYTES
+        or large_numel * 4 < MIN_WEIGHT_BYTES[kind]
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or (out is not None and tuple(out.shape) != tuple(out_shape))  # torch.bmm resizes such an `out`

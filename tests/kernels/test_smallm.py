@@ -27,7 +27,7 @@ needs_kernels = pytest.mark.skipif(K._library() is None and not K._state["failed
 @pytest.fixture
 def always(monkeypatch):
     """Kernels for every size (the size thresholds only decide where they are faster)."""
-    monkeypatch.setattr(K, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(K, "MIN_WEIGHT_BYTES", {"nn": 0, "nt": 0, "tn": 0})
     monkeypatch.setattr(K, "MAX_ROWS", {"nn": 64, "nt": 64, "tn": 64})
     monkeypatch.setitem(K._state, "enabled", True)
 
@@ -109,12 +109,15 @@ def test_torch_path_where_the_kernels_do_not_apply(always):
 def test_size_thresholds(monkeypatch):
     """By default only large weights with few rows per expert take the kernels."""
     monkeypatch.setitem(K._state, "enabled", True)
-    small = torch.empty(8, 384, 1536)  # 19 MiB: stays in cache, MKL is as fast
-    large = torch.empty(16, 384, 1536)  # 38 MiB
+    small = torch.empty(8, 384, 1536)  # 18 MiB: stays in cache, MKL is as fast
+    large = torch.empty(16, 384, 1536)  # 36 MiB
     a = torch.empty(16, 32, 384)
-    assert not K.use_kernel("nn", 32, small.numel(), None, (16, 32, 1536), a[:8], small)
+    g = torch.empty(16, 32, 1536)
+    assert not K.use_kernel("nn", 32, small.numel(), None, (8, 32, 1536), a[:8], small)
     assert not K.use_kernel("nn", 33, large.numel(), None, (16, 33, 1536), a, large)
     assert K.use_kernel("nn", 32, large.numel(), None, (16, 32, 1536), a, large) == (K._library() is not None)
+    assert not K.use_kernel("tn", 32, large.numel(), None, (16, 384, 1536), a, g)  # weight grads from 64 MiB
+    assert K.use_kernel("tn", 64, 2 * large.numel(), None, (32, 384, 1536), a, g) == (K._library() is not None)
 
 
 def test_set_enabled_validates_and_switches(monkeypatch):
@@ -159,7 +162,7 @@ def test_failed_build_falls_back_to_torch(tmp_path):
         import logging, torch
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         import softmoe.kernels as K
-        K.MIN_WEIGHT_BYTES = 0
+        K.MIN_WEIGHT_BYTES = {"nn": 0, "nt": 0, "tn": 0}
         a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
         torch.testing.assert_close(K.bmm_nn(a, b), torch.bmm(a, b))
         print("STATUS", K.status())
