@@ -6,11 +6,11 @@ Each function computes what its docstring says with torch ops, except that on a 
 AVX-512, for float32 tensors in the shapes where it is faster (few rows per expert, weights
 too large for cache: `use_kernel`), it calls `smallm.cpp` instead. That file is compiled on
 first use with the system's C++ compiler (`$CXX`, else g++, else c++) into
-`$SOFTMOE_CACHE_DIR/kernels` (default `~/.cache/softmoe/kernels`), once per source and torch
-version, and loaded with ctypes: no build step at install and no torch headers, so the build
-takes about 2 s. Without a compiler, AVX-512 or a writable cache, everything runs on torch ops
-(`status()` says why). `SOFTMOE_KERNELS=0` in the environment, or `set_enabled(False)`,
-turns the kernels off.
+`$SOFTMOE_KERNEL_DIR` (default `~/.cache/softmoe/kernels`; a private temporary folder if that
+is not writable), once per source, compiler and torch version, and loaded with ctypes. So
+installing needs no build step, and without torch headers the build takes about 2 s. Without
+a compiler or AVX-512 everything runs on torch ops (`status()` says why). `SOFTMOE_KERNELS=0`
+in the environment, or `set_enabled(False)`, turns the kernels off.
 
 Why: the expert MLP's six batched matmuls are most of a Soft MoE layer's training step, and
 with P*B = 32 rows per expert MKL's batched GEMM runs them at 120-180 GFLOP/s on our 2-core
@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -39,17 +40,15 @@ __all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "status", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
-# Where the kernels win, measured against MKL on 2 cores (sweeps of E, M, D, H in float32;
-# README, "Expert kernels"):
-# - rows per expert: the forward and input-gradient kernels up to 32 (at 64 MKL's packing pays
-#   off and it is 0.85-1.0x ours); the weight-gradient kernel up to 64 (1.35x at 64);
-# - weights (the per-expert operand that streams from memory) of at least 32 MiB for the
-#   forward and input-gradient kernels (1.2-1.4x at 36-72 MiB, 1.7x at 302 MiB; below, the
-#   weights stay in cache and MKL is 0.7-1.5x ours); for the weight-gradient kernel, whose
-#   non-temporal stores only pay when the output would not stay in cache anyway, 64 MiB
-#   (1.3-1.5x at 72-302 MiB, 0.8x at 36 MiB).
-MAX_ROWS = {"nn": 32, "nt": 32, "tn": 64}
-MIN_WEIGHT_BYTES = {"nn": 32 << 20, "nt": 32 << 20, "tn": 64 << 20}
+# Where the kernels win, measured as whole SoftMoE training steps on 2 cores, kernels on
+# against off (a matmul timed alone in a loop keeps its weights in cache, which a training
+# step does not; README, "Expert kernels"):
+# - rows per expert up to 64: at D=384 the step is 8-20% faster with M in {32, 48, 64}, and
+#   no faster at 96 or 128, where MKL's packing pays off (the input-gradient kernel stops at 64);
+# - at least 8 MiB of weights (E*D*H*4 bytes): from 9 MiB (E=4 at D=384) up the step is
+#   5-10% faster, 37% at E=8, D=768, M=8; at 0.5-4 MiB (D=64-128) it is within 5% either way.
+MAX_ROWS = 64
+MIN_WEIGHT_BYTES = 8 << 20
 
 _SOURCE = Path(__file__).with_name("smallm.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared"]
@@ -79,15 +78,15 @@ def status() -> str:
     return f"on ({_state['path']})" if lib is not None else f"unavailable: {_state['why']}"
 
 
-def use_kernel(kind: str, rows: int, large_numel: int, out: torch.Tensor | None, out_shape: tuple,
+def use_kernel(rows: int, large_numel: int, out: torch.Tensor | None, out_shape: tuple,
                *inputs: torch.Tensor | None) -> bool:
-    """Whether `bmm_<kind>` runs the compiled kernel: `rows` per expert (M), `large_numel` the
-    size of the per-expert operand that streams from memory (the weights, or for "tn" the
+    """Whether a `bmm_*` call runs its compiled kernel: `rows` per expert (M), `large_numel` the
+    size of the per-expert operand that streams from memory (the weights, or for `bmm_tn` the
     weight-gradient output), all tensors plain contiguous float32 CPU tensors outside autograd."""
     if (
         not _enabled()
-        or rows > MAX_ROWS[kind]
-        or large_numel * 4 < MIN_WEIGHT_BYTES[kind]
+        or rows > MAX_ROWS
+        or large_numel * 4 < MIN_WEIGHT_BYTES
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or (out is not None and tuple(out.shape) != tuple(out_shape))  # torch.bmm resizes such an `out`
@@ -108,7 +107,7 @@ def bmm_nn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     """a (E, M, K) @ b (E, K, N) [+ bias (E, N)] -> (E, M, N)."""
     E, M, K = a.shape
     N = b.shape[2]
-    if not use_kernel("nn", M, b.numel(), out, (E, M, N), a, b, bias):
+    if not use_kernel(M, b.numel(), out, (E, M, N), a, b, bias):
         if bias is None:
             return torch.bmm(a, b, out=out)
         return torch.baddbmm(bias.unsqueeze(1), a, b, out=out)
@@ -122,7 +121,7 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     """a (E, M, K) @ b (E, N, K)^T -> (E, M, N)."""
     E, M, K = a.shape
     N = b.shape[1]
-    if not use_kernel("nt", M, b.numel(), out, (E, M, N), a, b):
+    if not use_kernel(M, b.numel(), out, (E, M, N), a, b):
         return torch.bmm(a, b.transpose(1, 2), out=out)
     out = a.new_empty(E, M, N) if out is None else out
     _library().smallm_nt(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -133,7 +132,7 @@ def bmm_tn(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     """a (E, M, K)^T @ b (E, M, N) -> (E, K, N)."""
     E, M, K = a.shape
     N = b.shape[2]
-    if not use_kernel("tn", M, E * K * N, out, (E, K, N), a, b):
+    if not use_kernel(M, E * K * N, out, (E, K, N), a, b):
         return torch.bmm(a.transpose(1, 2), b, out=out)
     out = a.new_empty(E, K, N) if out is None else out
     _library().smallm_tn(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -165,9 +164,8 @@ class _Unavailable(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("SOFTMOE_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe"
-    return base / "kernels"
+    env = os.environ.get("SOFTMOE_KERNEL_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe" / "kernels"
 
 
 def _load():
@@ -179,15 +177,20 @@ def _load():
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
+    def build(tmp: str) -> None:
+        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
     path = _cache_dir() / f"smallm-{key}.so"
     if not path.exists():
-        def build(tmp: str) -> None:
-            cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-
-        atomic_write(path, build)
+        try:
+            atomic_write(path, build)  # concurrent builders each rename a whole file into place
+        except OSError as e:  # an unwritable cache: build in a private folder, for this process only
+            log.info("softmoe.kernels: cannot write %s (%s); building in a temporary folder", path.parent, e)
+            path = Path(tempfile.mkdtemp(prefix="softmoe-kernels-")) / path.name
+            atomic_write(path, build)
     lib = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.smallm_nn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, cint]

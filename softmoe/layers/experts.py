@@ -1,5 +1,9 @@
 """E expert MLPs as one stacked weight set, applied with two batched matmuls.
 
+The matmuls go through `softmoe.kernels` (`bmm_nn`, `bmm_nt`, `bmm_tn`): torch's batched
+matmuls, or on AVX-512 CPUs, where there are few rows per expert and large weights, compiled
+kernels that are faster there.
+
 Einsum letters: E experts, M items per expert (slots or capacity buffer), D model width,
 H expert hidden width.
 """

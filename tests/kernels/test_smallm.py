@@ -27,8 +27,7 @@ needs_kernels = pytest.mark.skipif(K._library() is None and not K._state["failed
 @pytest.fixture
 def always(monkeypatch):
     """Kernels for every size (the size thresholds only decide where they are faster)."""
-    monkeypatch.setattr(K, "MIN_WEIGHT_BYTES", {"nn": 0, "nt": 0, "tn": 0})
-    monkeypatch.setattr(K, "MAX_ROWS", {"nn": 64, "nt": 64, "tn": 64})
+    monkeypatch.setattr(K, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setitem(K._state, "enabled", True)
 
 
@@ -58,7 +57,7 @@ def test_kernels_match_float64(always, shape, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert K.use_kernel("nn", M, b.numel(), None, (E, M, N), a, b, bias)
+        assert K.use_kernel(M, b.numel(), None, (E, M, N), a, b, bias)
         assert rel_err(K.bmm_nn(a, b, bias), torch.baddbmm(bias.double().unsqueeze(1), a64, b.double())) < RTOL
         assert rel_err(K.bmm_nn(a, b), torch.bmm(a64, b.double())) < RTOL
         assert rel_err(K.bmm_nt(a, bt), torch.bmm(a64, bt.double().transpose(1, 2))) < RTOL
@@ -95,29 +94,28 @@ def test_torch_path_where_the_kernels_do_not_apply(always):
     """float64, non-contiguous, autograd-tracked, a wrong-shaped `out`: torch's own result."""
     E, M, K_, N = 2, 4, 6, 5
     a, b, bias, bt, c = operands(E, M, K_, N)
-    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a.double(), b.double())
-    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a.transpose(1, 2).contiguous().transpose(1, 2), b)
+    assert not K.use_kernel(M, b.numel(), None, (E, M, N), a.double(), b.double())
+    assert not K.use_kernel(M, b.numel(), None, (E, M, N), a.transpose(1, 2).contiguous().transpose(1, 2), b)
     w = b.clone().requires_grad_()
-    assert not K.use_kernel("nn", M, b.numel(), None, (E, M, N), a, w)
+    assert not K.use_kernel(M, b.numel(), None, (E, M, N), a, w)
     y = K.bmm_nn(a, w, bias)
     y.sum().backward()  # the torch path records the graph
     torch.testing.assert_close(w.grad, a.sum(1, keepdim=True).transpose(1, 2).expand(E, K_, N).contiguous())
-    assert not K.use_kernel("nt", M, b.numel(), torch.empty(1), (E, M, N), a, bt)
-    assert not K.use_kernel("tn", 65, b.numel(), None, (E, K_, N), a, c)
+    assert not K.use_kernel(M, b.numel(), torch.empty(1), (E, M, N), a, bt)
+    assert not K.use_kernel(65, b.numel(), None, (E, K_, N), a, c)
 
 
 def test_size_thresholds(monkeypatch):
-    """By default only large weights with few rows per expert take the kernels."""
+    """By default the kernels take at most 64 rows per expert and at least 8 MiB of weights."""
     monkeypatch.setitem(K._state, "enabled", True)
-    small = torch.empty(8, 384, 1536)  # 18 MiB: stays in cache, MKL is as fast
-    large = torch.empty(16, 384, 1536)  # 36 MiB
-    a = torch.empty(16, 32, 384)
-    g = torch.empty(16, 32, 1536)
-    assert not K.use_kernel("nn", 32, small.numel(), None, (8, 32, 1536), a[:8], small)
-    assert not K.use_kernel("nn", 33, large.numel(), None, (16, 33, 1536), a, large)
-    assert K.use_kernel("nn", 32, large.numel(), None, (16, 32, 1536), a, large) == (K._library() is not None)
-    assert not K.use_kernel("tn", 32, large.numel(), None, (16, 384, 1536), a, g)  # weight grads from 64 MiB
-    assert K.use_kernel("tn", 64, 2 * large.numel(), None, (32, 384, 1536), a, g) == (K._library() is not None)
+    small = torch.empty(3, 384, 1536)  # 6.75 MiB
+    large = torch.empty(4, 384, 1536)  # 9 MiB
+    a = torch.empty(4, 64, 384)
+    on = K._library() is not None
+    assert not K.use_kernel(64, small.numel(), None, (3, 64, 1536), a[:3], small)
+    assert not K.use_kernel(65, large.numel(), None, (4, 65, 1536), a, large)
+    assert K.use_kernel(64, large.numel(), None, (4, 64, 1536), a, large) == on
+    assert K.use_kernel(64, large.numel(), None, (4, 384, 1536), a, torch.empty(4, 64, 1536)) == on
 
 
 def test_set_enabled_validates_and_switches(monkeypatch):
@@ -126,7 +124,7 @@ def test_set_enabled_validates_and_switches(monkeypatch):
         K.set_enabled(1)
     K.set_enabled(False)
     assert K.status().startswith("off")
-    assert not K.use_kernel("nn", 1, 1 << 30, None, (1, 1, 1), torch.empty(1, 1, 1), torch.empty(1, 1, 1))
+    assert not K.use_kernel(1, 1 << 30, None, (1, 1, 1), torch.empty(1, 1, 1), torch.empty(1, 1, 1))
 
 
 @needs_kernels
@@ -162,12 +160,12 @@ def test_failed_build_falls_back_to_torch(tmp_path):
         import logging, torch
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         import softmoe.kernels as K
-        K.MIN_WEIGHT_BYTES = {"nn": 0, "nt": 0, "tn": 0}
+        K.MIN_WEIGHT_BYTES = 0
         a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
         torch.testing.assert_close(K.bmm_nn(a, b), torch.bmm(a, b))
         print("STATUS", K.status())
     """)
-    env = dict(os.environ, CXX="false", SOFTMOE_CACHE_DIR=str(tmp_path), SOFTMOE_KERNELS="1")
+    env = dict(os.environ, CXX="false", SOFTMOE_KERNEL_DIR=str(tmp_path), SOFTMOE_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
