@@ -124,7 +124,8 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     if not use_kernel(M, b.numel(), out, (E, M, N), a, b):
         return torch.bmm(a, b.transpose(1, 2), out=out)
     out = a.new_empty(E, M, N) if out is None else out
-    _library().smallm_nt(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if _library().smallm_nt(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"bmm_nt: cannot allocate its packing buffers ({torch.get_num_threads()} threads, K={K})")
     return out
 
 
@@ -196,8 +197,8 @@ def _load():
     lib.smallm_nn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, cint]
     lib.smallm_nt.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
     lib.smallm_tn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
-    for fn in (lib.smallm_nn, lib.smallm_nt, lib.smallm_tn):
-        fn.restype = None
+    lib.smallm_nn.restype = lib.smallm_tn.restype = None
+    lib.smallm_nt.restype = ctypes.c_int
     _state["path"] = str(path)
     _self_test(lib)
     return lib
@@ -212,7 +213,8 @@ def _self_test(lib) -> None:
     got = [torch.empty(E, M, N), torch.empty(E, M, N), torch.empty(E, K, N)]
     # 2 threads with E=3: also the path that splits an expert's output between threads
     lib.smallm_nn(E, M, K, N, a.data_ptr(), b.data_ptr(), bias.data_ptr(), got[0].data_ptr(), 2)
-    lib.smallm_nt(E, M, K, N, a.data_ptr(), bt.data_ptr(), got[1].data_ptr(), 2)
+    if lib.smallm_nt(E, M, K, N, a.data_ptr(), bt.data_ptr(), got[1].data_ptr(), 2):
+        raise MemoryError("self-test of smallm_nt: allocation failed")
     lib.smallm_tn(E, M, K, N, a.data_ptr(), c.data_ptr(), got[2].data_ptr(), 2)
     a64 = a.double()
     want = [torch.baddbmm(bias.double().unsqueeze(1), a64, b.double()),

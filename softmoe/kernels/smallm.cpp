@@ -10,8 +10,9 @@
 // software-prefetching the next tile while multiplying this one, and keep the small operand
 // in cache. Three shapes cover an expert MLP's forward and backward:
 //   smallm_nn  C (M, N) = A (M, K) B (K, N) [+ bias (N)]   forward: x w1 + b1, a w2 + b2
-//   smallm_nt  C (M, N) = A (M, K) B (N, K)^T              input grads: gy w2^T, gh w1^T
+//   smallm_nt  C (M, N) = A (M, K) B (N, K)^T, M <= 64     input grads: gy w2^T, gh w1^T
 //   smallm_tn  C (K, N) = A (M, K)^T B (M, N)              weight grads: a^T gy, x^T gh
+// Each keeps a tile of C in 24 of the 32 vector registers (8 x 48 floats; NT 6-16 x 16-64).
 // Work is split over experts (and, when E is not a multiple of the thread count, over slices
 // of each expert's output) with OpenMP: the same libgomp as torch's, so no second thread pool.
 // Accumulation order differs from MKL's: results agree to float32 rounding, not bitwise.
@@ -151,13 +152,17 @@ static const int NT_R[4] = {16, 12, 8, 6};
 static const nt_fn NT[4][16] = {NTROW(1, 16), NTROW(2, 12), NTROW(3, 8), NTROW(4, 6)};
 static const i64 NT_CHUNK = 96;  // rows of C^T staged at a time: a multiple of every NT_R and of 16
 
-extern "C" void smallm_nt(i64 E, i64 M, i64 K, i64 N, const float* A, const float* B, float* C, int nt) {
+// Returns 0, or 1 if the per-thread packing buffers could not be allocated (C untouched).
+extern "C" int smallm_nt(i64 E, i64 M, i64 K, i64 N, const float* A, const float* B, float* C, int nt) {
   int mv = (int)((M + 15) / 16), R = NT_R[mv - 1];  // M <= 64
   i64 mp = 16 * mv;
   i64 parts = n_parts(E, nt), W = E * parts;
+  size_t per_thread = (size_t)((K + NT_CHUNK) * mp);  // floats: packed A^T, then the staging block
+  float* buffers = (float*)aligned_alloc(64, per_thread * 4 * (size_t)nt);  // a multiple of 64 bytes
+  if (!buffers) return 1;
 #pragma omp parallel num_threads(nt)
   {
-    float* pk = (float*)aligned_alloc(64, (size_t)((K * mp + NT_CHUNK * mp) * 4));
+    float* pk = buffers + per_thread * (size_t)omp_get_thread_num();
     float* st = pk + K * mp;
     __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                      _mm512_set1_epi32((int)mp));
@@ -190,8 +195,9 @@ extern "C" void smallm_nt(i64 E, i64 M, i64 K, i64 N, const float* A, const floa
           }
       }
     }
-    free(pk);
   }
+  free(buffers);
+  return 0;
 }
 
 // ---------- TN: C (K x N) = A^T B, A (M x K), B (M x N); reduction over the small M ----------
