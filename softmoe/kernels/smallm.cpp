@@ -24,6 +24,47 @@
 typedef int64_t i64;
 
 static inline __mmask16 tail(i64 n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static const __mmask16 ALL = (__mmask16)0xFFFF;
+
+// The inner loop of all three kernels (inlined, with the prefetch lambda: a call would spill
+// the register tile, all zmm registers being caller-saved): for k < kc, the rank-1 update
+//   acc[r][v] += s[r * ls + k * ks] * vec[k * lv + 16 v : +16]   (last vector masked by `last`)
+// of an R x 16NV tile of C held in registers. pf(k) issues the caller's prefetches for step k.
+template <int R, int NV, class Prefetch>
+static inline __attribute__((always_inline)) void rank1_updates(__m512 (&acc)[R][NV], i64 kc, const float* s, i64 ls,
+                                                                i64 ks, const float* vec, i64 lv, __mmask16 last,
+                                                                Prefetch pf) {
+  for (i64 k = 0; k < kc; ++k) {
+    pf(k);
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : ALL, vec + k * lv + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      __m512 sv = _mm512_set1_ps(s[r * ls + k * ks]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(sv, bv[v], acc[r][v]);
+    }
+  }
+}
+
+template <int R, int NV>
+static inline __attribute__((always_inline)) void zero_tile(__m512 (&acc)[R][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+}
+
+template <int R, int NV>
+static inline __attribute__((always_inline)) void store_tile(__m512 (&acc)[R][NV], float* c, i64 ldc, __mmask16 last) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : ALL, acc[r][v]);
+}
+
+static inline __attribute__((always_inline)) void no_prefetch(i64) {}
 
 // ---------- NN: C (M x N) = A (M x K) B (K x N) [+ bias (N)] ----------
 template <int MR, int NV>
@@ -34,31 +75,18 @@ static void nn_tile(i64 kc, const float* a, i64 lda, const float* b, i64 ldb, fl
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+      __mmask16 m = v == NV - 1 ? last : ALL;
       acc[r][v] = acc_c ? _mm512_maskz_loadu_ps(m, c + r * ldc + 16 * v)
                         : (bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps());
     }
-  for (i64 k = 0; k < kc; ++k) {
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF, b + k * ldb + 16 * v);
-    if (pf) {
+  if (pf)
+    rank1_updates<MR, NV>(acc, kc, a, lda, 1, b, ldb, last, [=](i64 k) __attribute__((always_inline)) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) _mm_prefetch((const char*)(pf + k * ldb + 16 * v), _MM_HINT_T0);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      __m512 av = _mm512_set1_ps(a[r * lda + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : (__mmask16)0xFFFF, acc[r][v]);
+    });
+  else
+    rank1_updates<MR, NV>(acc, kc, a, lda, 1, b, ldb, last, no_prefetch);
+  store_tile<MR, NV>(acc, c, ldc, last);
 }
 
 typedef void (*nn_fn)(i64, const float*, i64, const float*, i64, float*, i64, const float*, int, __mmask16, const float*);
@@ -116,29 +144,17 @@ extern "C" void smallm_nn(i64 E, i64 M, i64 K, i64 N, const float* A, const floa
 template <int R, int MV>
 static void nt_tile(i64 K, const float* b, i64 ldb, const float* p, float* st, const float* pf) {
   __m512 acc[R][MV];
+  zero_tile<R, MV>(acc);
+  if (pf)
+    rank1_updates<R, MV>(acc, K, b, ldb, 1, p, 16 * MV, ALL, [=](i64 k) __attribute__((always_inline)) {
+      if ((k & 15) == 0) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (i64 k = 0; k < K; ++k) {
-    if (pf && (k & 15) == 0) {
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(pf + r * ldb + k), _MM_HINT_T0);
-    }
-    __m512 pv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) pv[v] = _mm512_load_ps(p + k * 16 * MV + 16 * v);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      __m512 bv = _mm512_set1_ps(b[r * ldb + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_fmadd_ps(bv, pv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) _mm512_store_ps(st + (r * MV + v) * 16, acc[r][v]);
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(pf + r * ldb + k), _MM_HINT_T0);
+      }
+    });
+  else
+    rank1_updates<R, MV>(acc, K, b, ldb, 1, p, 16 * MV, ALL, no_prefetch);
+  store_tile<R, MV>(acc, st, 16 * MV, ALL);
 }
 
 typedef void (*nt_fn)(i64, const float*, i64, const float*, float*, const float*);
@@ -205,34 +221,16 @@ template <int R, int NV>
 static void tn_tile(i64 M, const float* a, i64 lda, const float* b, i64 ldb, float* c, i64 ldc, __mmask16 last,
                     int stream) {
   __m512 acc[R][NV];
+  zero_tile<R, NV>(acc);
+  rank1_updates<R, NV>(acc, M, a, 1, lda, b, ldb, last, no_prefetch);
+  if (!stream) {
+    store_tile<R, NV>(acc, c, ldc, last);
+    return;
+  }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (i64 m = 0; m < M; ++m) {
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : (__mmask16)0xFFFF, b + m * ldb + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      __m512 av = _mm512_set1_ps(a[m * lda + r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-  if (stream) {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? last : (__mmask16)0xFFFF, acc[r][v]);
-  }
+    for (int v = 0; v < NV; ++v) _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
 typedef void (*tn_fn)(i64, const float*, i64, const float*, i64, float*, i64, __mmask16, int);
