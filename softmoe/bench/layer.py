@@ -167,7 +167,8 @@ class Impl:
 
 IMPLS = (
     Impl("softmoe", _build_softmoe, None,
-         "this project: experts stacked as (E, D, H) weights, two batched matmuls; routing in float32; "
+         "this project: experts stacked as (E, D, H) weights, two batched matmuls (softmoe.kernels where "
+         "they apply); routing in float32; "
          "fused autograd nodes; weight-grad and activation buffers reused between training steps (BufferPool)."),
     Impl("naive-loop", _build_naive, None,
          "the same function as softmoe (tests check equal outputs and grads in float64), one "
