@@ -181,3 +181,42 @@ def test_environment_switch_turns_kernels_off():
     env = dict(os.environ, SOFTMOE_KERNELS="0")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.startswith("off"), done.stdout + done.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_bytes", [None, 2 * 7 * 40 * 4])  # all experts at once; 2 at a time (last 1)
+def test_expert_inference_in_groups(always, group_bytes, monkeypatch):
+    """The no-graph forward writes each group's output into slices of one buffer."""
+    import softmoe.layers.experts as experts_layer
+    from softmoe.layers.experts import Experts
+
+    if group_bytes is not None:
+        monkeypatch.setattr(experts_layer, "_INFERENCE_HIDDEN_BYTES", group_bytes)
+    ex = Experts(5, 24, 40, expert_init="distinct")
+    x = torch.randn(5, 7, 24)
+    with torch.no_grad():
+        got = ex(x)
+    want = torch.baddbmm(ex.b1.double().unsqueeze(1), x.double(), ex.w1.double())
+    want = torch.baddbmm(ex.b2.double().unsqueeze(1), torch.nn.functional.gelu(want, approximate="tanh"),
+                         ex.w2.double())
+    assert rel_err(got, want) < 1e-5
+
+
+@needs_kernels
+def test_tokens_choice_step_with_and_without_kernels(always):
+    """The sparse layers share the experts (capacity rows per expert): same outputs and grads."""
+    from softmoe import TokensChoiceMoE
+
+    torch.manual_seed(0)
+    layer = TokensChoiceMoE(32, 4, k=2, hidden_dim=48)
+    x0, dy = torch.randn(3, 10, 32), torch.randn(3, 10, 32)
+    results = []
+    for enabled in (True, False):
+        K._state["enabled"] = enabled
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(5)  # the same gate noise in both runs
+        layer(x).backward(dy)
+        results.append([x.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    for got, want in zip(*results):
+        assert rel_err(got, want.double()) < 1e-5
