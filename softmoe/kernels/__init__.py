@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -179,7 +180,7 @@ def _load():
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     def build(tmp: str) -> None:
-        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
+        cmd = [*shlex.split(compiler), *_FLAGS, str(_SOURCE), "-o", tmp]  # $CXX may be "ccache g++"
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
