@@ -185,15 +185,17 @@ def _load():
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
 
-    path = _cache_dir() / f"smallm-{key}.so"
+    path, private = _cache_dir() / f"smallm-{key}.so", False
     if not path.exists():
         try:
             atomic_write(path, build)  # concurrent builders each rename a whole file into place
         except OSError as e:  # an unwritable cache: build in a private folder, for this process only
             log.info("softmoe.kernels: cannot write %s (%s); building in a temporary folder", path.parent, e)
-            path = Path(tempfile.mkdtemp(prefix="softmoe-kernels-")) / path.name
+            path, private = Path(tempfile.mkdtemp(prefix="softmoe-kernels-")) / path.name, True
             atomic_write(path, build)
     lib = ctypes.CDLL(str(path))
+    if private:  # a loaded library stays mapped: its file is not needed any more
+        shutil.rmtree(path.parent, ignore_errors=True)
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.smallm_nn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, cint]
     lib.smallm_nt.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]

@@ -220,3 +220,22 @@ def test_tokens_choice_step_with_and_without_kernels(always):
         results.append([x.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
     for got, want in zip(*results):
         assert rel_err(got, want.double()) < 1e-5
+
+
+@needs_kernels
+def test_unwritable_cache_builds_in_a_private_folder(tmp_path):
+    """A cache folder that cannot be created: the build goes to a temporary folder, kernels on."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = textwrap.dedent("""
+        import torch, softmoe.kernels as K
+        K.MIN_WEIGHT_BYTES = 0
+        a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+        torch.testing.assert_close(K.bmm_nn(a, b), torch.bmm(a, b))
+        print(K.status())
+    """)
+    env = dict(os.environ, SOFTMOE_KERNEL_DIR=str(blocker / "kernels"), SOFTMOE_KERNELS="1", TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("on (") and "softmoe-kernels-" in done.stdout, done.stdout + done.stderr
+    assert not list(tmp_path.glob("softmoe-kernels-*"))  # the private build is removed once loaded
