@@ -1,5 +1,5 @@
 """Atomic file writes: everything softmoe saves goes through here, so a crash or a full disk
-leaves either the old file or the whole new one, never a partial one."""
+leaves either the old file or the whole new one, never a partial one. And where its caches live."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,15 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def user_cache_dir(name: str, env: str) -> Path:
+    """The folder softmoe caches `name` in: `$<env>` if set, else
+    `$XDG_CACHE_HOME/softmoe/<name>` (default `~/.cache/softmoe/<name>`)."""
+    override = os.environ.get(env)
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe" / name
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from softmoe._compat import import_torchvision_datasets
+from softmoe._io import user_cache_dir
 
 from . import formats
 from .dataset import ImageDataset
@@ -31,9 +32,7 @@ DEBIAN_DATASETS = Path("/usr/share/datasets")
 
 
 def default_data_root(name: str) -> Path:
-    env = os.environ.get("SOFTMOE_DATA_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe" / "datasets"
-    return base / name
+    return user_cache_dir("datasets", "SOFTMOE_DATA_DIR") / name
 
 
 def load_dataset(name: str, split: str = "train", root: str | None = None, download: bool = False, *,

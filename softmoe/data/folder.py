@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softmoe._io import atomic_write
+from softmoe._io import atomic_write, user_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 1
@@ -26,10 +26,7 @@ POOL_MIN_FILES = 4096  # below this a pool's start-up costs more than it saves
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("SOFTMOE_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe" / "decoded"
+    return user_cache_dir("decoded", "SOFTMOE_CACHE_DIR")
 
 
 def split_directory(root: Path, split: str) -> Path:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, user_cache_dir
 
 __all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "status", "set_enabled"]
 
@@ -165,11 +165,6 @@ class _Unavailable(RuntimeError):
     """An expected reason not to use the kernels (no AVX-512, no compiler): logged at info."""
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("SOFTMOE_KERNEL_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softmoe" / "kernels"
-
-
 def _load():
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         raise _Unavailable(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, kernels need AVX512")
@@ -185,7 +180,7 @@ def _load():
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
 
-    path, private = _cache_dir() / f"smallm-{key}.so", False
+    path, private = user_cache_dir("kernels", "SOFTMOE_KERNEL_DIR") / f"smallm-{key}.so", False
     if not path.exists():
         try:
             atomic_write(path, build)  # concurrent builders each rename a whole file into place
