@@ -125,8 +125,9 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     if not use_kernel(M, b.numel(), out, (E, M, N), a, b):
         return torch.bmm(a, b.transpose(1, 2), out=out)
     out = a.new_empty(E, M, N) if out is None else out
-    if _library().smallm_nt(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), torch.get_num_threads()):
-        raise MemoryError(f"bmm_nt: cannot allocate its packing buffers ({torch.get_num_threads()} threads, K={K})")
+    threads = torch.get_num_threads()
+    if _library().smallm_nt(E, M, K, N, a.data_ptr(), b.data_ptr(), out.data_ptr(), threads):
+        raise MemoryError(f"bmm_nt: cannot allocate its packing buffers ({threads} threads, K={K})")
     return out
 
 

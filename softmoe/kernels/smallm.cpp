@@ -23,8 +23,8 @@
 
 typedef int64_t i64;
 
-static inline __mmask16 tail(i64 n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 static const __mmask16 ALL = (__mmask16)0xFFFF;
+static inline __mmask16 tail(i64 n) { return n >= 16 ? ALL : (__mmask16)((1u << n) - 1u); }
 
 // The inner loop of all three kernels (inlined, with the prefetch lambda: a call would spill
 // the register tile, all zmm registers being caller-saved): for k < kc, the rank-1 update
