@@ -43,7 +43,10 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Row]) -> str:
 
 
 def csv_text(columns: Sequence[str], rows: Sequence[Row]) -> str:
-    """CSV with a header line, "\\n" line ends; None is an empty field, other values as csv writes them."""
+    """CSV with a header line, "\\n" line ends; None is an empty field, other values as csv
+    writes them. No columns: the empty text."""
+    if not columns:
+        return ""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)

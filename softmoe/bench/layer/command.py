@@ -72,7 +72,8 @@ COLUMNS = ["E", "implementation", "params_M", "fwd_ms", "fwd_GFLOPs", "fwd_frac_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help=f"small subset (B={QUICK_BATCH}, E in {list(QUICK_EXPERTS)}, 3 repeats): well under a minute")
+                        help=f"small subset (B={QUICK_BATCH}, E in {list(QUICK_EXPERTS)}, 3 repeats): "
+                             "well under a minute")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", default="bench_results", help="output folder for layer.md / layer.csv")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default 5, quick 3)")
@@ -169,7 +170,8 @@ def _notes(cfg: Settings, kernels: str, mm: float) -> list[str]:
 def run(args) -> int:
     cfg = Settings.from_args(args)
     torch.set_num_threads(cfg.threads)
-    print(f"torch {torch.__version__}, torch.set_num_threads({cfg.threads}), {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, torch.set_num_threads({cfg.threads}), {cpu}")
     if cfg.missing:
         print(f"not installed, skipped: {', '.join(cfg.missing)}")
     kernels = softmoe_kernels.status()
