@@ -1,6 +1,6 @@
 """The layer benchmark's machinery on tiny shapes: the naive baseline is the same function as
 SoftMoE, the FLOP count is what the layer executes, peak memory sees known allocations, the
-command writes its tables, and `softmoe bench` discovers it."""
+command writes its tables (`softmoe bench` itself: tests/cli/test_cli_bench.py)."""
 import csv
 import importlib.util
 import math
@@ -191,24 +191,6 @@ def test_a_failing_worker_reports_its_error():
     s = Shape(experts=2, **TINY)
     with pytest.raises(RuntimeError, match="(?s)worker for nope failed.*implementation must be one of"):
         workers.time_impls(["softmoe", "nope"], s, repeats=1, warmup=0, threads=1)
-
-
-def test_softmoe_bench_discovers_layer():
-    from softmoe.cli import build_parser
-    from softmoe.cli.bench import benchmark_modules
-
-    assert "layer" in benchmark_modules()
-    args = build_parser().parse_args(["bench", "layer", "--quick", "--threads", "1", "--out", "x"])
-    assert args.func is bench_layer.run and args.quick and args.threads == 1 and args.out == "x"
-    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
-    assert bench_layer.__doc__.splitlines()[0][:40] in " ".join(help_text.split())
-
-
-def test_softmoe_bench_without_benchmark_prints_usage(capsys):
-    from softmoe.cli import main
-
-    assert main(["bench"]) == 2
-    assert "BENCHMARK" in capsys.readouterr().out
 
 
 def test_python_dash_m_runs_the_same_command():

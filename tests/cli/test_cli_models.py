@@ -76,6 +76,8 @@ def test_bench_paper_tables(tmp_path, capsys):
     heads = list(csv.DictReader(open(tmp_path / "headlines.csv")))
     assert heads[0] == {"ratio": "GFLOP ViT-H/14 / Soft MoE-B/16", "paper": "10.4x", "ours": "10.47x"}
     assert (tmp_path / "paper.md").read_text().startswith("# Soft MoE paper, Table 8 vs softmoe")
+    # softmoe._tables writes every CSV with "\n" line ends (csv.writer's default was "\r\n").
+    assert all("\r" not in open(tmp_path / n, newline="").read() for n in ("table8.csv", "headlines.csv"))
     assert not list(tmp_path.glob("*.tmp"))
 
 
