@@ -4,7 +4,6 @@ command writes its tables (`softmoe bench` itself: tests/cli/test_cli_bench.py).
 import csv
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
