@@ -59,3 +59,17 @@ def test_text_table_right_and_left_aligned():
     assert text_table([], header=["a"]) == "  a" and text_table([]) == ""
     with pytest.raises(ValueError, match=r"align must be '<' or '>', got '\^'"):
         text_table(rows, align="^")
+
+
+def test_the_call_sites_keep_their_text(capsys):
+    from softmoe.cli.inspect import _print_table
+    from softmoe.train.logs import format_table
+
+    assert format_table([("model", "vit (1.00M params)"), ("data / step time", "1 ms")]) == \
+        "  model             vit (1.00M params)\n  data / step time  1 ms"
+    rows = [{"slot": s, "w": s / 3} for s in range(17)]  # over 16 rows: the 8 highest and lowest only
+    _print_table(rows, ["slot", "w"], sort_key="w")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["  (17 rows; the 8 highest and lowest by w; all in the CSV)", "  slot       w",
+                         "    16  5.3333"]
+    assert len(lines) == 18 and lines[-1] == "     0  0.0000" and "     8  2.6667" not in lines
