@@ -5,11 +5,11 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 HAVE_OPTIONAL = import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("timm", "torchvision", "soft_moe_pytorch", "soft_moe")))
 TORCHVISION_FOR_TORCH = import torch; print("0.%d.*" % (int(torch.__version__.split(".")[1]) + 15))
 
-.PHONY: install demo test bench
+.PHONY: install demo test lint bench
 
 # 1. A CPU build of torch if none is installed (a bare `torch` requirement would otherwise
 #    pull a multi-GB CUDA build); whatever torch the user already has is kept.
-# 2. The package with its dev extras.
+# 2. The package with its dev extras (pytest, ruff, ...).
 # 3. Optional parts the tests and benchmarks exercise, with --no-deps so pip never swaps
 #    torch: timm (interop tests), the torchvision release built for the installed torch
 #    (timm needs it; 0.28 <-> torch 2.13), and the two PyPI Soft MoE ports that
@@ -23,7 +23,11 @@ install:
 demo: install
 	$(PY) -m softmoe demo
 
-test: install
+# The linter (its rules: [tool.ruff] in pyproject.toml); `make test` runs it first.
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: install

@@ -3,18 +3,13 @@
 Every module of this package that defines `add_arguments(parser)` and `run(args) -> int`
 becomes the sub-command `softmoe bench <module name>` (its help is the first line of the
 module docstring). This file holds the measuring helpers they share: median wall-clock
-timing, the machine's large-matmul GFLOP/s, peak resident memory, atomic Markdown/CSV tables.
+timing, the machine's large-matmul GFLOP/s, peak resident memory (tables: softmoe._tables).
 """
 from __future__ import annotations
 
-import csv
-import io
-import os
 import statistics
 import time
-from typing import Callable, Sequence
-
-from softmoe._io import atomic_write_text
+from collections.abc import Callable
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -92,37 +87,3 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int:
         f.write("5")
     fn()
     return max(0, _status_kib("VmHWM") - base) * 1024
-
-
-# -- tables ------------------------------------------------------------------------------------
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(out_dir: str, stem: str, columns: Sequence[str], rows: Sequence[dict],
-                title: str, notes: Sequence[str] = ()) -> tuple[str, str]:
-    """Write `<out_dir>/<stem>.md` (title, notes, table) and `<out_dir>/<stem>.csv` (raw
-    values), each atomically. Returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    md = f"# {title}\n\n" + "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
-    md += markdown_table(columns, rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    md_path, csv_path = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".csv")
-    atomic_write_text(md_path, md)
-    atomic_write_text(csv_path, buf.getvalue())
-    return md_path, csv_path

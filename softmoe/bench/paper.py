@@ -32,8 +32,6 @@ match the paper's (different hardware, float32, no bf16 matmuls).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import time
@@ -41,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softmoe._io import atomic_write_text
+from softmoe._tables import markdown_table, write_csv
 
 # Table 8 of the paper: (label, registry name, overrides, MoE layout, params in millions,
 # the unit of its last printed digit in millions, GFLOP/img, ms/img on TPUv3).
@@ -202,20 +201,6 @@ def time_composed(cfg, label: str, batch: int, repeats: int, max_block_bytes: fl
 
 
 # -- output -----------------------------------------------------------------------------------
-def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def _fmt_params(m: float, unit: float = 0.1) -> str:
     return f"{m / 1000:.1f}B" if unit >= 100 else f"{m:.1f}M"
 
@@ -254,23 +239,23 @@ def run(args) -> int:
     by_label = {r["model"]: r for r in rows}
     t8_header = ["model", "experts x MoE layers", "params paper", "params ours", "ours/paper",
                  "GFLOP paper", "GFLOP ours", "ours/paper", "ms/img paper (TPUv3)"]
-    t8_rows = [[r["model"], r["layout"], _fmt_params(r["paper_params_m"], r["paper_unit_m"]), _fmt_params(r["params_m"]),
-                f"{r['params_ratio']:.4f}", f"{r['paper_gflop']:.1f}", f"{r['gflop']:.2f}", f"{r['gflop_ratio']:.4f}",
-                f"{r['paper_ms']:.1f}"] for r in rows]
-    _write_csv(out / "table8.csv",
-               ["model", "layout", "paper_params_m", "params_m", "params_ratio", "paper_gflop", "gflop", "gflop_ratio",
-                "paper_ms"],
-               [[r["model"], r["layout"], r["paper_params_m"], f"{r['params_m']:.4f}", f"{r['params_ratio']:.6f}",
-                 r["paper_gflop"], f"{r['gflop']:.4f}", f"{r['gflop_ratio']:.6f}", r["paper_ms"]] for r in rows])
+    t8_rows = [[r["model"], r["layout"], _fmt_params(r["paper_params_m"], r["paper_unit_m"]),
+                _fmt_params(r["params_m"]), f"{r['params_ratio']:.4f}", f"{r['paper_gflop']:.1f}", f"{r['gflop']:.2f}",
+                f"{r['gflop_ratio']:.4f}", f"{r['paper_ms']:.1f}"] for r in rows]
+    write_csv(out / "table8.csv",
+              ["model", "layout", "paper_params_m", "params_m", "params_ratio", "paper_gflop", "gflop", "gflop_ratio",
+               "paper_ms"],
+              [[r["model"], r["layout"], r["paper_params_m"], f"{r['params_m']:.4f}", f"{r['params_ratio']:.6f}",
+                r["paper_gflop"], f"{r['gflop']:.4f}", f"{r['gflop_ratio']:.6f}", r["paper_ms"]] for r in rows])
     md = ["# Soft MoE paper, Table 8 vs softmoe", "",
           f"224 px, {PAPER_CLASSES:,}-class head; FLOPs: multiply-add = 2, matmuls/einsums only.", "",
-          _md_table(t8_header, t8_rows), "",
+          markdown_table(t8_header, t8_rows), "",
           "Every parameter count matches the paper to its printed precision: "
           + str(all(r["params_match"] for r in rows)) + ". Our GFLOP are "
-          f"{min(1 - r['gflop_ratio'] for r in rows):.2%}-{max(1 - r['gflop_ratio'] for r in rows):.2%} below the paper's "
-          "in every row; the gap grows linearly with the width per token and block, as uncounted elementwise ops "
-          "(GELU, LayerNorm, softmax, biases) do (see softmoe/models/profile.py).", ""]
-    print(_md_table(t8_header, t8_rows))
+          f"{min(1 - r['gflop_ratio'] for r in rows):.2%}-{max(1 - r['gflop_ratio'] for r in rows):.2%} "
+          "below the paper's in every row; the gap grows linearly with the width per token and block, as "
+          "uncounted elementwise ops (GELU, LayerNorm, softmax, biases) do (see softmoe/models/profile.py).", ""]
+    print(markdown_table(t8_header, t8_rows))
 
     head_rows, speed_rows, timings = [], [], {}
     if not args.no_speed:
@@ -292,8 +277,9 @@ def run(args) -> int:
             timings.update(check)
         load1 = os.getloadavg()[0]
         busy = max(load0, load1) > (os.cpu_count() or 1) - 0.5
-        load_note = (f"1-min load average {load0:.1f} before and {load1:.1f} after the timing on {os.cpu_count()} cores"
-                     + (": the machine was busy with other work, so the times are inflated and noisy." if busy else "."))
+        load_note = (f"1-min load average {load0:.1f} before and {load1:.1f} after the timing on "
+                     f"{os.cpu_count()} cores")
+        load_note += ": the machine was busy with other work, so the times are inflated and noisy." if busy else "."
         print(f"  {load_note}")
         for t in timings.values():
             parts = "; ".join(f"{k}: {n} x {ms:.2f} ms" for k, (n, ms) in t.parts.items())
@@ -315,19 +301,19 @@ def run(args) -> int:
         head_rows.append([f"{quantity} {num} / {den}", paper_txt, ours])
     head_header = ["ratio", "paper", "ours"]
     print()
-    print(_md_table(head_header, head_rows))
-    md += ["## Headline ratios", "", _md_table(head_header, head_rows), ""]
-    _write_csv(out / "headlines.csv", head_header, head_rows)
+    print(markdown_table(head_header, head_rows))
+    md += ["## Headline ratios", "", markdown_table(head_header, head_rows), ""]
+    write_csv(out / "headlines.csv", head_header, head_rows)
     if speed_rows:
         sp_header = ["model", "ms/img", "img/s", "how measured", "parts (per image)"]
         md += ["## CPU inference speed", "",
                f"torch.set_num_threads({args.threads}), batch {batch}, median of {repeats} after one warm-up, float32. "
-               + load_note, "", _md_table(sp_header, speed_rows), "",
+               + load_note, "", markdown_table(sp_header, speed_rows), "",
                "Composition = stem + blocks + tail timed separately (the MoE models do not fit in memory). On a CPU "
                "at small batch a MoE block is limited by reading its expert weights (one pass over all E experts "
                "per forward), so its time per image falls with the batch and grows with the number of experts; "
                "the paper's TPUv3 times are at large batch, where FLOPs dominate.", ""]
-        _write_csv(out / "speed.csv", sp_header, speed_rows)
+        write_csv(out / "speed.csv", sp_header, speed_rows)
     atomic_write_text(out / "paper.md", "\n".join(md))
     print(f"\nwrote {out / 'paper.md'}, {out / 'table8.csv'}, {out / 'headlines.csv'}"
           + (f", {out / 'speed.csv'}" if speed_rows else ""))

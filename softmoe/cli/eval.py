@@ -33,9 +33,9 @@ def _l2(v: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softmoe._device import resolve_device
     from softmoe._io import atomic_write_json
     from softmoe.data import load_dataset
-    from softmoe.eval.classify import resolve_device
     from softmoe.eval.fewshot import parse_shots
     from softmoe.eval.loading import load_checkpoint, make_prepare, resolve_data
     from softmoe.eval.run import evaluate_model
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     shots = parse_shots(args.fewshot)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, arg="--device")
     model, train_cfg = load_checkpoint(args.checkpoint)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     test = load_dataset(data, args.split, root, args.download)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from softmoe._tables import text_table
+
 MAX_PRINTED_ROWS = 16  # longer tables are summarised on screen; the CSV files hold every row
 
 
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
                    help="Soft MoE layers to draw: 'all', or indices among them (0 = first) or module names")
     p.add_argument("--seed", type=int, default=0, help="seed of the image choice")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--download", action="store_true")
     p.add_argument("--out", default="inspect", metavar="DIR", help="output directory (default: ./inspect)")
     p.set_defaults(func=run)
@@ -43,10 +45,7 @@ def _print_table(rows: list[dict], keys: list[str], sort_key: str | None = None)
         shown = sorted(rows, key=lambda r: r[sort_key], reverse=True)
         rows = shown[:MAX_PRINTED_ROWS // 2] + shown[-MAX_PRINTED_ROWS // 2:]
         print(f"  ({len(shown)} rows; the {MAX_PRINTED_ROWS // 2} highest and lowest by {sort_key}; all in the CSV)")
-    widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
-    print("  " + "  ".join(k.rjust(w) for k, w in zip(keys, widths)))
-    for r in rows:
-        print("  " + "  ".join(_fmt(r[k]).rjust(w) for k, w in zip(keys, widths)))
+    print(text_table([[_fmt(r[k]) for k in keys] for r in rows], header=keys))
 
 
 def _print_layer(s: dict) -> None:
@@ -81,8 +80,8 @@ def _print_layer(s: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from softmoe._device import resolve_device
     from softmoe.data import load_dataset
-    from softmoe.eval.classify import resolve_device
     from softmoe.eval.inspect import inspect_model
     from softmoe.eval.loading import load_checkpoint, make_prepare, resolve_data
     from softmoe.layers import moe_layers
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("images", "stats_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, arg="--device")
     model, train_cfg = load_checkpoint(args.checkpoint)
     if not any(True for _ in moe_layers(model)):
         raise ValueError(f"the model in {args.checkpoint} has no MoE layer (a dense ViT?): nothing to inspect")

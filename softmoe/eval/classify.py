@@ -8,20 +8,12 @@ The model surface used is the zoo's: `forward_features(x (B,C,H,W)) -> (B,N,D)` 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; otherwise torch.device(device)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
+from softmoe._device import resolve_device
 
 
 def _autocast(device: torch.device, bf16: bool):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from softmoe._io import atomic_write, atomic_write_text
+from softmoe._tables import text_table
 
 METRICS = "metrics.jsonl"
 
@@ -73,8 +74,8 @@ class MetricsWriter:
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    """(key, value) lines, keys left-aligned to the longest (the end-of-run summary)."""
+    return text_table(rows, align="<")
 
 
 def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, notice=print) -> list[Path]:

@@ -1,10 +1,9 @@
 """The layer benchmark's machinery on tiny shapes: the naive baseline is the same function as
 SoftMoE, the FLOP count is what the layer executes, peak memory sees known allocations, the
-command writes its tables, and `softmoe bench` discovers it."""
+command writes its tables (`softmoe bench` itself: tests/cli/test_cli_bench.py)."""
 import csv
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -12,8 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softmoe.bench.layer as bench_layer
 from softmoe import SoftMoE
-from softmoe.bench import markdown_table, peak_rss_bytes, peak_rss_supported, write_table
-from softmoe.bench.layer import NaiveSoftMoE, Shape, layer_flops
+from softmoe.bench import peak_rss_bytes, peak_rss_supported
+from softmoe.bench.layer import command, impls, memory, workers
+from softmoe.bench.layer.naive import NaiveSoftMoE
+from softmoe.bench.layer.shape import Shape, layer_flops
 
 TINY = dict(batch=2, tokens=5, dim=8, hidden=16, slots=1)
 
@@ -69,7 +70,7 @@ def test_naive_differs_without_the_scale():
 def test_naive_has_softmoe_parameter_count():
     layer = SoftMoE(8, 4, slots_per_expert=2, hidden_dim=16)
     naive = NaiveSoftMoE(8, 4, 2, 16)
-    assert bench_layer.param_count(naive) == bench_layer.param_count(layer)
+    assert impls.param_count(naive) == impls.param_count(layer)
 
 
 # -- FLOPs ------------------------------------------------------------------------------------
@@ -95,25 +96,25 @@ def test_layer_flops_is_what_the_layers_execute(P):
 
 
 # -- the implementations ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [i.name for i in bench_layer.IMPLS])
+@pytest.mark.parametrize("name", [i.name for i in impls.IMPLS])
 def test_every_implementation_builds_at_the_shape_and_trains(name):
-    impl = bench_layer._impl(name)
+    impl = impls.get_impl(name)
     if impl.module is not None and importlib.util.find_spec(impl.module) is None:
         pytest.skip(f"{name} is not installed")
     s = Shape(experts=4, **TINY)
-    model = bench_layer.build(name, s)
+    model = impls.build(name, s)
     n_expert = 2 * s.dim * s.hidden + s.hidden + s.dim
     # Same experts everywhere; the routers differ only by a few D-sized vectors.
-    assert s.experts * n_expert <= bench_layer.param_count(model) <= s.experts * n_expert + s.dim * (s.experts + 3) + 1
-    x, dy = bench_layer._inputs(s)
-    assert bench_layer._forward(model, x).shape == x.shape
-    bench_layer._train_step(model, x, dy)
+    assert s.experts * n_expert <= impls.param_count(model) <= s.experts * n_expert + s.dim * (s.experts + 3) + 1
+    x, dy = impls.make_inputs(s)
+    assert impls.forward_no_grad(model, x).shape == x.shape
+    impls.train_step(model, x, dy)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_unknown_implementation_is_a_value_error():
     with pytest.raises(ValueError, match="implementation must be one of"):
-        bench_layer.build("nope", Shape(experts=2, **TINY))
+        impls.build("nope", Shape(experts=2, **TINY))
 
 
 # -- peak memory --------------------------------------------------------------------------------
@@ -133,27 +134,17 @@ def test_peak_rss_sees_a_known_allocation():
 def test_memory_probe_counts_the_fresh_weight_grads():
     s = Shape(batch=2, tokens=5, dim=64, experts=32, slots=1, hidden=256)
     grads = 4 * 2 * s.experts * s.dim * s.hidden  # 8 MiB of w1/w2 gradients, new every step
-    mem = bench_layer.measure_memory("softmoe", s, threads=1, timeout=120)
+    mem = memory.measure_memory("softmoe", s, threads=1, timeout=120)
     assert grads - (1 << 20) <= mem["fwdbwd_peak_bytes"] <= 2 * grads
     assert mem["fwd_peak_bytes"] < grads / 4  # inference holds no grads and tiny activations
 
 
-# -- tables and the command ---------------------------------------------------------------------
-def test_write_table_atomic_markdown_and_csv(tmp_path):
-    rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": None}]
-    md, cs = write_table(str(tmp_path / "out"), "t", ["a", "b"], rows, "Title", ["note one"])
-    text = open(md).read()
-    assert text.startswith("# Title\n") and "- note one" in text and "| 2 | - |" in text
-    assert list(csv.DictReader(open(cs))) == [{"a": "1", "b": "0.123456"}, {"a": "2", "b": ""}]
-    assert sorted(os.listdir(tmp_path / "out")) == ["t.csv", "t.md"]  # no temp files left
-    assert markdown_table(["a"], [{"a": 1234.5}]).splitlines()[-1] == "| 1234 |"
-
-
+# -- the command ---------------------------------------------------------------------------
 def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench_layer, "S16", dict(TINY, batch=8))
-    monkeypatch.setattr(bench_layer, "QUICK_BATCH", 2)
-    monkeypatch.setattr(bench_layer, "QUICK_EXPERTS", (2, 4))
-    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: 10.0)  # skip the 2048^3 matmul
+    monkeypatch.setattr(command, "S16", dict(TINY, batch=8))
+    monkeypatch.setattr(command, "QUICK_BATCH", 2)
+    monkeypatch.setattr(command, "QUICK_EXPERTS", (2, 4))
+    monkeypatch.setattr(command, "matmul_gflops", lambda: 10.0)  # skip the 2048^3 matmul
     n_before = torch.get_num_threads()
     try:
         rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
@@ -163,8 +154,8 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "torch.set_num_threads(1)" in out
     rows = list(csv.DictReader(open(tmp_path / "layer.csv")))
-    impls = [i.name for i in bench_layer.available_impls()]
-    assert [(r["E"], r["implementation"]) for r in rows] == [(str(E), n) for E in (2, 4) for n in impls]
+    names = [i.name for i in impls.available_impls()]
+    assert [(r["E"], r["implementation"]) for r in rows] == [(str(E), n) for E in (2, 4) for n in names]
     fl = {E: layer_flops(Shape(experts=E, **dict(TINY, batch=2))) for E in (2, 4)}
     for r in rows:
         ms = float(r["fwdbwd_ms"])
@@ -188,32 +179,24 @@ def test_bad_arguments(argv, match, tmp_path):
 @pytest.mark.parametrize("same_process", [False, True])
 def test_time_impls_round_robin_in_workers_or_in_process(same_process):
     s = Shape(experts=2, **TINY)
-    out = bench_layer.time_impls(["softmoe", "naive-loop"], s, repeats=2, warmup=1, threads=1,
+    out = workers.time_impls(["softmoe", "naive-loop"], s, repeats=2, warmup=1, threads=1,
                                  same_process=same_process, processes=2)
     for name in ("softmoe", "naive-loop"):
         assert out[name]["fwd_s"] > 0 and out[name]["fwdbwd_s"] > 0
-        assert out[name]["params"] == bench_layer.param_count(bench_layer.build("softmoe", s))
+        assert out[name]["params"] == impls.param_count(impls.build("softmoe", s))
 
 
 def test_a_failing_worker_reports_its_error():
     s = Shape(experts=2, **TINY)
     with pytest.raises(RuntimeError, match="(?s)worker for nope failed.*implementation must be one of"):
-        bench_layer.time_impls(["softmoe", "nope"], s, repeats=1, warmup=0, threads=1)
+        workers.time_impls(["softmoe", "nope"], s, repeats=1, warmup=0, threads=1)
 
 
-def test_softmoe_bench_discovers_layer():
-    from softmoe.cli import build_parser
-    from softmoe.cli.bench import benchmark_modules
+def test_python_dash_m_runs_the_same_command():
+    import subprocess
+    import sys
 
-    assert "layer" in benchmark_modules()
-    args = build_parser().parse_args(["bench", "layer", "--quick", "--threads", "1", "--out", "x"])
-    assert args.func is bench_layer.run and args.quick and args.threads == 1 and args.out == "x"
-    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
-    assert bench_layer.__doc__.splitlines()[0][:40] in " ".join(help_text.split())
-
-
-def test_softmoe_bench_without_benchmark_prints_usage(capsys):
-    from softmoe.cli import main
-
-    assert main(["bench"]) == 2
-    assert "BENCHMARK" in capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-m", "softmoe.bench.layer", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: softmoe bench layer") and "--same-process" in done.stdout

@@ -67,6 +67,8 @@ def test_eval_workdir_uses_recorded_dataset(workdir, capsys):
     (["--checkpoint", "{ckpt}", "--data", "cifar11"], "unknown dataset 'cifar11': choose one of"),
     (["--checkpoint", "{ckpt}", "--data", "digits", "--fewshot", "1,500"], "shots=500 needs at least 500"),
     (["--checkpoint", "{ckpt}"], "--data is required"),
+    (["--checkpoint", "{ckpt}", "--data", "digits", "--device", "tpu"],
+     "--device must be 'auto' (or None), 'cpu', 'cuda', 'cuda:N' or a torch.device of type cpu/cuda, got 'tpu'"),
 ])
 def test_eval_errors(argv, message, pretrained_dir, tmp_path, capsys):
     argv = [a.format(missing=tmp_path / "nope", ckpt=pretrained_dir) for a in argv]
@@ -96,6 +98,9 @@ def test_inspect_errors(tmp_path, pretrained_dir, capsys):
     assert main(["inspect", "--checkpoint", str(pretrained_dir), "--data", "digits", "--slots", "0,9",
                  "--out", str(tmp_path / "o")]) == 2
     assert "out of range" in capsys.readouterr().err
+    assert main(["inspect", "--checkpoint", str(pretrained_dir), "--data", "digits", "--device", "cuda:x",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("softmoe inspect: error: --device must be 'auto' (or None), 'cpu'")
 
 
 def test_inspect_tokens_choice_reports_load(tmp_path, capsys):

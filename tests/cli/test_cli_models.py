@@ -32,9 +32,10 @@ def test_info_shows_blocks_and_breakdown(capsys):
     out = capsys.readouterr().out
     assert out.startswith("soft_moe_h14: 54.18B parameters, 341.4 GFLOP/img")
     assert '  num_experts: 256' in out
-    block_lines = [l for l in out.splitlines() if "dense MLP" in l or "SoftMoE(" in l]
+    block_lines = [line for line in out.splitlines() if "dense MLP" in line or "SoftMoE(" in line]
     assert len(block_lines) == 32
-    assert all("dense MLP" in l for l in block_lines[:16]) and all("num_experts=256" in l for l in block_lines[16:])
+    assert all("dense MLP" in line for line in block_lines[:16])
+    assert all("num_experts=256" in line for line in block_lines[16:])
     assert "moe_experts" in out and "moe_dispatch_combine" in out
 
 
@@ -76,6 +77,8 @@ def test_bench_paper_tables(tmp_path, capsys):
     heads = list(csv.DictReader(open(tmp_path / "headlines.csv")))
     assert heads[0] == {"ratio": "GFLOP ViT-H/14 / Soft MoE-B/16", "paper": "10.4x", "ours": "10.47x"}
     assert (tmp_path / "paper.md").read_text().startswith("# Soft MoE paper, Table 8 vs softmoe")
+    # softmoe._tables writes every CSV with "\n" line ends (csv.writer's default was "\r\n").
+    assert all("\r" not in open(tmp_path / n, newline="").read() for n in ("table8.csv", "headlines.csv"))
     assert not list(tmp_path.glob("*.tmp"))
 
 
