@@ -8,7 +8,7 @@ too large for cache: `use_kernel`), it calls `smallm.cpp` instead. That file is 
 first use with the system's C++ compiler (`$CXX`, else g++, else c++) into
 `$SOFTMOE_KERNEL_DIR` (default `~/.cache/softmoe/kernels`; a private temporary folder if that
 is not writable), once per source, compiler and torch version, and loaded with ctypes. So
-installing needs no build step, and without torch headers the build takes about 2 s. Without
+installing needs no build step, and the build (no torch headers) is short. Without
 a compiler or AVX-512 everything runs on torch ops (`status()` says why).
 
 On or off: `with use_kernels(False): ...` for a block (this thread / context only,

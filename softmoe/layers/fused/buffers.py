@@ -5,8 +5,8 @@ Why: every training step allocates new (E, D, H) weight gradients (`optimizer.ze
 sets them to None) and new activation-sized temporaries. glibc serves blocks at or above its
 mmap threshold (which grows with the largest block freed, up to 32 MiB) with a fresh mmap,
 so every step the kernel faults them in and zeroes them 4 KiB at a time. At E=128, D=384,
-H=1536 that is 147k page faults per step, 576 MiB zeroed: more time than the matmuls that
-fill those buffers. (PyTorch caches GPU memory itself; on CPU it leaves this to libc.)
+H=1536 that is 147k page faults per step, 576 MiB zeroed, which can cost more than the
+matmuls that fill those buffers (docs/benchmarks.md). (PyTorch caches GPU memory itself; on CPU it leaves this to libc.)
 
 Ownership: each layer that runs a fused path has its own pool (`pool_of(module)`), and each
 role below is written by one Function of this package. A Soft MoE layer runs its experts
@@ -172,8 +172,8 @@ def pooled_scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor
 
 # -- huge pages (opt-in) ---------------------------------------------------------------------
 # Asking for transparent huge pages cuts the fault count of a fresh buffer 512x, but with the
-# common THP setting defrag=madvise a fault may then compact memory synchronously: on our
-# benchmark machine that made some steps 2x slower instead of faster. So the advice is opt-in:
+# common THP setting defrag=madvise a fault may then compact memory synchronously, which can
+# make a step slower instead of faster. So the advice is opt-in:
 # SOFTMOE_HUGEPAGES=1. With `BufferPool` reuse it only matters for the first step.
 _HUGE_PAGE = 2 << 20
 _MADVISE_MIN_BYTES = 32 << 20
