@@ -232,3 +232,21 @@ def test_hugepage_advice_is_opt_in(monkeypatch):
         assert (experts_mod._madvise() is not None) == ("[never]" not in thp)
     finally:
         experts_mod._madvise.cache_clear()
+
+
+@pytest.mark.parametrize("cls,kwargs", [(TokensChoiceMoE, dict(k=2, capacity_factor=1.0, group_size=3)),
+                                        (ExpertsChoiceMoE, dict(capacity_factor=2.0))])
+def test_sparse_layers_fused_equal_reference_float64(cls, kwargs):
+    def make(impl="fused"):
+        return cls(6, 4, hidden_dim=5, noise_std=0.7, impl=impl, **kwargs)
+
+    layer = randomized(make().double()).train()
+    x, dy = tokens(3, 7, 6), torch.randn(3, 7, 6, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.3
+    fused = run(layer, x, mask, dy)
+    plain = run(reference_twin(make, layer), x, mask, dy)
+    for got, want in zip(fused, plain):
+        if want is None:
+            assert got is None
+        else:
+            assert_close64(got, want)
