@@ -98,8 +98,8 @@ class MoELayer(nn.Module):
     """Base of SoftMoE, TokensChoiceMoE and ExpertsChoiceMoE.
 
     After each forward:
-      - `aux_loss` holds the layer's weighted auxiliary loss (a 0-dim tensor; zero for Soft
-        MoE and Experts Choice, which need none);
+      - `aux_loss` holds the layer's weighted auxiliary loss (a 0-dim tensor; None for Soft
+        MoE and Experts Choice, which need none, and in eval mode);
       - `metrics` holds routing metrics (dict of 0-dim tensors, detached) when
         `record_metrics` is True, else it is left empty (computing them costs extra passes);
       - `routing_weights` holds the dispatch/combine weights when `record_weights` is True.
