@@ -8,13 +8,16 @@ too large for cache: `use_kernel`), it calls `smallm.cpp` instead. That file is 
 first use with the system's C++ compiler (`$CXX`, else g++, else c++) into
 `$SOFTMOE_KERNEL_DIR` (default `~/.cache/softmoe/kernels`; a private temporary folder if that
 is not writable), once per source, compiler and torch version, and loaded with ctypes. So
-installing needs no build step, and without torch headers the build takes about 2 s. Without
-a compiler or AVX-512 everything runs on torch ops (`status()` says why). `SOFTMOE_KERNELS=0`
-in the environment, or `set_enabled(False)`, turns the kernels off.
+installing needs no build step, and the build (no torch headers) is short. Without
+a compiler or AVX-512 everything runs on torch ops (`status()` says why).
+
+On or off: `with use_kernels(False): ...` for a block (this thread / context only,
+nestable); `set_enabled(flag)` for the process; the default comes from the environment
+(`SOFTMOE_KERNELS=0` turns them off).
 
 Why: the expert MLP's six batched matmuls are most of a Soft MoE layer's training step, and
-with P*B = 32 rows per expert MKL's batched GEMM runs them at 120-180 GFLOP/s on our 2-core
-machines; these kernels run the same six at 190-250 GFLOP/s (`softmoe bench layer`; README).
+with few rows per expert these kernels run them faster than MKL's batched GEMM on AVX-512
+CPUs (measured figures: docs/benchmarks.md, `softmoe bench layer`).
 
 Results agree with torch's to float32 rounding (a different summation order), not bitwise.
 Never used while tracing or compiling (`torch.compile` sees the torch ops), for tensor
@@ -22,6 +25,8 @@ subclasses, or on other devices.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -37,17 +42,16 @@ import torch
 
 from .._io import atomic_write, user_cache_dir
 
-__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "status", "set_enabled"]
+__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "use_kernels", "status", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
-# Where the kernels win, measured as whole SoftMoE training steps on 2 cores, kernels on
-# against off (a matmul timed alone in a loop keeps its weights in cache, which a training
-# step does not; README, "Expert kernels"):
-# - rows per expert up to 64: at D=384 the step is 8-20% faster with M in {32, 48, 64}, and
-#   no faster at 96 or 128, where MKL's packing pays off (the input-gradient kernel stops at 64);
-# - at least 8 MiB of weights (E*D*H*4 bytes): from 9 MiB (E=4 at D=384) up the step is
-#   5-10% faster, 37% at E=8, D=768, M=8; at 0.5-4 MiB (D=64-128) it is within 5% either way.
+# Where the kernels win, measured as whole SoftMoE training steps, kernels on against off (a
+# matmul timed alone in a loop keeps its weights in cache, which a training step does not;
+# figures in docs/benchmarks.md):
+# - up to 64 rows per expert: beyond, MKL's packing pays off (the input-gradient kernel stops
+#   at 64);
+# - at least 8 MiB of weights (E*D*H*4 bytes): below, the step is about as fast either way.
 MAX_ROWS = 64
 MIN_WEIGHT_BYTES = 8 << 20
 
@@ -56,6 +60,20 @@ _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shar
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses such as DTensor or FakeTensor
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "why": "not loaded yet", "failed": False, "enabled": None}
+_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar("softmoe_kernels", default=None)
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool):
+    """Turn the compiled kernels on (where `use_kernel` allows) or off inside the block, for
+    this thread (context) only; nestable; the previous setting comes back on exit."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
+    token = _override.set(enabled)
+    try:
+        yield
+    finally:
+        _override.reset(token)
 
 
 def set_enabled(enabled: bool) -> None:
@@ -66,6 +84,9 @@ def set_enabled(enabled: bool) -> None:
 
 
 def _enabled() -> bool:
+    override = _override.get()
+    if override is not None:
+        return override
     if _state["enabled"] is None:
         _state["enabled"] = os.environ.get("SOFTMOE_KERNELS", "1") != "0"
     return _state["enabled"]
@@ -74,7 +95,7 @@ def _enabled() -> bool:
 def status() -> str:
     """One line: whether the compiled kernels are in use, and if not, why."""
     if not _enabled():
-        return "off (SOFTMOE_KERNELS=0 or set_enabled(False))"
+        return "off (SOFTMOE_KERNELS=0, set_enabled(False) or use_kernels(False))"
     lib = _library()
     return f"on ({_state['path']})" if lib is not None else f"unavailable: {_state['why']}"
 
@@ -86,7 +107,7 @@ def use_kernel(rows: int, large_numel: int, out: torch.Tensor | None, out_shape:
     weight-gradient output), all tensors plain contiguous float32 CPU tensors outside autograd."""
     if (
         not _enabled()
-        or rows > MAX_ROWS
+        or not 1 <= rows <= MAX_ROWS
         or large_numel * 4 < MIN_WEIGHT_BYTES
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()

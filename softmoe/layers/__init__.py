@@ -1,12 +1,14 @@
-"""MoE layers: router -> dispatch -> experts -> combine, each in its own small file."""
-from .buffers import BufferPool, pooled_bytes, release_buffers, set_buffer_reuse
+"""MoE layers: router -> dispatch -> experts -> combine, each in its own small file; the
+speed paths behind one seam in `fused` (`impl="fused"` / `"reference"`)."""
+from . import fused  # first: fused.routing imports soft_moe, whose imports import fused back
 from .common import MoELayer, collect_aux_loss, collect_metrics, moe_layers, record_routing
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
+from .fused import IMPLS, BufferPool, pooled_bytes, release_buffers, set_buffer_reuse
 from .router import Gate, SoftRouter
 from .soft_moe import SoftMoE
 from .tokens_choice import TokensChoiceMoE
 
 __all__ = ["MoELayer", "Experts", "SoftRouter", "Gate", "SoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE",
-           "collect_aux_loss", "collect_metrics", "record_routing", "moe_layers", "BufferPool", "pooled_bytes",
-           "release_buffers", "set_buffer_reuse"]
+           "collect_aux_loss", "collect_metrics", "record_routing", "moe_layers", "IMPLS", "BufferPool",
+           "pooled_bytes", "release_buffers", "set_buffer_reuse"]

@@ -35,9 +35,29 @@ def check_nonneg_float(name: str, value) -> float:
     return float(value)
 
 
-def check_input(x: torch.Tensor, dim: int, mask: torch.Tensor | None, check_finite: bool = False) -> None:
-    """Validate `x` (B, N, D) and `mask` (B, N) bool; cheap metadata checks only, unless
-    `check_finite` asks for the data-dependent NaN/Inf check (a device sync)."""
+def check_finite_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def autocast_on(device_type: str) -> bool:
+    """`torch.is_autocast_enabled(device_type)`, False for device types without autocast (meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def no_autocast(device_type: str):
+    """A context that turns autocast off on `device_type` (a no-op where there is none)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def check_input(x: torch.Tensor, dim: int, mask: torch.Tensor | None, check_finite: bool = False,
+                dtype: torch.dtype | None = None) -> None:
+    """Validate `x` (B, N, D) (of the parameters' `dtype` outside autocast) and `mask`
+    (B, N) bool on x's device; cheap metadata checks only, unless `check_finite` asks for
+    the data-dependent NaN/Inf check (a device sync)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor of shape (batch, tokens, {dim}), got {type(x).__name__}")
     if x.dim() != 3:
@@ -48,12 +68,17 @@ def check_input(x: torch.Tensor, dim: int, mask: torch.Tensor | None, check_fini
         raise ValueError(f"x must have at least one token, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not autocast_on(x.device.type):
+        raise ValueError(f"x.dtype must equal the layer's parameter dtype {dtype} outside torch.autocast, "
+                         f"got {x.dtype} (convert x, or the layer with .to({x.dtype}))")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a torch.bool tensor (True = real token), got {got}")
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask must have shape (batch, tokens) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"mask must be on x's device {x.device}, got {mask.device}")
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf (check_finite=True)")
 
@@ -73,11 +98,14 @@ class MoELayer(nn.Module):
     """Base of SoftMoE, TokensChoiceMoE and ExpertsChoiceMoE.
 
     After each forward:
-      - `aux_loss` holds the layer's weighted auxiliary loss (a 0-dim tensor; zero for Soft
-        MoE and Experts Choice, which need none);
+      - `aux_loss` holds the layer's weighted auxiliary loss (a 0-dim tensor; None for Soft
+        MoE and Experts Choice, which need none, and in eval mode);
       - `metrics` holds routing metrics (dict of 0-dim tensors, detached) when
         `record_metrics` is True, else it is left empty (computing them costs extra passes);
       - `routing_weights` holds the dispatch/combine weights when `record_weights` is True.
+
+    A forward re-run by activation checkpointing (during the backward) leaves these as the
+    original forward set them. A copy (`copy.deepcopy`, pickling) keeps `aux_loss` detached.
     """
 
     def __init__(self) -> None:
@@ -89,6 +117,25 @@ class MoELayer(nn.Module):
         self.metrics: dict[str, torch.Tensor] = {}
         self.routing_weights: dict[str, torch.Tensor] = {}
 
+    def publish(self, aux_loss: torch.Tensor | None, metrics, weights) -> None:
+        """Store a forward's routing outputs: `aux_loss`, and `metrics()` / `weights()` (called
+        only when recorded). Skipped when the forward is a recompute inside a backward
+        (activation checkpointing), which would otherwise overwrite the original forward's
+        values with tensors of a graph that is about to be freed."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # inside a backward: a checkpoint recompute
+        self.aux_loss = aux_loss
+        if self.record_metrics:
+            self.metrics = metrics()
+        if self.record_weights:
+            self.routing_weights = weights()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if state.get("aux_loss") is not None:
+            state["aux_loss"] = state["aux_loss"].detach()  # a graph cannot be copied
+        return state
+
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
     for name, module in model.named_modules():
@@ -96,13 +143,17 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
             yield name, module
 
 
-def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the weighted auxiliary losses of every MoE layer's last forward (None if the
-    model has no MoE layer or none has run). Add it to the training loss."""
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the weighted auxiliary losses of every MoE layer's last forward, a 0-dim tensor
+    in routing dtype (float32, float64 for a float64 model) on the model's device; zero when
+    no layer has one (no MoE layer, none has run, Soft MoE, eval mode), so that
+    `loss = task_loss + collect_aux_loss(model)` always works. Add it to the training loss."""
     losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    p = next(model.parameters(), None)
+    dtype = torch.float32 if p is None else routing_dtype(p.dtype)
     if not losses:
-        return None
-    return torch.stack([l.float() for l in losses]).sum()
+        return torch.zeros((), dtype=dtype, device=None if p is None else p.device)
+    return torch.stack([l.to(dtype) for l in losses]).sum()
 
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Experts Choice (Zhou et al. 2022) as compared in the Soft MoE paper (SPEC.md §2; vmoe
+"""Experts Choice (Zhou et al. 2022) as compared in the Soft MoE paper (docs/design.md §2; vmoe
 `NoisyTopItemsPerExpertRouter` + `get_top_items_per_expert_dispatcher`).
 
 Einsum letters: B batch, N tokens, G sequences per group, R = B/G groups, T = G*N tokens per
@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from .common import check_positive_int
-from .sparse import SparseMoE
+from .sparse import SparseMoE, add_to_tokens, check_capacity, gather_tokens
 
 
 class ExpertsChoiceMoE(SparseMoE):
@@ -22,6 +21,7 @@ class ExpertsChoiceMoE(SparseMoE):
       capacity_factor: C = round(T * capacity_factor / E) (multiple of 1, as in the paper's
         comparison); must give 1 <= C <= T.
       capacity: give C directly instead.
+      impl: "fused" or "reference", passed on to the experts (see `Experts`).
 
     Every expert is filled with exactly C tokens; a token may be taken by several experts or
     by none (then only the residual carries it). No auxiliary loss (`aux_loss` is None).
@@ -31,12 +31,10 @@ class ExpertsChoiceMoE(SparseMoE):
 
     def __init__(self, dim: int, num_experts: int, hidden_dim: int | None = None,
                  capacity_factor: float | None = 1.0, capacity: int | None = None, group_size: int = 1,
-                 noise_std: float = 1.0, expert_init: str = "identical", check_finite: bool = False) -> None:
-        super().__init__(dim, num_experts, hidden_dim, group_size, noise_std, expert_init, check_finite)
-        if capacity is not None:
-            check_positive_int("capacity", capacity)
-        elif capacity_factor is None or not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be a number > 0 (or give capacity), got {capacity_factor!r}")
+                 noise_std: float = 1.0, expert_init: str = "identical", check_finite: bool = False,
+                 impl: str = "fused") -> None:
+        super().__init__(dim, num_experts, hidden_dim, group_size, noise_std, expert_init, check_finite, impl)
+        check_capacity(capacity, capacity_factor)
         self.capacity = capacity
         self.capacity_factor = capacity_factor
 
@@ -53,24 +51,25 @@ class ExpertsChoiceMoE(SparseMoE):
         R, T, D = xg.shape
         E = self.num_experts
         C = self.capacity_for(T)
+        # 1. gating: softmax over experts (noisy when training)
         logits, noisy, _ = self._gate_logits(xg)
         gates = torch.softmax(logits if noisy is None else noisy, dim=-1)  # (R, T, E)
+        # 2. each expert picks its top-C tokens of the group (masked tokens rank below all)
         scores = gates.transpose(1, 2)  # (R, E, T)
         if mg is not None:
             scores = scores.masked_fill(~mg.unsqueeze(1), -1.0)  # below every gate (gates >= 0)
         top_v, top_i = scores.topk(C, dim=-1)  # (R, E, C)
         weight = top_v.clamp_min(0.0)  # masked picks -> 0
-        idx = top_i.reshape(R, E * C, 1).expand(R, E * C, D)
-        buf = xg.gather(1, idx).view(R, E, C, D)
+        token = top_i.reshape(R, E * C)  # (R, E*C)
+        # 3. gather the picked tokens into the (E, C, D) expert buffers (exactly full: no drops)
+        buf = gather_tokens(xg, token).view(R, E, C, D)
+        # 4. experts, 5. weigh each output by its gate and sum into its token
         out = self._run_experts(buf) * weight.unsqueeze(-1).to(xg.dtype)  # (R, E, C, D)
-        y = out.new_zeros(R, T, D).scatter_add_(1, idx, out.reshape(R, E * C, D))
-        self.aux_loss = None
-        if self.record_metrics:
-            self.metrics = self._metrics(top_i, weight, mg, T)
-        if self.record_weights:
-            B, N = x.shape[:2]
-            self.routing_weights = {"token_index": top_i.detach(), "combine": weight.detach(),
-                                    "gates": gates.detach().reshape(B, N, E)}
+        y = add_to_tokens(out.reshape(R, E * C, D), token, T)  # (R, T, D)
+        B, N = x.shape[:2]
+        self.publish(None, lambda: self._metrics(top_i, weight, mg, T),
+                     lambda: {"token_index": top_i.detach(), "combine": weight.detach(),
+                              "gates": gates.detach().reshape(B, N, E)})
         return y.reshape(x.shape)
 
     @torch.no_grad()

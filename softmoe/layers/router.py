@@ -9,15 +9,11 @@ import math
 import torch
 from torch import nn
 
-from .common import check_positive_int, routing_dtype
+from .common import check_positive_int, no_autocast, routing_dtype
 
 # Flax's truncated-normal initialisers divide by this to keep the requested std after the
 # truncation at +-2 standard deviations.
 _TRUNC_STD_CORRECTION = 0.87962566103423978
-
-
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
@@ -61,7 +57,7 @@ class SoftRouter(nn.Module):
     def reset_parameters(self) -> None:
         if self.phi.is_meta:
             return
-        # lecun_normal with fan_in = D*E (SPEC §1), as Flax samples it.
+        # lecun_normal with fan_in = D*E (docs/design.md §1), as Flax samples it.
         std = 1.0 / math.sqrt(self.dim * self.num_experts) / _TRUNC_STD_CORRECTION
         with torch.no_grad():
             nn.init.trunc_normal_(self.phi, mean=0.0, std=std, a=-2 * std, b=2 * std)
@@ -77,7 +73,7 @@ class SoftRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = routing_dtype(x.dtype)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             return soft_logits(x.to(dtype), self.slot_weights(dtype), self.normalize)[0]  # (B, N, S)
 
 
@@ -101,5 +97,5 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = routing_dtype(x.dtype)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             return torch.matmul(x.to(dtype), self.weight.to(dtype))  # (..., E)

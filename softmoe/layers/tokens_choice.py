@@ -1,5 +1,5 @@
 """Tokens Choice: V-MoE's top-K routing with expert capacity and Batch Priority Routing
-(SPEC.md §2; vmoe `NoisyTopExpertsPerItemRouter` + `get_top_experts_per_item_dispatcher`).
+(docs/design.md §2; vmoe `NoisyTopExpertsPerItemRouter` + `get_top_experts_per_item_dispatcher`).
 
 Einsum letters: B batch, N tokens, G sequences per group, R = B/G groups, T = G*N tokens per
 group, K choices per token, D width, E experts, C capacity per expert per group, L = K*T
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import check_choice, check_nonneg_float, check_positive_int, cv_squared
-from .sparse import SparseMoE
+from .sparse import SparseMoE, add_to_tokens, check_capacity, gather_tokens
 
 
 def positions_in_expert(expert: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -64,16 +64,13 @@ class TokensChoiceMoE(SparseMoE):
                  batch_priority: bool = True, group_size: int = 1, noise_std: float = 1.0,
                  importance_loss_weight: float = 0.005, load_loss_weight: float = 0.005,
                  gshard_loss_weight: float = 0.0, expert_init: str = "identical",
-                 check_finite: bool = False) -> None:
-        super().__init__(dim, num_experts, hidden_dim, group_size, noise_std, expert_init, check_finite)
+                 check_finite: bool = False, impl: str = "fused") -> None:
+        super().__init__(dim, num_experts, hidden_dim, group_size, noise_std, expert_init, check_finite, impl)
         check_positive_int("k", k)
         if k > num_experts:
             raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
         self.k = k
-        if capacity is not None:
-            check_positive_int("capacity", capacity)
-        elif capacity_factor is None or not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be a number > 0 (or give capacity), got {capacity_factor!r}")
+        check_capacity(capacity, capacity_factor)
         self.capacity = capacity
         self.capacity_factor = capacity_factor
         if capacity_multiple_of is not None:
@@ -103,50 +100,57 @@ class TokensChoiceMoE(SparseMoE):
         R, T, D = xg.shape
         E, K = self.num_experts, self.k
         C = self.capacity_for(T)
+        # 1. gating: softmax over experts (the noisy one routes and weighs, when training)
         logits, noisy, noise_sd = self._gate_logits(xg)  # (R, T, E)
         gates_clean = torch.softmax(logits, dim=-1)
         gates = gates_clean if noisy is None else torch.softmax(noisy, dim=-1)
+        # 2. top-K and priority: L = K*T choices per group, in the order they claim capacity
+        token, expert, gate, order = self._choices_by_priority(gates, mg)  # (R, L) each; order (R, T)
+        # 3. capacity: an expert keeps its first C choices; the rest go to a drop sink
+        pos = positions_in_expert(expert, E + 1)  # (R, L)
+        keep = (pos < C) & (expert < E)
+        row = torch.where(keep, expert * C + pos, E * C)  # (R, L) buffer row; E*C is the sink
+        # 4. scatter each kept choice's token into its expert's (C, D) buffer
+        buf = add_to_tokens(gather_tokens(xg, token), row, E * C + 1)  # (R, E*C+1, D)
+        # 5. experts
+        out = self._run_experts(buf[:, : E * C].view(R, E, C, D)).reshape(R, E * C, D)
+        out = torch.cat([out, out.new_zeros(R, 1, D)], dim=1)  # (R, E*C+1, D), sink outputs 0
+        # 6. gather each choice's output, weigh it by its gate, sum into its token
+        w = (gate * keep).to(out.dtype)  # (R, L); dropped choices add nothing
+        y = add_to_tokens(gather_tokens(out, row) * w.unsqueeze(-1), token, T)  # (R, T, D)
 
+        aux_loss, losses = self._aux_losses(logits, noisy, noise_sd, gates_clean, gates, mg)
+        B, N = x.shape[:2]
+
+        def in_token_order(a):  # (R, L) in priority order -> (B, N, K)
+            return _to_token_order(a.view(R, K, T), order).reshape(B, N, K)
+
+        def weights():
+            return {"expert_index": in_token_order(expert), "position": in_token_order(pos),
+                    "kept": in_token_order(keep), "combine": in_token_order(w.detach()),
+                    "gates": gates.detach().reshape(B, N, E)}
+
+        self.publish(aux_loss, lambda: self._metrics(losses, keep, expert, mg, C), weights)
+        return y.reshape(x.shape)
+
+    def _choices_by_priority(self, gates: torch.Tensor, mg: torch.Tensor | None):
+        """The K*T choices of each group (R, L), rank-major (all first choices, then all second
+        choices...) and, within a rank, tokens by priority (Batch Priority Routing: larger top
+        gate first; else position): token index, expert (E for masked tokens: a sink bin),
+        gate value; and the priority order of the tokens (R, T)."""
+        R, T, _ = gates.shape
+        K = self.k
         top_v, top_i = gates.topk(K, dim=-1)  # (R, T, K)
         if self.batch_priority:
             order = torch.argsort(top_v[..., 0], dim=1, descending=True, stable=True)  # (R, T)
         else:
-            order = torch.arange(T, device=x.device).expand(R, T)
+            order = torch.arange(T, device=gates.device).expand(R, T)
         by_prio = order.unsqueeze(-1).expand(R, T, K)
-        expert = top_i.gather(1, by_prio).transpose(1, 2)  # (R, K, T): rank-major priority order
+        expert = top_i.gather(1, by_prio).transpose(1, 2)  # (R, K, T)
         gate = top_v.gather(1, by_prio).transpose(1, 2)  # (R, K, T)
         if mg is not None:
-            valid = mg.gather(1, order).unsqueeze(1)  # (R, 1, T)
-            expert = torch.where(valid, expert, E)  # masked tokens go to a sink bin E
-        expert = expert.reshape(R, K * T)
-        pos = positions_in_expert(expert, E + 1)  # (R, L)
-        keep = (pos < C) & (expert < E)
-        slot = torch.where(keep, expert * C + pos, E * C)  # (R, L); E*C is the drop sink
-        token = order.repeat(1, K)  # (R, L) token index of each choice
-
-        # Dispatch: each kept choice copies its token into its expert's buffer row.
-        src = xg.gather(1, token.unsqueeze(-1).expand(R, K * T, D))  # (R, L, D)
-        buf = xg.new_zeros(R, E * C + 1, D).scatter_add_(1, slot.unsqueeze(-1).expand(R, K * T, D), src)
-        out = self._run_experts(buf[:, : E * C].view(R, E, C, D)).reshape(R, E * C, D)
-        out = torch.cat([out, out.new_zeros(R, 1, D)], dim=1)  # (R, E*C+1, D)
-        # Combine: gate-weighted expert outputs back to their tokens; dropped choices add 0.
-        w = (gate.reshape(R, K * T) * keep).to(out.dtype)
-        y_choice = out.gather(1, slot.unsqueeze(-1).expand(R, K * T, D)) * w.unsqueeze(-1)
-        y = out.new_zeros(R, T, D).scatter_add_(1, token.unsqueeze(-1).expand(R, K * T, D), y_choice)
-
-        self.aux_loss, losses = self._aux_losses(logits, noisy, noise_sd, gates_clean, gates, mg)
-        if self.record_metrics:
-            self.metrics = self._metrics(losses, keep, expert, mg, C)
-        if self.record_weights:
-            B, N = x.shape[:2]
-            self.routing_weights = {
-                "expert_index": _to_token_order(expert.view(R, K, T), order).reshape(B, N, K),
-                "position": _to_token_order(pos.view(R, K, T), order).reshape(B, N, K),
-                "kept": _to_token_order(keep.view(R, K, T), order).reshape(B, N, K),
-                "combine": _to_token_order(w.detach().view(R, K, T), order).reshape(B, N, K),
-                "gates": gates.detach().reshape(B, N, E),
-            }
-        return y.reshape(x.shape)
+            expert = torch.where(mg.gather(1, order).unsqueeze(1), expert, self.num_experts)
+        return order.repeat(1, K), expert.reshape(R, K * T), gate.reshape(R, K * T), order
 
     def _aux_losses(self, logits, noisy, noise_sd, gates_clean, gates, mg):
         """Per-group V-MoE auxiliary losses (each (R,)), their weighted sum averaged over
@@ -184,7 +188,7 @@ class TokensChoiceMoE(SparseMoE):
         out = {k: v.detach() for k, v in losses.items()}
         out["dropped_choices_fraction"] = 1.0 - keep.sum() / n_valid
         out["tokens_unprocessed_fraction"] = ((kept_per_token == 0) & tok_valid).sum() / tok_valid.sum().clamp_min(1)
-        out["capacity"] = torch.tensor(float(C))
+        out["capacity"] = torch.tensor(float(C), device=keep.device)
         return out
 
 

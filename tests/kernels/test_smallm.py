@@ -127,6 +127,36 @@ def test_set_enabled_validates_and_switches(monkeypatch):
     assert not K.use_kernel(1, 1 << 30, None, (1, 1, 1), torch.empty(1, 1, 1), torch.empty(1, 1, 1))
 
 
+def test_use_kernels_is_scoped_nestable_and_thread_local(monkeypatch):
+    import threading
+
+    monkeypatch.setitem(K._state, "enabled", True)
+    with pytest.raises(ValueError, match="enabled must be a bool"):
+        with K.use_kernels("no"):
+            pass
+    seen = {}
+    with K.use_kernels(False):
+        assert K.status().startswith("off")
+        with K.use_kernels(True):
+            assert K._enabled()
+        assert not K._enabled()  # the inner block restored the outer setting
+        t = threading.Thread(target=lambda: seen.setdefault("other", K._enabled()))
+        t.start()
+        t.join()
+    assert seen["other"] is True  # another thread keeps the process setting
+    assert K._enabled()
+    K.set_enabled(False)
+    with K.use_kernels(True):
+        assert K._enabled()  # the block wins over the process setting
+    assert not K._enabled()
+
+
+def test_no_kernel_for_empty_inputs(always):
+    a, b = torch.randn(4, 0, 64), torch.randn(4, 64, 32)
+    assert not K.use_kernel(0, b.numel(), None, (4, 0, 32), a, b)
+    assert K.bmm_nn(a, b).shape == (4, 0, 32) and K.bmm_tn(a, torch.randn(4, 0, 32)).abs().sum() == 0
+
+
 @needs_kernels
 @pytest.mark.parametrize("mask", [False, True])
 def test_soft_moe_step_with_and_without_kernels(always, mask):
@@ -141,14 +171,14 @@ def test_soft_moe_step_with_and_without_kernels(always, mask):
     dy = torch.randn(5, 11, 48)
     results = []
     for enabled in (True, False):
-        K._state["enabled"] = enabled
-        for _ in range(2):  # the second step reuses the pooled buffers
-            layer.zero_grad(set_to_none=True)
-            x = x0.clone().requires_grad_()
-            y = layer(x, m)
-            y.backward(dy)
-        with torch.no_grad():
-            y_eval = layer(x0, m)
+        with K.use_kernels(enabled):
+            for _ in range(2):  # the second step reuses the pooled buffers
+                layer.zero_grad(set_to_none=True)
+                x = x0.clone().requires_grad_()
+                y = layer(x, m)
+                y.backward(dy)
+            with torch.no_grad():
+                y_eval = layer(x0, m)
         results.append([y.detach(), y_eval, x.grad] + [p.grad.clone() for p in layer.parameters()])
     for got, want in zip(*results):
         assert rel_err(got, want.double()) < 1e-5  # float32 routing on top: a few ulp more
@@ -187,11 +217,11 @@ def test_environment_switch_turns_kernels_off():
 @pytest.mark.parametrize("group_bytes", [None, 2 * 7 * 40 * 4])  # all experts at once; 2 at a time (last 1)
 def test_expert_inference_in_groups(always, group_bytes, monkeypatch):
     """The no-graph forward writes each group's output into slices of one buffer."""
-    import softmoe.layers.experts as experts_layer
+    import softmoe.layers.fused.experts as fused_experts
     from softmoe.layers.experts import Experts
 
     if group_bytes is not None:
-        monkeypatch.setattr(experts_layer, "_INFERENCE_HIDDEN_BYTES", group_bytes)
+        monkeypatch.setattr(fused_experts, "INFERENCE_HIDDEN_BYTES", group_bytes)
     ex = Experts(5, 24, 40, expert_init="distinct")
     x = torch.randn(5, 7, 24)
     with torch.no_grad():
@@ -212,11 +242,11 @@ def test_tokens_choice_step_with_and_without_kernels(always):
     x0, dy = torch.randn(3, 10, 32), torch.randn(3, 10, 32)
     results = []
     for enabled in (True, False):
-        K._state["enabled"] = enabled
         layer.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         torch.manual_seed(5)  # the same gate noise in both runs
-        layer(x).backward(dy)
+        with K.use_kernels(enabled):
+            layer(x).backward(dy)
         results.append([x.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
     for got, want in zip(*results):
         assert rel_err(got, want.double()) < 1e-5

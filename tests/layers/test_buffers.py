@@ -8,19 +8,19 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from softmoe import SoftMoE, release_buffers
-from softmoe.layers.buffers import BufferPool, pooled_bytes, set_buffer_reuse
+from softmoe import SoftMoE, TokensChoiceMoE, release_buffers
+from softmoe.layers.fused.buffers import BufferPool, pool_of, pooled_bytes, set_buffer_reuse
 
 D, E, P, H = 8, 4, 2, 16
 
 
-def make(dtype=torch.float64, pool=True, seed=0):
+def make(dtype=torch.float64, pool=True, seed=0, impl="fused"):
     torch.manual_seed(seed)
-    layer = SoftMoE(D, E, slots_per_expert=P, hidden_dim=H, expert_init="distinct").to(dtype)
+    layer = SoftMoE(D, E, slots_per_expert=P, hidden_dim=H, expert_init="distinct", impl=impl).to(dtype)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    layer.buffer_pool.enabled = pool
+    set_buffer_reuse(layer, pool)
     return layer
 
 
@@ -79,9 +79,8 @@ def test_unusual_graphs_match_plain_autograd(case):
     """Orders in which buffers are still in use when asked for again: each must give plain
     autograd's gradients (float64, 1e-12)."""
     results = []
-    for fused in (True, False):
-        layer = make()
-        layer.fused = layer.experts.fused = fused
+    for impl in ("fused", "reference"):
+        layer = make(impl=impl)
         (x1, d1), (x2, d2) = data(0), data(1)
         x1, x2 = x1.requires_grad_(), x2.requires_grad_()
         if case == "accumulate":  # two steps, grads summed (zero_grad(set_to_none=False) style)
@@ -131,9 +130,11 @@ def test_retained_roles_and_release():
     layer = make(torch.float32)
     step(layer, *data(0, dtype=torch.float32))
     layer.zero_grad(set_to_none=True)
-    # What a layer keeps between steps (each role is justified in the layers' docstrings);
-    # a new role must be added here deliberately. dx lives in the "h" buffer.
-    assert set(layer.buffer_pool._storages) == {"w1_grad", "w2_grad", "h", "slots", "y", "g_ys"}
+    # What a layer keeps between steps (each role is justified in softmoe/layers/fused/buffers.py);
+    # a new role must be added here deliberately. dx lives in the "h" buffer. One pool, the
+    # layer's own: its experts run with it and have none of their own.
+    assert set(pool_of(layer)._storages) == {"w1_grad", "w2_grad", "h", "a", "slots", "y", "g_ys"}
+    assert pool_of(layer.experts)._storages == {}
     grads = 2 * E * D * H * 4
     held = pooled_bytes(layer)
     assert held >= grads
@@ -145,20 +146,28 @@ def test_retained_roles_and_release():
 def test_disabled_pool_keeps_nothing():
     layer = make(torch.float32, pool=False)
     step(layer, *data(0, dtype=torch.float32))
-    assert layer.buffer_pool._storages == {} and pooled_bytes(layer) == 0
+    assert pool_of(layer)._storages == {} and pooled_bytes(layer) == 0
+
+
+def test_sparse_layers_experts_use_their_own_pool():
+    layer = TokensChoiceMoE(D, E, hidden_dim=H)
+    layer(torch.randn(2, 5, D)).sum().backward()
+    layer.zero_grad(set_to_none=True)
+    assert set(pool_of(layer.experts)._storages) == {"w1_grad", "w2_grad", "h", "a"}
+    assert pool_of(layer)._storages == {}  # the routing keeps nothing
+    assert release_buffers(layer) > 0 and pooled_bytes(layer) == 0
 
 
 def test_copies_get_their_own_empty_pool():
     layer = make()
     step(layer, *data(0))
     twin = copy.deepcopy(layer)
-    assert twin.buffer_pool is not layer.buffer_pool
-    assert twin.buffer_pool is twin.experts.buffer_pool and twin.buffer_pool._storages == {}
+    assert pool_of(twin) is not pool_of(layer) and pool_of(twin)._storages == {}
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
-    assert loaded.buffer_pool._storages == {}
+    assert pool_of(loaded)._storages == {}
     x, dy = data(1)
     for a, b in zip(step(twin, x, dy)[2].values(), step(layer, x, dy)[2].values()):
         assert torch.equal(a, b)
@@ -192,12 +201,19 @@ def test_inference_keeps_nothing():
         layer(x)
     layer.requires_grad_(False)
     layer(x)  # grad mode on, but nothing to differentiate: no training step either
-    assert layer.buffer_pool._storages == {}
+    assert pool_of(layer)._storages == {}
 
 
 def test_set_buffer_reuse_switches_every_pool_of_a_model():
     model = torch.nn.Sequential(make(torch.float32, seed=0), make(torch.float32, seed=1))
+    with pytest.raises(ValueError, match="enabled must be a bool"):
+        set_buffer_reuse(model, "no")
+    fresh = torch.nn.Sequential(make(torch.float32, seed=0))
+    set_buffer_reuse(fresh, False)  # before any step: holds for the pools made later
     x, dy = data(0, dtype=torch.float32)
+    fresh(x).backward(dy)
+    fresh.zero_grad(set_to_none=True)
+    assert pooled_bytes(fresh) == 0
     model(x.requires_grad_()).backward(dy)
     model.zero_grad(set_to_none=True)
     assert pooled_bytes(model) > 0

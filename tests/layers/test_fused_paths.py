@@ -1,15 +1,16 @@
-"""The fast paths (`_FusedSoftRouting`, `_ExpertsMLP`, hand-written backwards) compute the same
-function and gradients as plain autograd (`fused = False`), in float64 at 1e-12."""
+"""The fast paths (impl="fused": `FusedSoftRouting`, `ExpertsMLP`, hand-written backwards)
+compute the same function and gradients as plain autograd (impl="reference"), in float64 at
+1e-12."""
 import math
 
 import pytest
 import torch
 
-import softmoe.layers.buffers as experts_mod
-import softmoe.layers.experts as experts_layer
-from softmoe import SoftMoE
-from softmoe.layers.buffers import fresh_buffer
+import softmoe.layers.fused.buffers as experts_mod
+import softmoe.layers.fused.experts as experts_layer
+from softmoe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.layers.experts import Experts
+from softmoe.layers.fused.buffers import fresh_buffer
 
 
 def randomized(layer, seed=0):
@@ -26,9 +27,11 @@ def tokens(B, N, D, seed=1):
     return x * torch.exp(torch.empty(B, N, 1, dtype=torch.float64).uniform_(math.log(0.1), math.log(10), generator=g))
 
 
-def set_fused(layer, fused):
-    layer.fused = fused
-    layer.experts.fused = fused
+def reference_twin(make, layer):
+    """`make(impl="reference")` with `layer`'s weights, dtype and mode."""
+    twin = make(impl="reference").to(next(layer.parameters()).dtype).train(layer.training)
+    twin.load_state_dict(layer.state_dict())
+    return twin
 
 
 def run(layer, x, mask, dy):
@@ -61,7 +64,10 @@ def grad_fn_names(t):
 @pytest.mark.parametrize("masking", ["none", "partial", "one_sequence_all_masked"])
 @pytest.mark.parametrize("noise", [0.0, 0.7])
 def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
-    layer = randomized(SoftMoE(6, 4, slots_per_expert=P, hidden_dim=5, normalize=normalize, noise_std=noise).double())
+    def make(impl="fused"):
+        return SoftMoE(6, 4, slots_per_expert=P, hidden_dim=5, normalize=normalize, noise_std=noise, impl=impl)
+
+    layer = randomized(make().double())
     with torch.no_grad():
         layer.router.scale.fill_(2.5)
     layer.train(noise > 0)
@@ -73,23 +79,43 @@ def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
             mask[1] = False
     dy = torch.randn(3, 7, 6, dtype=torch.float64)
     fused = run(layer, x, mask, dy)
-    assert "_FusedSoftRoutingBackward" in grad_fn_names(layer(x.clone().requires_grad_(), mask))
-    set_fused(layer, False)
-    plain = run(layer, x, mask, dy)
+    assert "FusedSoftRoutingBackward" in grad_fn_names(layer(x.clone().requires_grad_(), mask))
+    twin = reference_twin(make, layer)
+    plain = run(twin, x, mask, dy)
+    assert not grad_fn_names(twin(x.clone().requires_grad_(), mask)) & {"FusedSoftRoutingBackward", "ExpertsMLPBackward"}
     for got, want in zip(fused, plain):
         assert torch.isfinite(got).all()
         assert_close64(got, want)
 
 
+FUSED_NODES = {"FusedSoftRoutingBackward", "FusedCombineBackward", "ExpertsMLPBackward"}
+
+
 def test_plain_autograd_path_where_fusion_does_not_apply():
     x = tokens(2, 6, 6).float().requires_grad_()
     layer = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5)
-    assert "_FusedSoftRoutingBackward" in grad_fn_names(layer(x))
+    assert grad_fn_names(layer(x)) >= FUSED_NODES
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        names = grad_fn_names(layer(x))
-    assert "_FusedSoftRoutingBackward" not in names and "_ExpertsMLPBackward" not in names
+        assert not grad_fn_names(layer(x)) & FUSED_NODES
     ablation = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5, dispatch="uniform")
-    assert "_FusedSoftRoutingBackward" not in grad_fn_names(ablation(x))
+    names = grad_fn_names(ablation(x))
+    assert "ExpertsMLPBackward" in names and not names & {"FusedSoftRoutingBackward", "FusedCombineBackward"}
+    assert not grad_fn_names(SoftMoE(6, 3, hidden_dim=5, impl="reference")(x)) & FUSED_NODES
+    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5), ExpertsChoiceMoE(6, 3, hidden_dim=5)):
+        assert "ExpertsMLPBackward" in grad_fn_names(sparse(x))
+    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5, impl="reference"), ExpertsChoiceMoE(6, 3, hidden_dim=5, impl="reference")):
+        assert sparse.experts.impl == "reference" and "ExpertsMLPBackward" not in grad_fn_names(sparse(x))
+
+
+def test_impl_is_validated_and_shown():
+    for cls in (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE):
+        with pytest.raises(ValueError, match=r"impl must be one of \['fused', 'reference'\], got 'fast'"):
+            cls(6, 3, impl="fast")
+        layer = cls(6, 3, impl="reference")
+        assert "impl='reference'" in repr(layer) and "impl='reference'" in repr(layer.experts)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Experts(3, 4, 6, impl=None)
+    assert "impl='fused'" in repr(SoftMoE(6, 3))
 
 
 @pytest.mark.parametrize("frozen", [(), ("x",), ("w1", "b1"), ("w2", "b2", "x")])
@@ -98,8 +124,7 @@ def test_experts_fused_equals_autograd_float64(frozen):
     x = 3 * torch.randn(3, 5, 4, dtype=torch.float64)  # large pre-activations: all of the GELU curve
     dy = torch.randn(3, 5, 4, dtype=torch.float64)
     results = []
-    for fused in (True, False):
-        ex.fused = fused
+    for ex in (ex, reference_twin(lambda impl: Experts(3, 4, 6, expert_init="distinct", impl=impl), ex)):
         ex.zero_grad(set_to_none=True)
         for name, p in ex.named_parameters():
             p.requires_grad_(name not in frozen)
@@ -114,13 +139,13 @@ def test_experts_fused_equals_autograd_float64(frozen):
             assert_close64(got, want)
 
 
-def test_double_backward_needs_fused_false():
+def test_double_backward_needs_the_reference_impl():
     layer = randomized(SoftMoE(4, 2, hidden_dim=3).double())
     x = tokens(1, 3, 4).requires_grad_()
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
-    set_fused(layer, False)
+    layer = reference_twin(lambda impl: SoftMoE(4, 2, hidden_dim=3, impl=impl), layer)
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     g.sum().backward()  # plain autograd: second order works
     assert torch.isfinite(x.grad).all()
@@ -157,9 +182,9 @@ def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     assert {ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()} <= set(made)
 
 
-def test_experts_retain_graph_second_backward_recomputes():
-    # The fused backward frees the hidden activation early; a second backward through the
-    # same graph recomputes it and must give the same gradients.
+def test_experts_retain_graph_second_backward_works():
+    # The fused backward writes dL/dh over the saved h only when the graph is not retained;
+    # a second backward through a retained graph reads the intact h: the same gradients.
     ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
     x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     y = ex(x)
@@ -176,7 +201,7 @@ def test_experts_inference_forward_equals_training_forward(group_bytes, monkeypa
     # Without a graph the GELU runs in place, a group of experts at a time: the same numbers (bit
     # for bit in one group; in several, BLAS may round a batch of different size differently).
     if group_bytes is not None:
-        monkeypatch.setattr(experts_layer, "_INFERENCE_HIDDEN_BYTES", group_bytes)
+        monkeypatch.setattr(experts_layer, "INFERENCE_HIDDEN_BYTES", group_bytes)
     ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     with torch.no_grad():
@@ -207,3 +232,21 @@ def test_hugepage_advice_is_opt_in(monkeypatch):
         assert (experts_mod._madvise() is not None) == ("[never]" not in thp)
     finally:
         experts_mod._madvise.cache_clear()
+
+
+@pytest.mark.parametrize("cls,kwargs", [(TokensChoiceMoE, dict(k=2, capacity_factor=1.0, group_size=3)),
+                                        (ExpertsChoiceMoE, dict(capacity_factor=2.0))])
+def test_sparse_layers_fused_equal_reference_float64(cls, kwargs):
+    def make(impl="fused"):
+        return cls(6, 4, hidden_dim=5, noise_std=0.7, impl=impl, **kwargs)
+
+    layer = randomized(make().double()).train()
+    x, dy = tokens(3, 7, 6), torch.randn(3, 7, 6, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.3
+    fused = run(layer, x, mask, dy)
+    plain = run(reference_twin(make, layer), x, mask, dy)
+    for got, want in zip(fused, plain):
+        if want is None:
+            assert got is None
+        else:
+            assert_close64(got, want)

@@ -310,7 +310,8 @@ def test_collect_aux_loss_over_several_layers():
     torch.manual_seed(0)
     model = nn.Sequential(TokensChoiceMoE(6, 4, hidden_dim=8), SoftMoE(6, 4, hidden_dim=8),
                           TokensChoiceMoE(6, 4, hidden_dim=8, k=2, gshard_loss_weight=0.1)).train()
-    assert collect_aux_loss(model) is None  # nothing has run yet
+    zero = collect_aux_loss(model)  # nothing has run yet: a zero that adds to any loss
+    assert zero.shape == () and zero.dtype == torch.float32 and zero.item() == 0 and not zero.requires_grad
     with record_routing(model) as layers:
         assert len(layers) == 3 and all(m.record_metrics for m in layers)
         y = model(torch.randn(2, 5, 6))
@@ -323,7 +324,12 @@ def test_collect_aux_loss_over_several_layers():
     metrics = collect_metrics(model)
     assert {"0/importance_loss", "0/load_loss", "2/gshard_loss", "1/combine_weights_min_mean"} <= set(metrics)
     assert metrics["0/importance_loss"] == model[0].metrics["importance_loss"].item()
-    assert collect_aux_loss(nn.Linear(2, 2)) is None
+    assert collect_aux_loss(nn.Linear(2, 2).double()).dtype == torch.float64  # the model's (routing) dtype
+    assert collect_aux_loss(nn.Linear(2, 2).to("meta")).device.type == "meta"  # and device
+    model.eval()
+    model(torch.randn(2, 5, 6))
+    loss = torch.tensor(1.5) + collect_aux_loss(model)  # the README's line, in eval mode (no aux loss)
+    assert loss.item() == 1.5
 
 
 # -- gradients ------------------------------------------------------------------------------

@@ -5,8 +5,25 @@ Why: every training step allocates new (E, D, H) weight gradients (`optimizer.ze
 sets them to None) and new activation-sized temporaries. glibc serves blocks at or above its
 mmap threshold (which grows with the largest block freed, up to 32 MiB) with a fresh mmap,
 so every step the kernel faults them in and zeroes them 4 KiB at a time. At E=128, D=384,
-H=1536 that is 147k page faults per step, 576 MiB zeroed: more time than the matmuls that
-fill those buffers. (PyTorch caches GPU memory itself; on CPU it leaves this to libc.)
+H=1536 that is 147k page faults per step, 576 MiB zeroed, which can cost more than the
+matmuls that fill those buffers (docs/benchmarks.md). (PyTorch caches GPU memory itself; on CPU it leaves this to libc.)
+
+Ownership: each layer that runs a fused path has its own pool (`pool_of(module)`), and each
+role below is written by one Function of this package. A Soft MoE layer runs its experts
+with its own pool, so that its routing backward may borrow the experts' dead hidden buffer;
+a standalone `Experts` (or the experts of Tokens/Experts Choice) uses its own.
+
+    role      shape       written by (file)                     borrowed as scratch by
+    slots     (E, P*B, D) _FusedSoftRouting.forward (routing)   its backward: dL/dlogits
+    y         (B, N, D)   _FusedCombine.forward (routing)       -
+    g_ys      (E, P*B, D) _FusedCombine.backward (routing)      routing backward: a temporary
+    h         (E, M, H)   _ExpertsMLP.forward (experts);        routing backward: dL/dx
+                          its backward writes dL/dh over h
+    a         (E, M, H)   _ExpertsMLP.forward: gelu(h)          -
+    w2_grad   (E, H, D)   _ExpertsMLP.backward                  -
+    w1_grad   (E, D, H)   _ExpertsMLP.backward                  its backward: dL/da (dead
+                                                                before dL/dw1 is written)
+    dx        (B, N, D)   routing backward, when "h" is too small to hold dL/dx
 """
 from __future__ import annotations
 
@@ -41,9 +58,8 @@ class BufferPool:
     `enabled = False` turns reuse off.
 
     Returned tensors are ordinary tensors; autograd adopts a returned gradient as `.grad`
-    without a copy, exactly as it would a fresh one. Thread-safe. Not used while compiling
-    (callers pass no pool under `torch.compile`), nor for non-CPU devices, whose caching
-    allocators already reuse memory.
+    without a copy, exactly as it would a fresh one. Thread-safe. Not used for non-CPU
+    devices, whose caching allocators already reuse memory.
     """
 
     def __init__(self) -> None:
@@ -103,35 +119,21 @@ class BufferPool:
                        if _storage_use_count is not None and _storage_use_count(st._cdata) == 1)
 
 
-def records_graph(x: torch.Tensor, module: torch.nn.Module) -> bool:
-    """Whether a forward of `module` on `x` now records an autograd graph (a training step)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def step_pool(pool: BufferPool, train: bool) -> BufferPool | None:
-    """`pool` for a training step, else None: inference keeps nothing between calls, and
-    compiled graphs hold no Python state."""
-    return pool if train and not torch.compiler.is_compiling() else None
-
-
-def pooled_empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
-    """`pool.empty(role, shape, like)`, or a fresh buffer without a pool."""
-    return fresh_buffer(shape, like) if pool is None else pool.empty(role, shape, like)
-
-
-def pooled_scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
-    """`pool.scratch(role, shape, like)`, or None without a pool (ops given `out=None` allocate)."""
-    return None if pool is None else pool.scratch(role, shape, like)
+def pool_of(module: torch.nn.Module) -> BufferPool:
+    """`module`'s own pool, created on first use: the fused path keeps its buffers on the
+    module it runs for (attribute `buffer_pool`), and no module uses another's."""
+    pool = module.__dict__.get("buffer_pool")
+    if pool is None:
+        pool = module.__dict__.setdefault("buffer_pool", BufferPool())  # setdefault: one winner
+    return pool
 
 
 def buffer_pools(model: torch.nn.Module):
-    """Every `BufferPool` in `model` (modules with a `buffer_pool` attribute), each once."""
-    seen = set()
+    """The pool of every module of `model` that has an `impl` (the layers with a fused path),
+    created where missing so that a switch made before the first step holds."""
     for module in model.modules():
-        pool = getattr(module, "buffer_pool", None)
-        if isinstance(pool, BufferPool) and id(pool) not in seen:
-            seen.add(id(pool))
-            yield pool
+        if hasattr(module, "impl"):
+            yield pool_of(module)
 
 
 def pooled_bytes(model: torch.nn.Module) -> int:
@@ -141,6 +143,8 @@ def pooled_bytes(model: torch.nn.Module) -> int:
 
 def set_buffer_reuse(model: torch.nn.Module, enabled: bool) -> None:
     """Turn buffer reuse on or off in every pool of `model` (off also releases the buffers)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
     for pool in buffer_pools(model):
         pool.enabled = enabled and _storage_use_count is not None
         if not enabled:
@@ -156,10 +160,20 @@ def release_buffers(model: torch.nn.Module) -> int:
     return freed
 
 
+def pooled_empty(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """`pool.empty(role, shape, like)`, or a fresh buffer without a pool."""
+    return fresh_buffer(shape, like) if pool is None else pool.empty(role, shape, like)
+
+
+def pooled_scratch(pool: BufferPool | None, role: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+    """`pool.scratch(role, shape, like)`, or None without a pool (ops given `out=None` allocate)."""
+    return None if pool is None else pool.scratch(role, shape, like)
+
+
 # -- huge pages (opt-in) ---------------------------------------------------------------------
 # Asking for transparent huge pages cuts the fault count of a fresh buffer 512x, but with the
-# common THP setting defrag=madvise a fault may then compact memory synchronously: on our
-# benchmark machine that made some steps 2x slower instead of faster. So the advice is opt-in:
+# common THP setting defrag=madvise a fault may then compact memory synchronously, which can
+# make a step slower instead of faster. So the advice is opt-in:
 # SOFTMOE_HUGEPAGES=1. With `BufferPool` reuse it only matters for the first step.
 _HUGE_PAGE = 2 << 20
 _MADVISE_MIN_BYTES = 32 << 20

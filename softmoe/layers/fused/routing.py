@@ -1,0 +1,134 @@
+"""Soft MoE's fused routing and combine: the same numbers as the separable steps of
+softmoe/layers/soft_moe.py (bit for bit in the forward), as two autograd nodes with
+hand-written backwards that keep less and reuse buffers.
+
+Einsum letters: B batch, N tokens, D width, E experts, P slots per expert, S = E*P slots.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import soft_moe as reference  # the separable steps this file computes in one node each
+from ..router import soft_logits
+from .buffers import BufferPool, pooled_empty, pooled_scratch
+
+
+class FusedSoftRouting(torch.autograd.Function):
+    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P, pool) -> slots (E, P*B, D),
+    dispatch (B, N, S) (for metrics only, not differentiable), combine (B, N, S).
+
+    The forward computes exactly `soft_logits` + `soft_dispatch` / `soft_combine` +
+    `dispatch_tokens`, writing the slots straight into slot-major layout. The backward,
+    written out by hand, differs from what autograd would record in what it keeps and how
+    many passes it makes over (B, N, D) tensors:
+      - it saves only x, w, the clean logits, r, and the two weight tensors (no normalised
+        copy of x, no squared x);
+      - the three contributions to dx (through the dispatch, the logits and the
+        normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
+      - both softmax backwards accumulate in place into one (B, N, S) buffer.
+    Buffers, from the layer's `BufferPool` (None: all fresh): the slots (role "slots"); in
+    the backward, dL/dx in the experts' dead "h" buffer when it fits (else role "dx"), and
+    dL/dlogits and one (B, N, S) temporary as scratch in the then dead "slots" and "g_ys"
+    buffers.
+    Gradients (g = dL/dlogits, over the noisy softmax inputs):
+      g      = Dw * (gDw - sum_n Dw*gDw) + Cw * (gCw - sum_s Cw*gCw)
+      dx     = Dw gXs + (g r) w^T - r^2 * sum_s(g * logits) * x      (logits = r * x w)
+      dw     = x^T (g r)
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, mask, noise, normalize, E, P, pool):
+        B, _, D = x.shape
+        logits, r = soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
+        noisy = logits if noise is None else logits + noise
+        m = None if mask is None else mask.unsqueeze(-1)  # (B, N, 1)
+        dispatch = reference.soft_dispatch(noisy, m)  # (B, N, S)
+        combine = reference.soft_combine(noisy, m)  # (B, N, S)
+        slots = bmm_slot_major(dispatch.transpose(1, 2), x, pooled_empty(pool, "slots", (E, P * B, D), x))
+        ctx.save_for_backward(x, w, logits, r, dispatch, combine)
+        ctx.pool = pool
+        ctx.mark_non_differentiable(dispatch)
+        ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, not zeros
+        return slots, dispatch, combine
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_slots, g_dispatch, g_combine):
+        x, w, logits, r, dispatch, combine = ctx.saved_tensors
+        B, N, D = x.shape
+        S = w.shape[1]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        pool = ctx.pool
+        # dL/dlogits (B, N, S), accumulated in place, and a buffer for products that are summed
+        # at once: scratch in the slots' and dL/dys' buffers, both dead by now.
+        g = pooled_scratch(pool, "slots", (B, N, S), x)
+        tmp = pooled_scratch(pool, "g_ys", (B, N, S), x)
+        dx = None
+        if g_slots is not None:
+            g_xs = reference.slot_view(g_slots, B, S)  # (B, S, D)
+            g = torch.bmm(x, g_xs.transpose(1, 2), out=g)  # (B, N, S) dL/dDw
+            g.sub_(torch.mul(dispatch, g, out=tmp).sum(1, keepdim=True)).mul_(dispatch)  # softmax over N
+            if need_x:
+                dx = torch.bmm(dispatch, g_xs, out=_dx_buffer(pool, x))  # (B, N, D)
+        if g_combine is not None:  # through the softmax over S
+            s_c = torch.mul(combine, g_combine, out=tmp).sum(-1, keepdim=True)  # (B, N, 1)
+            g = torch.mul(combine, g_combine, out=g) if g_slots is None else g.addcmul_(combine, g_combine)
+            g.addcmul_(combine, s_c, value=-1.0)
+        elif g_slots is None:
+            return None, None, None, None, None, None, None, None
+        if r is not None:
+            g.mul_(r)  # dL/d(x w)
+        # dw (D, S) as the transpose of g^T x: MKL computes that orientation faster here
+        dw = torch.mm(g.reshape(B * N, S).t(), x.reshape(B * N, D)).t() if need_w else None
+        if need_x:
+            if dx is None:
+                dx = torch.mm(g.reshape(B * N, S), w.t()).view(B, N, D)
+            else:
+                dx.view(B * N, D).addmm_(g.reshape(B * N, S), w.t())
+            if r is not None:  # through r: r^2 sum_s(dL/dlogits * logits) = r sum_s(dL/d(x w) * logits)
+                dx.addcmul_(x, torch.mul(g, logits, out=tmp).sum(-1, keepdim=True) * r, value=-1.0)
+        return dx, dw, None, None, None, None, None, None
+
+
+class FusedCombine(torch.autograd.Function):
+    """(ys (E, P*B, D), combine (B, N, S), pool) -> y (B, N, D) = combine ys per sequence.
+
+    Exactly `combine_slots`, but y and dL/dys (which the expert backward reads in place)
+    come from the layer's `BufferPool` (roles "y", "g_ys"; None: fresh), and dL/dys is
+    written straight into slot-major layout.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, combine, pool):
+        B, N, S = combine.shape
+        y = torch.bmm(combine, reference.slot_view(ys, B, S), out=pooled_empty(pool, "y", (B, N, ys.shape[2]), ys))
+        ctx.save_for_backward(ys, combine)
+        ctx.pool = pool
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        ys, combine = ctx.saved_tensors
+        B, _, S = combine.shape
+        g_ys = g_combine = None
+        if ctx.needs_input_grad[0]:
+            g_ys = bmm_slot_major(combine.transpose(1, 2), gy, pooled_empty(ctx.pool, "g_ys", ys.shape, ys))
+        if ctx.needs_input_grad[1]:
+            g_combine = torch.bmm(gy, reference.slot_view(ys, B, S).transpose(1, 2))  # (B, N, S)
+        return g_ys, g_combine, None
+
+
+def bmm_slot_major(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`a @ b` (B, S, D) per sequence written into slot-major `out` (E, P*B, D), returned."""
+    torch.bmm(a, b, out=reference.slot_view(out, a.shape[0], a.shape[1]))
+    return out
+
+
+def _dx_buffer(pool: BufferPool | None, x: torch.Tensor) -> torch.Tensor:
+    """dL/dx's buffer: when it fits, the experts' "h" buffer, dead by the time the routing
+    backward runs (and in use again only at the next forward, when dL/dx has normally been
+    consumed; if not, that forward allocates a new h): no buffer kept for dx alone."""
+    dx = pooled_scratch(pool, "h", x.shape, x)
+    return dx if dx is not None else pooled_empty(pool, "dx", x.shape, x)
