@@ -23,7 +23,7 @@ def probe(name: str, s: Shape, threads: int) -> dict:
     that softmoe's `BufferPool`s keep from the warm-up are resident before the measured pass,
     so they are added back: the figure is what the pass needs on top of the model and its
     inputs, retained buffers included."""
-    from softmoe.layers.buffers import pooled_bytes
+    from softmoe.layers import pooled_bytes
 
     torch.set_num_threads(threads)
     model = build(name, s)
