@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = 0
     epochs: float = 0.0
     batch_size: int = 128
-    # optimiser (SPEC §4): Adam b1/b2, decoupled weight decay scaled by the learning rate
+    # optimiser (docs/design.md §4): Adam b1/b2, decoupled weight decay scaled by the learning rate
     optimizer: str = "adamw"  # "adamw" (decoupled decay, paper) or "adam" (L2 added to the gradient)
     lr: float = 1e-3
     beta1: float = 0.9

@@ -210,7 +210,7 @@ def test_img_size_override_resamples_pos_embed_only(tmp_path):
     for k in src:
         if k != "pos_embed":
             assert torch.equal(src[k], dst[k]), k
-    # The Soft MoE slot count does not depend on the number of tokens (SPEC §1).
+    # The Soft MoE slot count does not depend on the number of tokens (docs/design.md §1).
     assert big.blocks[1].mlp.num_slots == model.blocks[1].mlp.num_slots == 4
     big.eval()
     assert big(torch.rand(2, 3, 32, 32)).shape == (2, 5)

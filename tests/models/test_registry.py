@@ -7,7 +7,7 @@ from softmoe.models import registry
 from softmoe.models.vit import ViTConfig, build_model
 
 SIZES = {"ti": (192, 12, 768, 3), "s": (384, 12, 1536, 6), "b": (768, 12, 3072, 12), "l": (1024, 24, 4096, 16),
-         "h": (1280, 32, 5120, 16)}  # SPEC.md §3 table, typed in again on purpose
+         "h": (1280, 32, 5120, 16)}  # docs/design.md §3 table, typed in again on purpose
 
 
 def test_names_cover_every_family_size_and_patch():

@@ -1,4 +1,4 @@
-"""The ViT of SPEC.md §3: exact forward math against an independent float64 reference,
+"""The ViT of docs/design.md §3: exact forward math against an independent float64 reference,
 initialisation, MoE placement, the model surface (contracts.md) and input validation."""
 import json
 import math
