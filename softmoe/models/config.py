@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from softmoe._fields import check_fields, check_keys, parse_text, split_assignment, unknown_key_message
+from softmoe._fields import (check_fields, check_keys, is_instance, parse_text, split_assignment, type_name,
+                             unknown_key_message)
 from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 
 # MoE layers a config can name (canonical class name -> class) and accepted aliases.
@@ -294,14 +295,40 @@ def _typed_changes(changes: dict, current: MoEConfig | None) -> dict:
     changes = nest_legacy_keys(changes)
     check_keys(changes, ViTConfig, "ViTConfig field")
     moe = changes.get("moe")
-    if current is None and isinstance(moe, dict) and moe.get("num_experts") == 0 and set(moe) <= {"num_experts", "placement"}:
-        changes["moe"] = None  # num_experts=0 on a dense config (the legacy way of saying dense)
+    if current is None and isinstance(moe, dict) and moe.get("num_experts") == 0 and set(moe) <= {"num_experts",
+                                                                                                   "placement"}:
+        changes["moe"] = None  # num_experts=0 on a dense config: the legacy way of saying dense
     elif isinstance(moe, dict):
         base = {} if current is None else current.to_dict()
         check_keys(moe, MoEConfig, "MoEConfig field")
-        merged = {k: v for k, v in {**base, **moe}.items() if v is not None or k in ("type", "num_experts")}
+        merged = {k: v for k, v in {**base, **moe}.items() if v is not None}  # None: the default
         changes["moe"] = MoEConfig.from_dict(merged)
     return changes
+
+
+def check_overrides(overrides: dict) -> dict:
+    """Model overrides (for `create_model` / `ViTConfig.replace`) checked without building
+    anything: legacy keys nested into `moe`, every key a ViTConfig / MoEConfig field, every
+    value of the field's type (or None: the default). Returns the normalised, JSON-ready dict
+    (a MoEConfig value becomes its dict)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"model overrides must be a dict of ViTConfig fields, got {overrides!r}")
+    out = nest_legacy_keys(overrides)
+    check_keys(out, ViTConfig, "model override")
+    if isinstance(out.get("moe"), MoEConfig):
+        out["moe"] = out["moe"].to_dict()
+    sections = [("", ViTConfig, {k: v for k, v in out.items() if k != "moe"})]
+    if out.get("moe") is not None:
+        if not isinstance(out["moe"], dict):
+            raise ValueError(f"model override 'moe' must be a dict of MoEConfig fields or None, got {out['moe']!r}")
+        check_keys(out["moe"], MoEConfig, "MoEConfig field")
+        sections.append(("moe.", MoEConfig, out["moe"]))
+    for prefix, cls, values in sections:
+        hints = _hints(cls)
+        for key, value in values.items():
+            if value is not None and not is_instance(value, hints[key]):
+                raise ValueError(f"model override {prefix}{key} must be {type_name(hints[key])}, got {value!r}")
+    return out
 
 
 def merge_overrides(a: dict, b: dict) -> dict:
