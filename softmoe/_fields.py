@@ -117,5 +117,5 @@ def split_assignment(item: str) -> tuple[str, str]:
     """"key=value" -> (key, value); ValueError otherwise."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"--set expects key=value, got {item!r}")
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
     return key.strip(), text

@@ -52,7 +52,7 @@ def moe_block_indices(placement, depth: int) -> tuple[int, ...]:
       always MoE, V-MoE's "every other layer" for K=2), "all", or an explicit list of
       block indices in [0, depth).
     """
-    bad = ValueError(f"moe_placement must be 'last_half', 'last:N', 'every:K', 'all' or a list of block indices "
+    bad = ValueError(f"MoE placement must be 'last_half', 'last:N', 'every:K', 'all' or a list of block indices "
                      f"in [0, depth={depth}), got {placement!r}")
     if isinstance(placement, str):
         kind, _, arg = placement.partition(":")
@@ -71,7 +71,7 @@ def moe_block_indices(placement, depth: int) -> tuple[int, ...]:
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in placement):
             raise bad
         if len(set(placement)) != len(placement):
-            raise ValueError(f"moe_placement lists a block twice: {list(placement)}")
+            raise ValueError(f"MoE placement lists a block twice: {list(placement)}")
         return tuple(sorted(placement))
     raise bad
 
@@ -103,7 +103,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     # C itself, instead of capacity_factor (to pin the compute of a comparison).
     capacity: int | None = None
-    # Tokens Choice: round C up to a multiple of this (vmoe: 4, for TPU tiling); 1 disables.
+    # Tokens Choice: round C up to a multiple of this (vmoe: 4, for TPU tiling); 1 disables (the layer's None).
     capacity_multiple_of: int | None = None
     # Tokens Choice: "ceil" or "round" in the capacity formula.
     capacity_rounding: str | None = None
@@ -150,6 +150,12 @@ class MoEConfig:
                 **self.layer_kwargs()}
 
     @classmethod
+    def from_layer_kwargs(cls, moe_type: str, num_experts: int, placement="last_half", **kwargs) -> "MoEConfig":
+        """The config of a layer given by its constructor arguments (as `upcycle` takes them)."""
+        options = options_from_layer_kwargs(kwargs)
+        return cls.from_dict({"type": moe_type, "num_experts": num_experts, "placement": placement, **options})
+
+    @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
         if not isinstance(d, dict):
             raise ValueError(f"moe must be a dict of MoEConfig fields or None, got {d!r}")
@@ -164,6 +170,17 @@ class MoEConfig:
 
 
 OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(MoEConfig))[3:]  # after type, num_experts, placement
+
+
+def options_from_layer_kwargs(kwargs: dict) -> dict:
+    """MoE layer constructor arguments as MoEConfig options. The one difference: a layer's
+    `capacity_multiple_of=None` turns the rounding off, while None in a MoEConfig means the
+    default (4), so it becomes 1 (also off)."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"moe_kwargs must be a dict, got {kwargs!r}")
+    if "capacity_multiple_of" in kwargs and kwargs["capacity_multiple_of"] is None:
+        return {**kwargs, "capacity_multiple_of": 1}
+    return dict(kwargs)
 
 
 def layer_options(moe_type: str) -> list[str]:
@@ -278,9 +295,7 @@ def nest_legacy_keys(d: dict) -> dict:
     out = {k: v for k, v in d.items() if k not in legacy}
     if "moe" in out and not isinstance(out["moe"], dict):
         raise ValueError(f"give moe or the legacy keys {sorted(legacy)}, not both")
-    kwargs = legacy.pop("moe_kwargs", {}) or {}
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"moe_kwargs must be a dict, got {kwargs!r}")
+    kwargs = options_from_layer_kwargs(legacy.pop("moe_kwargs", None) or {})
     if "moe_type" in legacy and legacy["moe_type"] is None:
         if legacy.get("num_experts") or kwargs:
             raise ValueError(f"num_experts={legacy.get('num_experts', 0)} / moe_kwargs={kwargs} need a MoE layer type "
@@ -293,7 +308,7 @@ def nest_legacy_keys(d: dict) -> dict:
 def _typed_changes(changes: dict, current: MoEConfig | None) -> dict:
     """`changes` with legacy keys nested and a `moe` dict applied to `current` (a MoEConfig)."""
     changes = nest_legacy_keys(changes)
-    check_keys(changes, ViTConfig, "ViTConfig field")
+    _check_vit_keys(changes)
     moe = changes.get("moe")
     if current is None and isinstance(moe, dict) and moe.get("num_experts") == 0 and set(moe) <= {"num_experts",
                                                                                                    "placement"}:
@@ -314,7 +329,7 @@ def check_overrides(overrides: dict) -> dict:
     if not isinstance(overrides, dict):
         raise ValueError(f"model overrides must be a dict of ViTConfig fields, got {overrides!r}")
     out = nest_legacy_keys(overrides)
-    check_keys(out, ViTConfig, "model override")
+    _check_vit_keys(out)
     if isinstance(out.get("moe"), MoEConfig):
         out["moe"] = out["moe"].to_dict()
     sections = [("", ViTConfig, {k: v for k, v in out.items() if k != "moe"})]
@@ -329,6 +344,16 @@ def check_overrides(overrides: dict) -> dict:
             if value is not None and not is_instance(value, hints[key]):
                 raise ValueError(f"model override {prefix}{key} must be {type_name(hints[key])}, got {value!r}")
     return out
+
+
+def _check_vit_keys(d: dict, shown: str | None = None) -> None:
+    """ValueError for a key of `d` that is no ViTConfig field, suggesting close names among
+    the fields, the legacy keys and the moe.* fields (`shown`: the key as the user wrote it)."""
+    fields = [f.name for f in dataclasses.fields(ViTConfig)]
+    for key in d:
+        if key not in fields:
+            known = [*fields, *LEGACY_MOE_KEYS, "moe_kwargs", *(f"moe.{f.name}" for f in dataclasses.fields(MoEConfig))]
+            raise ValueError(unknown_key_message(shown or key, known, "ViTConfig field"))
 
 
 def merge_overrides(a: dict, b: dict) -> dict:
@@ -357,9 +382,7 @@ def parse_override(key: str, text: str) -> dict:
         parts = ["moe", LEGACY_MOE_KEYS[parts[0]], *parts[1:]]
     elif parts[0] == "moe_kwargs":
         parts = ["moe", *parts[1:]]
-    fields = {f.name: f for f in dataclasses.fields(ViTConfig)}
-    if parts[0] not in fields:
-        raise ValueError(unknown_key_message(parts[0], fields, "model config key"))
+    _check_vit_keys({parts[0]: None}, shown=key)
     if parts[0] != "moe":
         if len(parts) > 1:
             raise ValueError(f"--set {key}: {parts[0]!r} takes no '.subkey'")

@@ -54,7 +54,7 @@ def upcycle(dense_model: nn.Module, moe_type: str = "soft", num_experts: int = 8
     if cfg.moe_type is not None:
         raise ValueError(f"dense_model must be a dense ViT (config.moe_type None), got moe_type={cfg.moe_type!r}")
     moe_type = resolve_moe_type(moe_type)
-    moe = MoEConfig.from_dict({"type": moe_type, "num_experts": num_experts, "placement": placement, **moe_kwargs})
+    moe = MoEConfig.from_layer_kwargs(moe_type, num_experts, placement, **moe_kwargs)
     new_cfg = cfg.replace(moe=moe, name=_upcycled_name(cfg.name, moe_type))
     ref = dense_model.pos_embed
     with torch.device(ref.device):

@@ -79,9 +79,33 @@ def test_config_json_format(tmp_path):
     model = _model()
     save_pretrained(model, tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
-    assert doc == {"format": "softmoe", "format_version": 1, "architecture": "vit", "config": model.config.to_dict()}
+    assert doc == {"format": "softmoe", "format_version": 2, "architecture": "vit", "config": model.config.to_dict()}
+    assert doc["config"]["moe"] == {"type": "SoftMoE", "num_experts": 4, "placement": "last_half"}
     assert load_config(tmp_path) == model.config
     assert hub.is_pretrained_dir(tmp_path) and not hub.is_pretrained_dir(tmp_path / "x")
+
+
+# config.json as softmoe wrote it before the typed MoE section (format_version 1, flat MoE keys).
+OLD_CONFIG = {"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {
+    "img_size": 16, "patch_size": 4, "in_chans": 3, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    "mlp_dim": 48, "qkv_bias": True, "qk_norm": True, "pool": "gap", "layer_norm_eps": 1e-06,
+    "moe_type": "TokensChoiceMoE", "num_experts": 4, "moe_placement": [1], "moe_kwargs": {"k": 2, "capacity_factor": 2.0},
+    "name": "tc_moe_micro"}}
+
+
+def test_format_version_1_checkpoints_load_unchanged(tmp_path):
+    model = _model("tc_moe_micro", moe_placement=[1], moe_kwargs={"k": 2, "capacity_factor": 2.0})
+    save_pretrained(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    moe = loaded.config.moe
+    assert (moe.type, moe.num_experts, moe.placement, moe.k, moe.capacity_factor) == ("TokensChoiceMoE", 4, [1], 2, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    dense = {**OLD_CONFIG, "config": {**OLD_CONFIG["config"], "moe_type": None, "num_experts": 0, "moe_kwargs": {},
+                                      "moe_placement": "last_half"}}
+    (tmp_path / "config.json").write_text(json.dumps(dense))
+    assert load_config(tmp_path).moe is None
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
@@ -133,7 +157,7 @@ def test_missing_directory_and_files(tmp_path):
 @pytest.mark.parametrize("doc, match", [
     ({"model_type": "vit", "hidden_size": 768}, "expected \"format\": 'softmoe'"),  # transformers' config.json
     ([1, 2], "not a softmoe config"),
-    ({"format": "softmoe", "format_version": 2, "architecture": "vit", "config": {}}, "format_version 2"),
+    ({"format": "softmoe", "format_version": 3, "architecture": "vit", "config": {}}, "format_version 3"),
     ({"format": "softmoe", "format_version": 1, "architecture": "resnet", "config": {}}, "expected 'vit'"),
     ({"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {"embed_dimm": 8}},
      "unknown ViTConfig field.*embed_dimm"),

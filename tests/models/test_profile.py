@@ -87,7 +87,7 @@ def test_profile_model_by_name():
     assert prof.moe_blocks == tuple(range(6, 12)) and prof.num_experts == 128
     assert prof.params == sum(prof.param_breakdown.values())
     assert prof.flops == sum(prof.flop_breakdown.values())
-    assert prof.to_dict()["config"]["num_experts"] == 128
+    assert prof.to_dict()["config"]["moe"]["num_experts"] == 128
 
 
 @pytest.mark.parametrize("row", TABLE8, ids=[r[0] for r in TABLE8])
