@@ -276,7 +276,7 @@ def test_config_json_round_trip_and_unknown_keys():
     (dict(moe={"type": "soft", "num_experts": 2, "dispatch": "hard"}), "dispatch"),
     (dict(moe={"type": "soft", "num_experts": 2, "slots_per_expert": "2"}), "'slots_per_expert' must be int or None"),
     (dict(moe={"type": "soft", "num_experts": 2, "slot_per_expert": 1}), "did you mean 'slots_per_expert'"),
-    (dict(moe="soft"), "moe must be a dict"),
+    (dict(moe="soft"), "'moe' must be MoEConfig or None, got 'soft'"),
     # the legacy flat keys
     (dict(moe_type="switch", num_experts=2), "moe_type must be one of"),
     (dict(moe_type="soft"), "moe type 'soft' needs num_experts"),
