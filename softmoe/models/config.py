@@ -364,7 +364,7 @@ def merge_overrides(a: dict, b: dict) -> dict:
     return out
 
 
-def parse_override(key: str, text: str) -> dict:
+def parse_override(key: str, text: str, prefix: str = "") -> dict:
     """One `--set KEY=TEXT` model override -> an overrides dict for `ViTConfig.replace` and
     `create_model`, TEXT parsed by the field's type:
 
@@ -375,9 +375,11 @@ def parse_override(key: str, text: str) -> dict:
         moe=none               {"moe": None}       (dense; also moe.type=none, moe_type=none)
 
     Legacy names: moe_type, num_experts, moe_placement -> moe.type, moe.num_experts,
-    moe.placement; moe_kwargs={json} and moe_kwargs.OPTION -> moe.OPTION.
+    moe.placement; moe_kwargs={json} and moe_kwargs.OPTION -> moe.OPTION. Messages show
+    the key as `prefix + key` (softmoe train: "model.").
     """
     parts = key.split(".")
+    key = prefix + key
     if parts[0] in LEGACY_MOE_KEYS:
         parts = ["moe", LEGACY_MOE_KEYS[parts[0]], *parts[1:]]
     elif parts[0] == "moe_kwargs":

@@ -18,7 +18,7 @@ import importlib.util
 import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from softmoe._fields import check_fields, check_keys, parse_text, split_assignment, unknown_key_message
@@ -64,6 +64,8 @@ class ModelConfig:
 class TrainConfig:
     # model: a registry name plus overrides of its ViTConfig (a str is taken as ModelConfig(name))
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the old spelling of model.overrides, accepted from config files written before ModelConfig
+    model_kwargs: InitVar[dict | None] = None
     # data
     data: str = "digits"  # one of softmoe.data.DATASETS or an ImageFolder directory
     data_root: str | None = None  # where the dataset's files are (None: the default location)
@@ -118,9 +120,12 @@ class TrainConfig:
     plots: bool = _resumable(True)
     workdir: str = _resumable("runs/default")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, model_kwargs: dict | None) -> None:
         if isinstance(self.model, str):
             self.model = ModelConfig(self.model)
+        if model_kwargs is not None and isinstance(self.model, ModelConfig):
+            overrides = merge_overrides(self.model.overrides, check_overrides(model_kwargs))
+            self.model = ModelConfig(self.model.name, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,17 +136,15 @@ class TrainConfig:
         (`"model": NAME` plus `"model_kwargs": {...}`)."""
         if not isinstance(d, dict):
             raise ValueError(f"a train config must be a dict, got {type(d).__name__}")
-        d = dict(d)
+        check_keys(d, cls, "config key", extra=("model_kwargs",))
         model = d.get("model", {})
-        if isinstance(model, str) or "model_kwargs" in d:  # the old format
-            name = model if isinstance(model, str) else ModelConfig().name
-            model = {"name": name, "overrides": d.pop("model_kwargs", {})}
-        if not isinstance(model, dict):
+        if isinstance(model, dict):
+            check_keys(model, ModelConfig, "model config key")
+            model = ModelConfig(**model)
+        elif not isinstance(model, str):
             raise ValueError(f"config key 'model' must be a registry name or a dict of name and overrides, "
                              f"got {model!r}")
-        check_keys(model, ModelConfig, "model config key")
-        check_keys(d, cls, "config key")
-        return cls(**{**d, "model": ModelConfig(**model)}).validate()
+        return cls(**{**d, "model": model}).validate()
 
     def validate(self) -> "TrainConfig":
         """Check every field; ValueError naming the field and what it accepts."""
@@ -222,7 +225,8 @@ def _set_model(model: dict, key: str, sub: str, text: str) -> dict:
         return {**model, "name": parse_text(key, text, str)}
     if sub == "overrides":
         return {**model, "overrides": parse_text(key, text, dict)}
-    return {**model, "overrides": merge_overrides(model["overrides"], parse_override(sub, text))}
+    prefix = key[:len(key) - len(sub)]  # "model." or "model_kwargs."
+    return {**model, "overrides": merge_overrides(model["overrides"], parse_override(sub, text, prefix))}
 
 
 def _hints() -> dict:
