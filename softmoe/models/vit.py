@@ -21,9 +21,11 @@ import math
 import torch
 from torch import nn
 
-from .config import (MOE_ALIASES, MOE_LAYERS, POOLS, MoEConfig, ViTConfig, _check_int,  # noqa: F401 (re-exported)
-                     moe_block_indices, resolve_moe_type)
+# The config lives in .config; these names stay importable from here as well.
+from .config import (MOE_LAYERS, MoEConfig, ViTConfig, _check_int, moe_block_indices,  # noqa: F401
+                     resolve_moe_type)
 from .layers import Block, MAPHead, Mlp, PatchEmbed
+
 
 class VisionTransformer(nn.Module):
     """ViT / V-MoE / Soft MoE ViT built from a `ViTConfig` (kept as `model.config`)."""

@@ -1,5 +1,12 @@
 """The training loop: `train(cfg)` runs a TrainConfig in a work directory and resumes it exactly.
 
+    _setup_run    data, config checks, model, optimizer, loader; restore the newest checkpoint
+    _train_loop   per step: _train_step (forward, backward, clip, update: no host sync), the
+                  running totals (_Tally) and the NaN/Inf watch (_DivergenceGuard) on the device;
+                  the host reads them only to write a record (log, routing metrics), evaluate
+                  or checkpoint
+    _summary      summary.json and the table
+
 Exact resume: model init, data order and augmentation are functions of the seed and the step
 (softmoe.data.loader), the learning rate is a function of the step, and a checkpoint holds the
 weights, the optimizer state and every RNG state. On the CPU with a fixed thread count a run
@@ -171,7 +178,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
 
 
 def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
-    run = setup_run(cfg, workdir, resume, log)
+    run = _setup_run(cfg, workdir, resume, log)
     t_run = time.perf_counter()
     writer = logs.MetricsWriter(run.workdir, tensorboard=run.cfg.tensorboard,
                                 purge_step=run.start if run.start else None, notice=log)
@@ -198,7 +205,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
 # -- setup ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Run:
-    """A run ready to train: what `setup_run` built, read by the loop and the summary."""
+    """A run ready to train: what `_setup_run` built, read by the loop and the summary."""
     cfg: TrainConfig  # resolved: img_size and the model's data-dependent fields filled in
     workdir: Path
     device: torch.device
@@ -241,7 +248,7 @@ class _Run:
         return path
 
 
-def setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
+def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
     """Data, config checks, model, optimizer and loader, restored from the newest checkpoint
     of `workdir` when there is one. Every check runs before anything but the work directory
     itself is written; then the resolved config.json is written."""
@@ -276,7 +283,8 @@ def setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
     model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds, model=model, optimizer=build_optimizer(model, cfg),
+    run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
+               model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
                moe=[m for _, m in moe_layers(model)])
@@ -344,9 +352,9 @@ class _StepResult:
     aux: torch.Tensor | None  # () the MoE auxiliary loss, None when no layer has one
 
 
-def train_step(run: _Run, s: int, x: torch.Tensor, y: torch.Tensor, lr: float, routing: bool) -> _StepResult:
-    """Forward, backward, clipping and the optimizer update of step `s` (0-based) on the batch
-    x (B, C, img, img), y (B,), without a host sync."""
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing: bool) -> _StepResult:
+    """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
+    y (B,), at learning rate `lr`, without a host sync."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
@@ -453,14 +461,14 @@ def _train_loop(run: _Run, writer, bar) -> _Tally:
         t1 = time.perf_counter()
         lr = run.schedule(s)
         routing = bool(cfg.routing_metrics_every and run.moe and (step % cfg.routing_metrics_every == 0 or s == 0))
-        out = train_step(run, s, x, y, lr, routing)
-        tally.add(out, t1 - t0, time.perf_counter() - t1)
+        out = _train_step(run, x, y, lr, routing)
         guard.update(step, out)
         log_now = step % cfg.log_every == 0 or step == total
         eval_now = cfg.eval_every and step % cfg.eval_every == 0 and step != total
         save_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total
         if routing or log_now or eval_now or save_now or step == total:
-            guard.check(run, writer)
+            guard.check(run, writer)  # waits for the queued steps, so that wait is step time
+        tally.add(out, t1 - t0, time.perf_counter() - t1)
         if routing:
             writer.write({"kind": "routing", "step": step,
                           **{f"routing/{k}": v for k, v in collect_metrics(run.model).items()}})

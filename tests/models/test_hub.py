@@ -89,7 +89,8 @@ def test_config_json_format(tmp_path):
 OLD_CONFIG = {"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {
     "img_size": 16, "patch_size": 4, "in_chans": 3, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 2,
     "mlp_dim": 48, "qkv_bias": True, "qk_norm": True, "pool": "gap", "layer_norm_eps": 1e-06,
-    "moe_type": "TokensChoiceMoE", "num_experts": 4, "moe_placement": [1], "moe_kwargs": {"k": 2, "capacity_factor": 2.0},
+    "moe_type": "TokensChoiceMoE", "num_experts": 4, "moe_placement": [1],
+    "moe_kwargs": {"k": 2, "capacity_factor": 2.0},
     "name": "tc_moe_micro"}}
 
 
@@ -315,3 +316,28 @@ def test_exports():
 
     assert m.from_pretrained is from_pretrained and m.save_pretrained is save_pretrained
     assert hub.CONFIG_NAME == "config.json" and hub.WEIGHTS_NAME == "model.safetensors"
+
+
+def test_load_model_finds_a_training_workdir_without_softmoe_train(tmp_path):
+    """softmoe.models reads training work directories itself: evaluation never imports
+    softmoe.train (and softmoe.models never does)."""
+    import subprocess
+    import sys
+
+    model = _model()
+    ckpt = hub.checkpoint_dir(tmp_path, 7)
+    save_pretrained(model, ckpt)
+    (ckpt / hub.TRAIN_STATE).write_bytes(b"")
+    (ckpt / hub.TRAIN_CONFIG).write_text(json.dumps({"model": {"name": "soft_moe_micro"}, "data": "digits"}))
+    (hub.checkpoint_dir(tmp_path, 9)).mkdir()  # incomplete: ignored
+    assert hub.latest_checkpoint(tmp_path) == ckpt and hub.list_checkpoints(tmp_path) == [(7, ckpt)]
+    code = (f"import sys; from softmoe.eval.loading import load_checkpoint; m, c = load_checkpoint({str(tmp_path)!r}); "
+            f"assert c['data'] == 'digits' and not m.training; "
+            f"assert not [n for n in sys.modules if n.startswith('softmoe.train')], 'softmoe.train was imported'")
+    import softmoe
+
+    root = os.path.dirname(os.path.dirname(softmoe.__file__))  # this checkout, not an installed copy
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+    loaded, cfg = hub.load_model(ckpt)
+    assert cfg["model"] == {"name": "soft_moe_micro"}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
