@@ -11,12 +11,12 @@ import math
 import typing
 
 
+_UnionType = type(int | None)
+
+
 def options(hint) -> tuple:
     """The types a field accepts: (int, NoneType) for `int | None`, (int,) for `int`."""
     return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
-
-
-_UnionType = type(int | None)
 
 
 def type_name(hint) -> str:

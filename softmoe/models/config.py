@@ -135,6 +135,9 @@ class MoEConfig:
         if foreign:
             raise ValueError(f"MoE option(s) {foreign} do not apply to {self.type}; its options are {accepted}")
 
+    def __repr__(self) -> str:  # only the options that are set
+        return f"MoEConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
     def layer_kwargs(self) -> dict:
         """The options that are set (not None), as constructor arguments of the layer."""
         return {name: getattr(self, name) for name in OPTION_FIELDS if getattr(self, name) is not None}
@@ -282,6 +285,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 # -- overrides: legacy keys, the `moe` section, `--set` text --------------------------------
 LEGACY_MOE_KEYS = {"moe_type": "type", "num_experts": "num_experts", "moe_placement": "placement"}
+DENSE_KEYS = {"num_experts", "placement"}  # what a legacy dense config may say about experts (0, any)
 
 
 def nest_legacy_keys(d: dict) -> dict:
@@ -310,8 +314,7 @@ def _typed_changes(changes: dict, current: MoEConfig | None) -> dict:
     changes = nest_legacy_keys(changes)
     _check_vit_keys(changes)
     moe = changes.get("moe")
-    if current is None and isinstance(moe, dict) and moe.get("num_experts") == 0 and set(moe) <= {"num_experts",
-                                                                                                   "placement"}:
+    if current is None and isinstance(moe, dict) and moe.get("num_experts") == 0 and set(moe) <= DENSE_KEYS:
         changes["moe"] = None  # num_experts=0 on a dense config: the legacy way of saying dense
     elif isinstance(moe, dict):
         base = {} if current is None else current.to_dict()

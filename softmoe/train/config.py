@@ -22,6 +22,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from softmoe._fields import check_fields, check_keys, parse_text, split_assignment, unknown_key_message
+from softmoe.models import ViTConfig, VisionTransformer, create_model, get_config
 from softmoe.models.config import check_overrides, merge_overrides, parse_override
 
 RESUMABLE = {"resumable": True}  # field metadata: may differ when a run is resumed
@@ -48,15 +49,11 @@ class ModelConfig:
             raise ValueError("model name must be a registry name (see `softmoe.models.list_models()`)")
         self.overrides = check_overrides(self.overrides)
 
-    def vit_config(self):
+    def vit_config(self) -> ViTConfig:
         """The model's validated ViTConfig (unknown name or bad override: ValueError)."""
-        from softmoe.models import get_config
-
         return get_config(self.name, **self.overrides)
 
-    def build(self):
-        from softmoe.models import create_model
-
+    def build(self) -> VisionTransformer:
         return create_model(self.name, **self.overrides)
 
 
