@@ -1,4 +1,4 @@
-"""The paper's pre-training recipe (SPEC §4) for Soft MoE-S/16 (128 experts in blocks 6-11).
+"""The paper's pre-training recipe (docs/design.md §4) for Soft MoE-S/16 (128 experts in blocks 6-11).
 
 Adam (0.9, 0.999), global-norm clipping 1.0, batch 4096, 224 px, inception crop + flip, values
 in [-1, 1]; decoupled weight decay scaled by the learning rate: 0.03 on kernels and the router
@@ -6,7 +6,7 @@ scale, 3.0 on the head kernel, none on phi, biases, norms and the position embed
 schedule: linear warmup to 1e-3 over 10k steps, peak / sqrt(1 + (step - 10k) / 10k), linear
 cooldown to 0 over the last 50k steps; sigmoid cross-entropy. The paper trains on JFT-4B; any
 ImageFolder directory can stand in: --set data=/path/to/imagenet (train/ + val/).
-The total number of steps is not part of the recipe written down in SPEC §4 (it is the
+The total number of steps is not part of the recipe written down in docs/design.md §4 (it is the
 compute budget): 300k here; change it with --set steps=N (keep it > 60k for warmup + cooldown).
 Data is held in memory as uint8 (N, C, H, W): for an ImageFolder of varying image sizes add
 --set data_image_size=256 (resized once while decoding, then inception-cropped to 224), and

@@ -110,7 +110,7 @@ def _reduced_experts(cfg, max_bytes: float):
     """Largest expert count E' dividing E (E' * P' = E * P slots kept) whose expert weights
     fit in max_bytes, as (E', P'); (E, P) when they already fit."""
     E = cfg.num_experts
-    P = cfg.moe_kwargs.get("slots_per_expert", 1)
+    P = cfg.moe.slots_per_expert or 1
     per_expert = 4 * (2 * cfg.embed_dim * cfg.mlp_dim + cfg.mlp_dim + cfg.embed_dim)
     e = E
     while e > 1 and e * per_expert > max_bytes:
@@ -145,7 +145,7 @@ def composed_parts(cfg, batch: int, max_block_bytes: float):
         mcfg = cfg
         if e != E:
             p0 = p * e // E
-            mcfg = cfg.replace(num_experts=e, moe_kwargs={**cfg.moe_kwargs, "slots_per_expert": p})
+            mcfg = cfg.replace(moe={"num_experts": e, "slots_per_expert": p})
             notes.append(f"MoE block timed with {e} experts x {p} slots (same {E * p0} slots and FLOPs as {E} x {p0}; "
                          f"{E // e}x fewer expert weights, to fit {max_block_bytes / _GIB:.1f} GiB)")
         with torch.device("meta"):

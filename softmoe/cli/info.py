@@ -15,35 +15,21 @@ def register(subparsers) -> None:
                     "(only its config.json is read).")
     p.add_argument("name", help="registered model name (see `softmoe models`) or a save_pretrained directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, VALUE parsed as JSON if possible (e.g. --set num_experts=256); repeatable")
+                   help="config override parsed by the field's type, e.g. --set moe.num_experts=256 (or "
+                        "num_experts=256), --set num_classes=29593, --set moe=none (dense); repeatable")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.set_defaults(func=run)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare string, e.g. moe_type=soft
-    return out
-
-
 def _config_for(name: str, overrides: dict):
-    from softmoe.models import ViTConfig, get_config
+    from softmoe.models import get_config
+    from softmoe.models.hub import load_config
+    from softmoe.models.registry import apply_overrides
 
-    path = Path(name)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path} is a directory without config.json (not a save_pretrained directory)")
-        data = json.loads(cfg_file.read_text())
-        cfg = ViTConfig.from_dict(data["config"] if "config" in data else data)
-        return cfg.replace(**overrides) if overrides else cfg
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise FileNotFoundError(f"{name} is a directory without config.json (not a save_pretrained directory)")
+        return apply_overrides(load_config(name), overrides)
     return get_config(name, **overrides)
 
 
@@ -52,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from softmoe.cli.models import format_count
     from softmoe.models import build_model, profile_model
+    from softmoe.models.config import parse_overrides
 
     cfg = _config_for(args.name, parse_overrides(args.overrides))
     prof = profile_model(cfg)
@@ -64,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
           f"({cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, multiply-add = 2)")
     print("\nconfig:")
     for key, value in cfg.to_dict().items():
-        print(f"  {key}: {json.dumps(value)}")
+        if isinstance(value, dict):  # the moe section
+            print(f"  {key}:")
+            for sub, v in value.items():
+                print(f"    {sub}: {json.dumps(v)}")
+        else:
+            print(f"  {key}: {json.dumps(value)}")
     print("\nblocks:")
     for i, block in enumerate(model.blocks):
         mlp = block.mlp

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 
-
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
     """(model in eval mode, training config dict or None) for a training workdir (its latest
     checkpoint), a checkpoint directory or a save_pretrained directory."""
@@ -22,7 +21,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
     if not p.is_dir():
         raise ValueError(f"--checkpoint {str(path)!r} is a file; give its directory (a training workdir, a "
                          f"checkpoints/step_* directory or a save_pretrained directory)")
-    from softmoe.train.checkpoint import load_model
+    from softmoe.models.hub import load_model
 
     model, train_cfg = load_model(p)
     model.eval()

@@ -4,20 +4,29 @@ A checkpoint directory holds two files, each written atomically (temp file in th
 directory, fsync, `os.replace`), the weights first so that a `config.json` never points at
 missing weights:
 
-    config.json        {"format": "softmoe", "format_version": 1, "architecture": "vit",
+    config.json        {"format": "softmoe", "format_version": 2, "architecture": "vit",
                         "config": ViTConfig.to_dict()}
     model.safetensors  the state dict, every tensor in its own dtype (bit-exact round trip)
 
 Loading never unpickles anything (json + safetensors). Overrides may change the image size:
 the position embedding is then resampled bicubically over its 2-D grid (as timm and
 big_vision do); the number of Soft MoE slots does not depend on the image size and stays
-fixed (SPEC.md §1). An override of `num_classes` keeps every weight except the head, which
+fixed (docs/design.md §1). An override of `num_classes` keeps every weight except the head, which
 is freshly initialised. Any other shape difference is a ValueError naming the tensor.
+
+Format version 1 (before the typed MoE section) stored flat moe_type / num_experts /
+moe_placement / moe_kwargs keys; it loads unchanged (`ViTConfig.from_dict` migrates it).
+
+`load_model(path)` also finds the model of a training work directory (the newest of its
+WORKDIR/checkpoints/step_* directories, each a save_pretrained directory plus the training
+state), so evaluation never needs softmoe.train.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -25,13 +34,15 @@ import torch.nn.functional as F
 
 from softmoe._io import atomic_write
 
+from .config import ViTConfig
 from .registry import apply_overrides
-from .vit import ViTConfig, VisionTransformer, build_model
+from .vit import VisionTransformer, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "softmoe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: flat MoE keys, migrated on load
 ARCHITECTURE = "vit"
 POS_EMBED = "pos_embed"
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -92,8 +103,9 @@ def load_config(directory) -> ViTConfig:
         raise ValueError(f"{str(path)!r} is not a softmoe config: expected \"format\": {FORMAT!r}, got {got!r} "
                          f"(a foreign config.json, e.g. from transformers or timm?)")
     version = document.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has format_version {version!r}; this softmoe reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{str(path)!r} has format_version {version!r}; this softmoe reads versions "
+                         f"{list(READABLE_VERSIONS)}")
     if document.get("architecture") != ARCHITECTURE:
         raise ValueError(f"{str(path)!r} has architecture {document.get('architecture')!r}, "
                          f"expected {ARCHITECTURE!r}")
@@ -240,5 +252,71 @@ def is_pretrained_dir(directory) -> bool:
     return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 
 
+# -- training work directories ------------------------------------------------------------------
+# WORKDIR/config.json is the run's training config; WORKDIR/checkpoints/step_00001234/ holds a
+# save_pretrained directory plus train_config.json and train_state.pt (see softmoe.train.checkpoint).
+CHECKPOINTS = "checkpoints"
+TRAIN_STATE = "train_state.pt"
+TRAIN_CONFIG = "train_config.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE)
+
+
+def checkpoint_dir(workdir: str | os.PathLike, step: int) -> Path:
+    return Path(workdir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint of `workdir`, by step ascending."""
+    root = Path(workdir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir() and all((entry / f).is_file() for f in _CHECKPOINT_FILES):
+            out.append((int(m.group(1)), entry))
+    return sorted(out)
+
+
+def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of `workdir`, or None."""
+    found = list_checkpoints(workdir)
+    return found[-1][1] if found else None
+
+
+def load_model(path: str | os.PathLike) -> tuple[VisionTransformer, dict | None]:
+    """(model, training config dict or None) from a training workdir (its latest checkpoint),
+    a checkpoint directory or a save_pretrained directory. The model is on the CPU in train
+    mode, as from_pretrained returns it; the training config is the JSON dict as saved."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"checkpoint path {str(p)!r} must be a directory (workdir, checkpoint or save_pretrained dir)")
+    ckpt = p
+    if not is_pretrained_dir(p):
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise FileNotFoundError(f"{str(p)!r} holds no model: expected {CONFIG_NAME} + {WEIGHTS_NAME}, or a "
+                                    f"training workdir with {CHECKPOINTS}/step_* checkpoints")
+    model = from_pretrained(ckpt)
+    return model, _training_config(ckpt, workdir=ckpt.parent.parent if ckpt != p else None)
+
+
+def _training_config(ckpt: Path, workdir: Path | None) -> dict | None:
+    """The training config saved with checkpoint `ckpt` (or in its work directory), or None."""
+    for candidate in (ckpt / TRAIN_CONFIG, workdir / CONFIG_NAME if workdir is not None else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                doc = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and "model" in doc and "data" in doc:
+                return doc
+    return None
+
+
 __all__ = ["save_pretrained", "from_pretrained", "load_config", "load_safetensors", "load_weights",
-           "adapt_state_dict", "resample_pos_embed", "is_pretrained_dir", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "adapt_state_dict", "resample_pos_embed", "is_pretrained_dir", "load_model", "list_checkpoints",
+           "latest_checkpoint", "checkpoint_dir", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -1,7 +1,7 @@
 """Parameter and inference-FLOP counts, from the config alone (works for models built on
 the meta device, e.g. the 54B Soft MoE-H/14).
 
-FLOP convention (the paper's, SPEC.md §3): a multiply-add is 2 FLOPs and only matmuls and
+FLOP convention (the paper's, docs/design.md §3): a multiply-add is 2 FLOPs and only matmuls and
 einsums count: the patch-embedding conv, q/k/v and output projections, attention scores
 (q k^T) and the attention-weighted sum, MLPs and experts, the MoE routers' logits, Soft MoE's
 dispatch and combine einsums, the MAP head and the classifier. LayerNorm, softmax, GELU,
@@ -21,7 +21,7 @@ the gap per token and per block is ~80-90 FLOPs per channel D for every dense ro
 L, H), slightly more for MoE rows, which is what elementwise work costs (LayerNorms and
 qk-norms ~8 ops/channel, GELU-tanh on 4D hidden units, bias adds, residuals, softmaxes).
 The paper's counts likely come from XLA's cost analysis, which counts elementwise ops; the
-SPEC convention (and FlopCounterMode) does not. No matmul of this architecture is that
+design-doc convention (docs/design.md §3, and FlopCounterMode) does not. No matmul of this architecture is that
 small (a missing D x D projection alone would be 2*D**2 per token, 18-30x the gap).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .vit import MOE_LAYERS, ViTConfig
+from .config import ViTConfig
 
 
 def _config_of(obj) -> ViTConfig:
@@ -53,8 +53,7 @@ def _meta_model(cfg: ViTConfig) -> nn.Module:
 
 def _meta_moe_layer(cfg: ViTConfig) -> nn.Module:
     with torch.device("meta"):
-        return MOE_LAYERS[cfg.moe_type](dim=cfg.embed_dim, num_experts=cfg.num_experts, hidden_dim=cfg.mlp_dim,
-                                        **cfg.moe_kwargs)
+        return cfg.moe.build(cfg.embed_dim, cfg.mlp_dim)
 
 
 def param_breakdown(model_or_config) -> dict[str, int]:

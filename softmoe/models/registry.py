@@ -3,13 +3,14 @@
 Names: `{family}_{size}{patch}`, family in vit / soft_moe / tc_moe / ec_moe, size in
 ti / s / b / l / h, patch in 32 / 16 / 14 / 8 (e.g. `vit_s16`, `soft_moe_h14`), plus the
 CPU-sized `*_micro` models. `create_model(name, **overrides)` builds one; every
-`ViTConfig` field is an override (`img_size`, `num_classes`, `num_experts`, ...).
+`ViTConfig` field is an override (`img_size`, `num_classes`, `moe={"num_experts": 256}`, ...).
 
 Default expert counts (paper Table 8): 128 experts, except S/14 which uses 256 (the paper's
 Soft MoE-S/14 and its Table 2 ablations), and never more experts than tokens at 224 px
 (rounded down to a power of two): the /32 models (49 tokens) get 32 experts, so Experts
 Choice has a capacity of at least one token (the paper: experts ~ tokens works best).
-`num_experts=256` on `soft_moe_h14` gives the 54B model of Table 8.
+`moe={"num_experts": 256}` (or the legacy `num_experts=256`) on `soft_moe_h14` gives the
+54B model of Table 8.
 
 Heads: 1000 classes by default (10 for the micro models); the paper's Table 8 counts use
 `num_classes=29593` (JFT).
@@ -20,9 +21,10 @@ import difflib
 import fnmatch
 from typing import Callable
 
-from .vit import ViTConfig, VisionTransformer, build_model
+from .config import MoEConfig, ViTConfig
+from .vit import VisionTransformer, build_model
 
-# size -> (embed_dim, depth, mlp_dim, num_heads), SPEC.md §3.
+# size -> (embed_dim, depth, mlp_dim, num_heads), docs/design.md §3.
 SIZES = {
     "ti": (192, 12, 768, 3),
     "s": (384, 12, 1536, 6),
@@ -77,15 +79,11 @@ def _lookup(name: str):
 
 
 def apply_overrides(cfg: ViTConfig, overrides: dict) -> ViTConfig:
-    """`cfg` with `overrides` applied. Turning a MoE config dense (`moe_type=None`) drops its
-    experts unless `num_experts` is given too; asking for experts on a dense model without a
-    `moe_type` is a ValueError (from ViTConfig). A None value means "keep the default" for
-    every field except `moe_type` (so `img_size=args.img_size` passes through unset CLI flags)."""
-    changes = {k: v for k, v in overrides.items() if v is not None or k == "moe_type"}
-    if "moe_type" in changes and changes["moe_type"] is None:
-        changes.setdefault("num_experts", 0)
-        changes.setdefault("moe_kwargs", {})
-    return cfg.replace(**changes)
+    """`cfg` with `overrides` applied (see `ViTConfig.replace`: ViTConfig fields, `moe` as a
+    MoEConfig / None / dict of MoEConfig fields, or the legacy moe_type, num_experts,
+    moe_placement, moe_kwargs). A None value means "keep the default" for every key except
+    `moe` and `moe_type` (None: dense), so `img_size=args.img_size` passes unset CLI flags."""
+    return cfg.replace(**{k: v for k, v in overrides.items() if v is not None or k in ("moe", "moe_type")})
 
 
 def get_config(name: str, /, **overrides) -> ViTConfig:
@@ -100,7 +98,8 @@ def get_config(name: str, /, **overrides) -> ViTConfig:
 
 
 def create_model(name: str, /, **overrides) -> VisionTransformer:
-    """Build the registered model `name` with `overrides` (any ViTConfig field)."""
+    """Build the registered model `name` with `overrides` (see `apply_overrides`), e.g.
+    `create_model("soft_moe_s16", num_classes=10, moe={"num_experts": 32})`."""
     return _lookup(name)(**overrides)
 
 
@@ -119,17 +118,17 @@ def default_experts(size: str, patch: int, img_size: int = 224) -> int:
 
 def _register_tables() -> None:
     for family, moe_type in FAMILIES.items():
-        moe = {} if moe_type is None else dict(moe_type=moe_type, num_experts=MICRO_EXPERTS)
+        moe = None if moe_type is None else MoEConfig(moe_type, MICRO_EXPERTS)
         name = f"{family}_micro"
-        cfg = ViTConfig(**MICRO, **moe, name=name)
+        cfg = ViTConfig(**MICRO, moe=moe, name=name)
         register_model(_config_builder(cfg), name=name, config=cfg)
     for family, moe_type in FAMILIES.items():
         for size, (dim, depth, mlp, heads) in SIZES.items():
             for patch in PATCHES:
                 name = f"{family}_{size}{patch}"
-                moe = {} if moe_type is None else dict(moe_type=moe_type, num_experts=default_experts(size, patch))
+                moe = None if moe_type is None else MoEConfig(moe_type, default_experts(size, patch))
                 cfg = ViTConfig(patch_size=patch, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads,
-                                name=name, **moe)
+                                moe=moe, name=name)
                 register_model(_config_builder(cfg), name=name, config=cfg)
 
 

@@ -25,7 +25,7 @@ from softmoe._compat import define_missing_torchvision_ops
 from softmoe.layers import Experts
 
 from .registry import create_model, list_models
-from .vit import MOE_LAYERS, moe_block_indices, resolve_moe_type
+from .config import MOE_LAYERS, moe_block_indices, resolve_moe_type
 
 # timm kwargs our models accept only as no-ops (timm's train script always passes them).
 _NOOP_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate")
@@ -100,7 +100,7 @@ def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, 
     """Replace the MLPs of the chosen blocks of a timm VisionTransformer by MoE layers.
 
     moe_type: "soft" / "tc" / "ec" or a class name (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE).
-    placement: as `ViTConfig.moe_placement`: "last_half", "last:N", "every:K", "all" or a
+    placement: as `MoEConfig.placement`: "last_half", "last:N", "every:K", "all" or a
       list of block indices.
     init: "fresh" (router and experts newly initialised) or "upcycle" (each expert a copy of
       the MLP it replaces; router/gates fresh).

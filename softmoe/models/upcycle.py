@@ -25,7 +25,8 @@ from torch import nn
 from .layers import Mlp
 from .registry import FAMILIES
 from .timm_interop import expert_tensors_from_mlp, timm_to_moe
-from .vit import ViTConfig, VisionTransformer, build_model, resolve_moe_type
+from .config import MoEConfig, ViTConfig, resolve_moe_type
+from .vit import VisionTransformer, build_model
 
 _FAMILY_OF = {moe: family for family, moe in FAMILIES.items()}
 
@@ -42,8 +43,8 @@ def upcycle(dense_model: nn.Module, moe_type: str = "soft", num_experts: int = 8
 
     dense_model: a dense softmoe `VisionTransformer`, or a timm VisionTransformer (then the
       result is the timm model with MoE layers, see `timm_interop.timm_to_moe`).
-    moe_type: "soft" / "tc" / "ec" or a class name; placement: as `ViTConfig.moe_placement`;
-    moe_kwargs: further MoE layer arguments (slots_per_expert, k, capacity_factor, ...).
+    moe_type: "soft" / "tc" / "ec" or a class name; placement: as `MoEConfig.placement`;
+    moe_kwargs: further MoE layer options, `MoEConfig` fields (slots_per_expert, k, capacity_factor, ...).
     The result is a new model on the dense model's device, in its dtype; the dense model is
     not modified. For a softmoe model it is in the dense model's train/eval mode.
     """
@@ -53,8 +54,8 @@ def upcycle(dense_model: nn.Module, moe_type: str = "soft", num_experts: int = 8
     if cfg.moe_type is not None:
         raise ValueError(f"dense_model must be a dense ViT (config.moe_type None), got moe_type={cfg.moe_type!r}")
     moe_type = resolve_moe_type(moe_type)
-    new_cfg = cfg.replace(moe_type=moe_type, num_experts=num_experts, moe_placement=placement,
-                          moe_kwargs=dict(moe_kwargs), name=_upcycled_name(cfg.name, moe_type))
+    moe = MoEConfig.from_layer_kwargs(moe_type, num_experts, placement, **moe_kwargs)
+    new_cfg = cfg.replace(moe=moe, name=_upcycled_name(cfg.name, moe_type))
     ref = dense_model.pos_embed
     with torch.device(ref.device):
         model = build_model(new_cfg)  # fresh routers / gates come from here

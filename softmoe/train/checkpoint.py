@@ -7,14 +7,14 @@ Layout: WORKDIR/checkpoints/step_00001234/ holding
 
 A checkpoint is written into a hidden temporary directory and renamed into place; a directory
 named step_* is therefore always complete, and a crash mid-write leaves only a `.tmp-*`
-directory that `latest_checkpoint` ignores and the next save removes.
+directory that `latest_checkpoint` ignores and the next save removes. The layout and the
+loading of a model from it live in softmoe.models.hub (evaluation needs no softmoe.train).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,34 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-CHECKPOINTS = "checkpoints"
-TRAIN_STATE = "train_state.pt"
-TRAIN_CONFIG = "train_config.json"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_REQUIRED = ("config.json", "model.safetensors", TRAIN_STATE)
-
-
-def checkpoint_dir(workdir: str | os.PathLike, step: int) -> Path:
-    return Path(workdir) / CHECKPOINTS / f"step_{step:08d}"
-
-
-def list_checkpoints(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint of `workdir`, by step ascending."""
-    root = Path(workdir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    out = []
-    for entry in root.iterdir():
-        m = _STEP_DIR.match(entry.name)
-        if m and entry.is_dir() and all((entry / f).is_file() for f in _REQUIRED):
-            out.append((int(m.group(1)), entry))
-    return sorted(out)
-
-
-def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of `workdir`, or None."""
-    found = list_checkpoints(workdir)
-    return found[-1][1] if found else None
+from softmoe.models.hub import (CHECKPOINTS, TRAIN_CONFIG, TRAIN_STATE, checkpoint_dir,  # noqa: F401 (re-exported)
+                                latest_checkpoint, list_checkpoints, load_model, save_pretrained)
 
 
 # -- RNG state as plain tensors and numbers (loadable with weights_only=True) ----------------
@@ -96,8 +70,6 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(workdir: str | os.PathLike, step: int, model: nn.Module, train_state: dict,
                     train_config: dict, keep: int = 3) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
-    from softmoe.models.hub import save_pretrained
-
     root = Path(workdir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write
@@ -137,35 +109,3 @@ def load_train_state(checkpoint: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: {str(checkpoint)!r} is not a training checkpoint")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# -- loading a model -------------------------------------------------------------------------
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
-    """(model, training config dict or None) from a training workdir (its latest checkpoint),
-    a checkpoint directory or a save_pretrained directory. The model is on the CPU in train
-    mode, as from_pretrained returns it."""
-    from softmoe.models.hub import from_pretrained, is_pretrained_dir
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
-    if not p.is_dir():
-        raise ValueError(f"checkpoint path {str(p)!r} must be a directory (workdir, checkpoint or save_pretrained dir)")
-    ckpt = p
-    if not is_pretrained_dir(p):
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise FileNotFoundError(f"{str(p)!r} holds no model: expected config.json + model.safetensors, or a "
-                                    f"training workdir with {CHECKPOINTS}/step_* checkpoints")
-    model = from_pretrained(ckpt)
-    train_cfg = None
-    for candidate in (ckpt / TRAIN_CONFIG, ckpt.parent.parent / "config.json" if ckpt != p else None):
-        if candidate is not None and candidate.is_file():
-            try:
-                doc = json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(doc, dict) and "model" in doc and "data" in doc:
-                train_cfg = doc
-                break
-    return model, train_cfg

@@ -1,28 +1,68 @@
 """TrainConfig: every knob of a training run, as one JSON-serialisable dataclass.
 
 Configs are code: a file in configs/ defines `config() -> TrainConfig`. `--set key=value`
-overrides a field (or `model_kwargs.KEY=value` a model override), parsed by the field's type;
-unknown keys and unparsable values raise ValueError with close-name suggestions.
+overrides a field, parsed by the field's type; `model=NAME` picks the registered model and
+`model.KEY=VALUE` overrides its config (`model.patch_size=2`, `model.moe.num_experts=16`, see
+`softmoe.models.config.parse_override`; `model_kwargs.KEY=VALUE` is the old spelling, still
+accepted). Unknown keys and unparsable values raise ValueError with close-name suggestions.
+
+Fields marked `resumable` (field metadata) change what is logged or saved, never the
+weights: a run may be resumed with different values. Work directories saved before the model
+section was typed (`"model": NAME, "model_kwargs": {...}`) load through `from_dict`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib.util
-import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+
+from softmoe._fields import check_fields, check_keys, parse_text, split_assignment, unknown_key_message
+from softmoe.models import ViTConfig, VisionTransformer, create_model, get_config
+from softmoe.models.config import check_overrides, merge_overrides, parse_override
+
+RESUMABLE = {"resumable": True}  # field metadata: may differ when a run is resumed
+
+
+def _resumable(default):
+    return field(default=default, metadata=RESUMABLE)
+
+
+@dataclass
+class ModelConfig:
+    """The model of a run: a registry name (softmoe.models.list_models()) plus overrides of
+    its ViTConfig, e.g. `ModelConfig("soft_moe_micro", {"patch_size": 2, "moe": {"num_experts": 16}})`.
+    img_size / in_chans / num_classes are filled from the data unless given here."""
+    name: str = "soft_moe_micro"
+    # ViTConfig fields to change; `moe` takes a dict of MoEConfig fields changed on the registry
+    # model's MoE section (or None: dense). Keys and value types are checked against ViTConfig /
+    # MoEConfig on construction; values against the model when it is built.
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "ModelConfig")
+        if not self.name:
+            raise ValueError("model name must be a registry name (see `softmoe.models.list_models()`)")
+        self.overrides = check_overrides(self.overrides)
+
+    def vit_config(self) -> ViTConfig:
+        """The model's validated ViTConfig (unknown name or bad override: ValueError)."""
+        return get_config(self.name, **self.overrides)
+
+    def build(self) -> VisionTransformer:
+        return create_model(self.name, **self.overrides)
 
 
 @dataclass
 class TrainConfig:
-    # model: a registry name (softmoe.models.list_models()) plus overrides of its ViTConfig;
-    # img_size / in_chans / num_classes are filled from the data unless given here.
-    model: str = "soft_moe_micro"
-    model_kwargs: dict = field(default_factory=dict)
+    # model: a registry name plus overrides of its ViTConfig (a str is taken as ModelConfig(name))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # the old spelling of model.overrides, accepted from config files written before ModelConfig
+    model_kwargs: InitVar[dict | None] = None
     # data
     data: str = "digits"  # one of softmoe.data.DATASETS or an ImageFolder directory
     data_root: str | None = None  # where the dataset's files are (None: the default location)
@@ -39,7 +79,7 @@ class TrainConfig:
     steps: int = 0
     epochs: float = 0.0
     batch_size: int = 128
-    # optimiser (SPEC §4): Adam b1/b2, decoupled weight decay scaled by the learning rate
+    # optimiser (docs/design.md §4): Adam b1/b2, decoupled weight decay scaled by the learning rate
     optimizer: str = "adamw"  # "adamw" (decoupled decay, paper) or "adam" (L2 added to the gradient)
     lr: float = 1e-3
     beta1: float = 0.9
@@ -59,44 +99,53 @@ class TrainConfig:
     label_smoothing: float = 0.0
     aux_loss_weight: float = 1.0  # multiplies softmoe.collect_aux_loss(model) (already weighted per layer)
     # numerics / device
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    device: str = _resumable("auto")  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
     seed: int = 0
-    num_threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
+    num_threads: int = _resumable(0)  # torch intra-op threads on CPU; 0: leave torch's default
     # CPU: MoE layers reuse last step's weight-gradient and activation buffers (no page faults
     # per step; the model's peak can grow by up to the experts' weight size). False: fresh buffers.
-    reuse_buffers: bool = True
-    # logging, evaluation, checkpoints
-    log_every: int = 10
-    eval_every: int = 0  # test accuracy every N steps (0: only at the end)
-    eval_batch_size: int = 512
-    routing_metrics_every: int = 50  # MoE routing metrics every N steps (0: never)
-    checkpoint_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 3
-    tensorboard: bool = True  # write TensorBoard logs when tensorboard is importable
-    plots: bool = True
-    workdir: str = "runs/default"
+    reuse_buffers: bool = _resumable(True)
+    # logging, evaluation, checkpoints (resumable: they change what is logged or saved, never the weights)
+    log_every: int = _resumable(10)
+    eval_every: int = _resumable(0)  # test accuracy every N steps (0: only at the end)
+    eval_batch_size: int = _resumable(512)
+    routing_metrics_every: int = _resumable(50)  # MoE routing metrics every N steps (0: never)
+    checkpoint_every: int = _resumable(500)  # 0: only at the end
+    keep_checkpoints: int = _resumable(3)
+    tensorboard: bool = _resumable(True)  # write TensorBoard logs when tensorboard is importable
+    plots: bool = _resumable(True)
+    workdir: str = _resumable("runs/default")
+
+    def __post_init__(self, model_kwargs: dict | None) -> None:
+        if isinstance(self.model, str):
+            self.model = ModelConfig(self.model)
+        if model_kwargs is not None and isinstance(self.model, ModelConfig):
+            overrides = merge_overrides(self.model.overrides, check_overrides(model_kwargs))
+            self.model = ModelConfig(self.model.name, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The validated config of a `to_dict()` dict, or of one saved in the old format
+        (`"model": NAME` plus `"model_kwargs": {...}`)."""
         if not isinstance(d, dict):
             raise ValueError(f"a train config must be a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise ValueError(_unknown_message(unknown[0], names))
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        check_keys(d, cls, "config key", extra=("model_kwargs",))
+        model = d.get("model", {})
+        if isinstance(model, dict):
+            check_keys(model, ModelConfig, "model config key")
+            model = ModelConfig(**model)
+        elif not isinstance(model, str):
+            raise ValueError(f"config key 'model' must be a registry name or a dict of name and overrides, "
+                             f"got {model!r}")
+        return cls(**{**d, "model": model}).validate()
 
     def validate(self) -> "TrainConfig":
         """Check every field; ValueError naming the field and what it accepts."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        check_fields(self, "TrainConfig")
         choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
                   "schedule": ("rsqrt", "cosine", "constant"), "loss": ("softmax", "sigmoid"),
                   "test_split": ("test", "val")}
@@ -136,106 +185,49 @@ class TrainConfig:
             raise ValueError(f"crop_padding must be >= 0 or None, got {self.crop_padding}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if not self.model:
-            raise ValueError("model must be a registry name (see `softmoe.models.list_models()`)")
         return self
 
 
-def _unknown_message(key: str, names) -> str:
-    close = difflib.get_close_matches(key, sorted(names), n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown config key {key!r}{hint} (known keys: {', '.join(sorted(names))})"
-
-
-def _check_type(name: str, value, hint) -> None:
-    """isinstance against a field's annotation (int, float, str, bool, dict, X | None)."""
-    args = typing.get_args(hint)
-    options = args if args else (hint,)
-    for t in options:
-        if t is type(None) and value is None:
-            return
-        if t is bool and isinstance(value, bool):
-            return
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if t in (str, dict) and isinstance(value, t):
-            return
-    names = " or ".join("None" if t is type(None) else t.__name__ for t in options)
-    raise ValueError(f"config key {name!r} must be {names}, got {value!r} ({type(value).__name__})")
-
-
-def _parse_value(key: str, text: str, hint):
-    """Parse `text` for a field annotated `hint`."""
-    args = typing.get_args(hint)
-    options = args if args else (hint,)
-    low = text.strip().lower()
-    if type(None) in options and low in ("none", "null"):
-        return None
-    for t in options:
-        if t is bool:
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-        elif t is int:
-            try:
-                return int(text)
-            except ValueError:
-                pass
-        elif t is float:
-            try:
-                v = float(text)
-                if math.isfinite(v):
-                    return v
-            except ValueError:
-                pass
-        elif t is str:
-            return text
-        elif t is dict:
-            try:
-                v = json.loads(text)
-            except json.JSONDecodeError:
-                v = None
-            if isinstance(v, dict):
-                return v
-    names = " or ".join("None" if t is type(None) else t.__name__ for t in options)
-    raise ValueError(f"--set {key}={text}: expected {names}")
-
-
-def _parse_json_scalar(text: str):
-    """A model override value: JSON if it parses (16, 0.5, true, null, [8, 9], {...}), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        low = text.strip().lower()
-        if low in ("true", "false", "none"):
-            return {"true": True, "false": False, "none": None}[low]
-        return text
+def resumable_fields() -> set[str]:
+    """TrainConfig fields that may differ when a run is resumed (marked `resumable`)."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """A new TrainConfig with each "key=value" applied. Dict fields take "field.key=value"
-    (value parsed as JSON, else kept as a string) or "field={json}"."""
+    """A new, validated TrainConfig with each "key=value" applied: a field (parsed by its
+    type), `model=NAME`, `model.name=NAME`, `model.KEY=VALUE` (a model override, see
+    `softmoe.models.config.parse_override`), `model.overrides={json}` (all overrides at once)
+    or the old spellings `model_kwargs.KEY=VALUE` / `model_kwargs={json}`."""
     d = cfg.to_dict()
-    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = split_assignment(item)
         head, _, sub = key.partition(".")
-        if head not in hints:
-            raise ValueError(_unknown_message(head, hints))
-        if sub:
-            if hints[head] is not dict:
-                raise ValueError(f"--set {key}: {head!r} is not a dict field, so it takes no '.subkey'")
-            d[head] = dict(d[head])
-            d[head][sub] = _parse_json_scalar(text)
+        if head == "model_kwargs":
+            head, sub = "model", sub or "overrides"
+        if head not in fields:
+            raise ValueError(unknown_key_message(head, fields))
+        if head == "model":
+            d["model"] = _set_model(d["model"], key, sub or "name", text)
+        elif sub:
+            raise ValueError(f"--set {key}: {head!r} takes no '.subkey'")
         else:
-            d[head] = _parse_value(key, text, hints[head])
+            d[head] = parse_text(key, text, _hints()[head])
     return TrainConfig.from_dict(d)
+
+
+def _set_model(model: dict, key: str, sub: str, text: str) -> dict:
+    """The model section dict with `--set key=text` applied (sub: the part after "model.")."""
+    if sub == "name":
+        return {**model, "name": parse_text(key, text, str)}
+    if sub == "overrides":
+        return {**model, "overrides": parse_text(key, text, dict)}
+    prefix = key[:len(key) - len(sub)]  # "model." or "model_kwargs."
+    return {**model, "overrides": merge_overrides(model["overrides"], parse_override(sub, text, prefix))}
+
+
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
 
 
 def config_search_dirs() -> list[Path]:

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedules of the paper's recipe (SPEC §4).
+"""Optimiser and learning-rate schedules of the paper's recipe (docs/design.md §4).
 
 Weight decay is decoupled and scaled by the learning rate, as big_vision/vmoe apply it
 (update = -lr_t * (adam_direction + wd * param)), which is exactly torch's AdamW with

@@ -2,7 +2,7 @@
 wheel has none): the `softmoe demo` pair. configs/demo.py returns the same."""
 from __future__ import annotations
 
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig
 
 # Tuned on 2 shared CPU cores (see the report in the training docs):
 # - 8x8 digits with patch 2 -> 16 tokens; Soft MoE in blocks 2-3 with 16 experts x 1 slot, so
@@ -18,11 +18,11 @@ DEMO_BATCH = 64
 
 
 def demo_config(model: str = "soft_moe_micro", workdir: str | None = None, steps: int = DEMO_STEPS) -> TrainConfig:
-    kwargs = {"patch_size": 2}
+    overrides = {"patch_size": 2}
     if "moe" in model:
-        kwargs["num_experts"] = 16
+        overrides["moe"] = {"num_experts": 16}
     return TrainConfig(
-        model=model, model_kwargs=kwargs,
+        model=ModelConfig(model, overrides),
         data="digits", augment="none",
         steps=steps, batch_size=DEMO_BATCH, lr=3e-3, schedule="cosine", warmup_steps=max(1, steps // 10),
         weight_decay=1.0, grad_clip=1.0,

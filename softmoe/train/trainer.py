@@ -1,5 +1,12 @@
 """The training loop: `train(cfg)` runs a TrainConfig in a work directory and resumes it exactly.
 
+    _setup_run    data, config checks, model, optimizer, loader; restore the newest checkpoint
+    _train_loop   per step: _train_step (forward, backward, clip, update: no host sync), the
+                  running totals (_Tally) and the NaN/Inf watch (_DivergenceGuard) on the device;
+                  the host reads them only to write a record (log, routing metrics), evaluate
+                  or checkpoint
+    _summary      summary.json and the table
+
 Exact resume: model init, data order and augmentation are functions of the seed and the step
 (softmoe.data.loader), the learning rate is a function of the step, and a checkpoint holds the
 weights, the optimizer state and every RNG state. On the CPU with a fixed thread count a run
@@ -28,14 +35,8 @@ from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, recor
 
 from . import checkpoint as ckpt_mod
 from . import logs
-from .config import TrainConfig
+from .config import TrainConfig, resumable_fields
 from .optim import build_optimizer, make_schedule, set_lr
-
-# Fields that may differ when resuming: they change what is logged or saved, never the weights.
-RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every", "checkpoint_every",
-                     "keep_checkpoints", "tensorboard", "plots", "workdir", "num_threads", "device",
-                     "reuse_buffers"}
-
 
 GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
 
@@ -86,42 +87,52 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, l
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, img_size: int, batch_size: int, device: torch.device, autocast,
              loss_kind: str = "softmax") -> dict:
-    """Accuracy and mean loss over the whole `dataset` (eval mode, no augmentation)."""
+    """Accuracy and mean loss over the whole `dataset` (eval mode, no augmentation). The sums
+    stay on the device until the end (float64 loss sum: the same numbers as summing on the host)."""
     from softmoe.data import eval_batches
 
     was_training = model.training
     model.eval()
-    correct, total_loss, n = 0, 0.0, 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     for x, y in eval_batches(dataset, batch_size, img_size, device):
         with autocast():
             logits = model(x)
-        logits = logits.float()
-        total_loss += float(classification_loss(logits, y, loss_kind)) * len(y)
-        correct += int((logits.argmax(-1) == y).sum())
+        logits = logits.float()  # (B, C)
+        total_loss += classification_loss(logits, y, loss_kind).double() * len(y)
+        correct += (logits.argmax(-1) == y).sum()
         n += len(y)
     model.train(was_training)
-    return {"test_accuracy": correct / n, "test_loss": total_loss / n, "test_examples": n}
+    return {"test_accuracy": int(correct) / n, "test_loss": float(total_loss) / n, "test_examples": n}
 
 
 def resolve_config(cfg: TrainConfig, train_ds, workdir: Path) -> TrainConfig:
-    """The config with everything the data decides filled in (img_size, in_chans,
-    num_classes), so that config.json alone rebuilds the same run."""
+    """The config with everything the data decides filled in (img_size, and the model's
+    img_size, in_chans, num_classes), so that config.json alone rebuilds the same run."""
     h, w = train_ds.image_size
     img_size = cfg.img_size or max(h, w)
-    kwargs = dict(cfg.model_kwargs)
+    overrides = dict(cfg.model.overrides)
     for key, value in (("img_size", img_size), ("in_chans", train_ds.channels), ("num_classes", train_ds.num_classes)):
-        if key in kwargs and kwargs[key] != value:
+        if overrides.get(key) is not None and overrides[key] != value:
             where = "img_size" if key == "img_size" else "the dataset"
-            raise ValueError(f"model_kwargs.{key}={kwargs[key]!r} disagrees with {where} ({value}); "
+            raise ValueError(f"model.{key}={overrides[key]!r} disagrees with {where} ({value}); "
                              f"remove it (it is filled from the data){' or set img_size' if key == 'img_size' else ''}")
-        kwargs[key] = value
-    return dataclasses.replace(cfg, img_size=img_size, model_kwargs=kwargs, workdir=str(workdir))
+        overrides[key] = value
+    model = dataclasses.replace(cfg.model, overrides=overrides)
+    return dataclasses.replace(cfg, img_size=img_size, model=model, workdir=str(workdir))
 
 
-def _config_differences(old: dict, new: dict) -> list[str]:
+def _config_differences(saved: dict, new: dict) -> list[str]:
+    """"key: old -> new" for every non-resumable field in which two config dicts differ; the
+    saved one may be in the old format (migrated first)."""
+    try:
+        old = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the saved config.json is not a valid training config ({e})") from e
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    resumable = resumable_fields()
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k not in resumable and old.get(k) != new.get(k)]
 
 
 class _Progress:
@@ -167,200 +178,333 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
 
 
 def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
-    from softmoe.data import TrainBatches, load_dataset
-    from softmoe.models import create_model, get_config
+    run = _setup_run(cfg, workdir, resume, log)
+    t_run = time.perf_counter()
+    writer = logs.MetricsWriter(run.workdir, tensorboard=run.cfg.tensorboard,
+                                purge_step=run.start if run.start else None, notice=log)
+    bar = _Progress(run.total, run.start, progress, log)
+    try:
+        tally = _train_loop(run, writer, bar)
+        bar.close()
+        final_ckpt = run.save(run.total) if run.last_ckpt_step != run.total else \
+            ckpt_mod.checkpoint_dir(run.workdir, run.total)
+        t_eval = time.perf_counter()
+        last_eval = run.evaluate(run.total)
+        eval_s = time.perf_counter() - t_eval
+        writer.write(last_eval)
+    finally:
+        bar.close()
+        writer.close()
+        release_buffers(run.model)  # what the MoE layers kept between steps
+    summary = _summary(run, tally, last_eval, final_ckpt, eval_s, time.perf_counter() - t_run, log)
+    atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
+    log(summary_table(summary))
+    return summary
+
+
+# -- setup ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    """A run ready to train: what `_setup_run` built, read by the loop and the summary."""
+    cfg: TrainConfig  # resolved: img_size and the model's data-dependent fields filled in
+    workdir: Path
+    device: torch.device
+    use_bf16: bool
+    train_ds: object
+    test_ds: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: object  # softmoe.data.TrainBatches
+    schedule: object  # step -> learning rate
+    total: int  # steps of the whole run
+    steps_per_epoch: int
+    start: int = 0  # first step of this session (the checkpoint's step when resuming)
+    last_ckpt_step: int | None = None  # the step of the newest checkpoint on disk
+    params: list = dataclasses.field(default_factory=list)  # what the gradient is clipped over
+    moe: list = dataclasses.field(default_factory=list)  # the model's MoE layers
+
+    @property
+    def resolved(self) -> dict:
+        return self.cfg.to_dict()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def evaluate(self, step: int) -> dict:
+        """The "eval" record of `step`: test accuracy and loss."""
+        return {"kind": "eval", "step": step, **evaluate(self.model, self.test_ds, self.cfg.img_size,
+                                                          self.cfg.eval_batch_size, self.device, self.autocast,
+                                                          self.cfg.loss)}
+
+    def save(self, step: int) -> Path:
+        """Checkpoint `step`: weights, optimizer, RNG states and the data position."""
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "rng": ckpt_mod.rng_state(),
+                 "data": {"seed": self.cfg.seed, "step": step, "epoch": step // self.steps_per_epoch,
+                          "steps_per_epoch": self.steps_per_epoch},
+                 "train_config": json.dumps(self.resolved)}
+        path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
+                                        keep=self.cfg.keep_checkpoints)
+        self.last_ckpt_step = step
+        return path
+
+
+def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
+    """Data, config checks, model, optimizer and loader, restored from the newest checkpoint
+    of `workdir` when there is one. Every check runs before anything but the work directory
+    itself is written; then the resolved config.json is written."""
+    from softmoe.data import load_dataset
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    # -- data and model (all checks before anything is written) -----------------------------
-    kwargs = dict(root=cfg.data_root, download=cfg.download)
-    folder_kw = dict(skip_bad=cfg.skip_bad_images, image_size=cfg.data_image_size)
-    train_ds = load_dataset(cfg.data, "train", **kwargs, **folder_kw)
-    test_ds = load_dataset(cfg.data, cfg.test_split, **kwargs, **folder_kw)
+    data_kw = dict(root=cfg.data_root, download=cfg.download, skip_bad=cfg.skip_bad_images,
+                   image_size=cfg.data_image_size)
+    train_ds = load_dataset(cfg.data, "train", **data_kw)
+    test_ds = load_dataset(cfg.data, cfg.test_split, **data_kw)
     if cfg.batch_size > len(train_ds):
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.data!r} train split ({len(train_ds)} "
                          f"images); use batch_size <= {len(train_ds)}")
     if test_ds.classes != train_ds.classes:
         raise ValueError(f"the train and {cfg.test_split} splits of {cfg.data!r} have different classes")
     cfg = resolve_config(cfg, train_ds, workdir)
-    resolved = cfg.to_dict()
-    get_config(cfg.model, **cfg.model_kwargs)  # unknown model or override: ValueError before any write
+    cfg.model.vit_config()  # unknown model or override: ValueError before any write
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     schedule = make_schedule(cfg, total)  # warmup/cooldown longer than the run: ValueError here
     prepare_workdir(workdir)
-
-    config_path = workdir / "config.json"
-    latest = ckpt_mod.latest_checkpoint(workdir)
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
-    if latest is not None and config_path.is_file():
-        diffs = _config_differences(json.loads(config_path.read_text()), resolved)
-        if diffs:
-            raise ValueError(f"work directory {str(workdir)!r} holds a checkpoint of a different run "
-                             f"({'; '.join(diffs)}); use another --workdir or the same config")
+    latest = _checkpoint_to_resume(workdir, cfg, resume)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+    model = cfg.model.build().to(device)
     model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
-    optimizer = build_optimizer(model, cfg)
-    train_images = train_ds
-    if device.type == "cuda" and train_ds.images.numel() <= GPU_DATASET_BYTES:
-        # a small dataset lives on the GPU: a batch is one gather there, no host-to-device copy
-        from softmoe.data import ImageDataset
-
-        train_images = ImageDataset(train_ds.images.to(device), train_ds.labels.to(device), train_ds.classes,
-                                    train_ds.name, train_ds.split)
-    loader = TrainBatches(train_images, cfg.batch_size, cfg.seed, cfg.img_size, cfg.augment,
-                          padding=cfg.crop_padding, area_min=cfg.inception_area_min, flip=cfg.flip,
-                          device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_params = sum(p.numel() for p in model.parameters())
-
-    start = 0
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
+               model=model, optimizer=build_optimizer(model, cfg),
+               loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
+               steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
+               moe=[m for _, m in moe_layers(model)])
     if latest is not None:
-        state = ckpt_mod.load_train_state(latest)
-        from softmoe.models.hub import load_safetensors
-
-        model.load_state_dict(load_safetensors(latest / "model.safetensors"), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt_mod.set_rng_state(state["rng"])
-        start = int(state["step"])
-        if start > total:
-            raise ValueError(f"checkpoint {str(latest)!r} is at step {start}, past this run's {total} steps")
-        logs.truncate_metrics(workdir, start)
-        log(f"resuming from {latest} (step {start}/{total})")
-    atomic_write_json(config_path, resolved, sort_keys=True)
-
-    writer = logs.MetricsWriter(workdir, tensorboard=cfg.tensorboard, purge_step=start if start else None,
-                                notice=log)
-    n_moe = sum(1 for _ in moe_layers(model))
-    log(f"training {cfg.model} ({num_params / 1e6:.2f}M params, {n_moe} MoE layers) on {cfg.data} "
+        _restore(run, latest, log)
+    atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
-        f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if use_bf16 else ''}; workdir {workdir}")
+        f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
+    return run
 
-    def train_state(step: int) -> dict:
-        return {"step": step, "optimizer": optimizer.state_dict(), "rng": ckpt_mod.rng_state(),
-                "data": {"seed": cfg.seed, "step": step, "epoch": step // steps_per_epoch,
-                         "steps_per_epoch": steps_per_epoch},
-                "train_config": json.dumps(resolved)}
 
-    def save(step: int) -> Path:
-        return ckpt_mod.save_checkpoint(workdir, step, model, train_state(step), resolved, keep=cfg.keep_checkpoints)
+def _checkpoint_to_resume(workdir: Path, cfg: TrainConfig, resume: bool | None) -> Path | None:
+    """The newest checkpoint of `workdir` (None: start afresh); ValueError if it belongs to
+    a run whose non-resumable fields differ from `cfg`."""
+    latest = ckpt_mod.latest_checkpoint(workdir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
+    config_path = workdir / "config.json"
+    if latest is not None and config_path.is_file():
+        diffs = _config_differences(json.loads(config_path.read_text()), cfg.to_dict())
+        if diffs:
+            raise ValueError(f"work directory {str(workdir)!r} holds a checkpoint of a different run "
+                             f"({'; '.join(diffs)}); use another --workdir or the same config")
+    return latest
 
-    bar = _Progress(total, start, progress, log)
-    win = {"loss": 0.0, "correct": 0, "n": 0, "data": 0.0, "step": 0.0, "count": 0}
-    totals = {"data": 0.0, "step": 0.0, "images": 0, "steps": 0}
-    last_eval = None
-    last_ckpt_step = start if latest is not None else None
-    last_loss = float("nan")
-    t_run = time.perf_counter()
-    try:
-        for s in range(start, total):
-            t0 = time.perf_counter()
-            x, y = loader.batch(s)  # (B, C, img, img) float32, (B,)
-            t1 = time.perf_counter()
-            lr = schedule(s)
-            set_lr(optimizer, lr)
-            routing = cfg.routing_metrics_every and n_moe and ((s + 1) % cfg.routing_metrics_every == 0 or s == 0)
-            with (record_routing(model) if routing else contextlib.nullcontext()), autocast():
-                logits = model(x)  # (B, num_classes)
-            logits = logits.float()
-            loss = classification_loss(logits, y, cfg.loss, cfg.label_smoothing)
-            aux = collect_aux_loss(model)
-            total_loss = loss + cfg.aux_loss_weight * aux if aux is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss_value, norm_value = float(total_loss.detach()), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                good = ckpt_mod.latest_checkpoint(workdir)
-                writer.write({"kind": "diverged", "step": s + 1, "loss": loss_value, "grad_norm": norm_value, "lr": lr})
-                raise TrainingDiverged(
-                    f"training diverged at step {s + 1}: the {what} is {loss_value if what == 'loss' else norm_value} "
-                    f"(lr {lr:.3g}); stopped without saving. Last good checkpoint: "
-                    f"{good if good else 'none (no checkpoint was written yet)'}")
-            optimizer.step()
-            t2 = time.perf_counter()
-            step = s + 1
-            last_loss = loss_value
-            win["loss"] += loss_value
-            win["correct"] += int((logits.detach().argmax(-1) == y).sum())
-            win["n"] += len(y)
-            win["data"] += t1 - t0
-            win["step"] += t2 - t1
-            win["count"] += 1
-            totals["data"] += t1 - t0
-            totals["step"] += t2 - t1
-            totals["images"] += len(y)
-            totals["steps"] += 1
-            if routing:
-                writer.write({"kind": "routing", "step": step, **{f"routing/{k}": v for k, v in
-                                                                  collect_metrics(model).items()}})
-            if step % cfg.log_every == 0 or step == total:
-                elapsed = win["data"] + win["step"]
-                ips = win["n"] / elapsed if elapsed > 0 else 0.0
-                rec = {"kind": "train", "step": step, "epoch": s // steps_per_epoch, "loss": win["loss"] / win["count"],
-                       "accuracy": win["correct"] / win["n"], "lr": lr, "grad_norm": norm_value,
-                       "images_per_s": ips, "data_ms": 1e3 * win["data"] / win["count"],
-                       "step_ms": 1e3 * win["step"] / win["count"]}
-                if aux is not None:
-                    rec["aux_loss"] = float(aux.detach())
-                writer.write(rec)
-                per_step = (totals["data"] + totals["step"]) / totals["steps"]
-                bar.update(step, rec["loss"], lr, ips, per_step * (total - step))
-                win = {"loss": 0.0, "correct": 0, "n": 0, "data": 0.0, "step": 0.0, "count": 0}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                last_eval = {"kind": "eval", "step": step, **evaluate(model, test_ds, cfg.img_size,
-                                                                      cfg.eval_batch_size, device, autocast, cfg.loss)}
-                writer.write(last_eval)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
-                save(step)
-                last_ckpt_step = step
-        bar.close()
-        final_ckpt = save(total) if last_ckpt_step != total else ckpt_mod.checkpoint_dir(workdir, total)
-        t_eval = time.perf_counter()
-        last_eval = {"kind": "eval", "step": total, **evaluate(model, test_ds, cfg.img_size, cfg.eval_batch_size,
-                                                               device, autocast, cfg.loss)}
-        eval_s = time.perf_counter() - t_eval
-        writer.write(last_eval)
-    finally:
-        bar.close()
-        writer.close()
-        release_buffers(model)  # what the MoE layers kept between steps
 
-    wall = time.perf_counter() - t_run
-    busy = totals["data"] + totals["step"]
-    plots = logs.write_plots(workdir, notice=log) if cfg.plots else []
-    summary = {
-        "model": cfg.model, "params": num_params, "data": cfg.data, "steps": total, "resumed_from": start or None,
-        "steps_this_session": totals["steps"],
-        "train_loss": last_loss if totals["steps"] else None,  # None, not NaN (invalid JSON), when nothing ran
+def _train_batches(cfg: TrainConfig, train_ds, device: torch.device):
+    """The seeded, step-indexed training batches. A small dataset is copied to the GPU once,
+    so that a batch is one gather there, with no host-to-device copy."""
+    from softmoe.data import ImageDataset, TrainBatches
+
+    if device.type == "cuda" and train_ds.images.numel() <= GPU_DATASET_BYTES:
+        train_ds = ImageDataset(train_ds.images.to(device), train_ds.labels.to(device), train_ds.classes,
+                                train_ds.name, train_ds.split)
+    return TrainBatches(train_ds, cfg.batch_size, cfg.seed, cfg.img_size, cfg.augment, padding=cfg.crop_padding,
+                        area_min=cfg.inception_area_min, flip=cfg.flip, device=device)
+
+
+def _restore(run: _Run, checkpoint: Path, log) -> None:
+    """Weights, optimizer state, RNG states and the step of `checkpoint`; the metrics logged
+    after it are dropped (this session writes them again)."""
+    from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
+
+    state = ckpt_mod.load_train_state(checkpoint)
+    run.model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    ckpt_mod.set_rng_state(state["rng"])
+    run.start = run.last_ckpt_step = int(state["step"])
+    if run.start > run.total:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {run.start}, past this run's {run.total} steps")
+    logs.truncate_metrics(run.workdir, run.start)
+    log(f"resuming from {checkpoint} (step {run.start}/{run.total})")
+
+
+# -- one step -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _StepResult:
+    """What one optimisation step leaves on the device (nothing here has been synced)."""
+    loss: torch.Tensor  # () float32: classification + aux_loss_weight * aux
+    grad_norm: torch.Tensor  # () global gradient norm before clipping
+    correct: torch.Tensor  # () int64: right predictions in the batch
+    images: int
+    aux: torch.Tensor | None  # () the MoE auxiliary loss, None when no layer has one
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing: bool) -> _StepResult:
+    """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
+    y (B,), at learning rate `lr`, without a host sync."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    set_lr(optimizer, lr)
+    with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
+        logits = model(x)  # (B, num_classes)
+    logits = logits.float()
+    loss = classification_loss(logits, y, cfg.loss, cfg.label_smoothing)
+    aux = collect_aux_loss(model)
+    # collect_aux_loss may return a zero tensor instead of None when no layer has an aux loss:
+    # the layers themselves say whether one exists (Soft MoE and Experts Choice have none).
+    if aux is not None and any(m.aux_loss is not None for m in run.moe):
+        loss = loss + cfg.aux_loss_weight * aux
+    else:
+        aux = None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    correct = (logits.detach().argmax(-1) == y).sum()
+    return _StepResult(loss.detach(), grad_norm.detach(), correct, len(y), None if aux is None else aux.detach())
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class _Tally:
+    """Running totals: those of the current log window (loss and correct predictions on the
+    device; the loss sum in float64, so it equals a host-side sum of the per-step floats) and
+    the whole session's times and counts (host)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.data_s = self.step_s = 0.0  # the session
+        self.images = self.steps = 0
+        self.last: _StepResult | None = None
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.win_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.win_correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.win_images = self.win_steps = 0
+        self.win_data_s = self.win_step_s = 0.0
+
+    def add(self, out: _StepResult, data_s: float, step_s: float) -> None:
+        self.win_loss += out.loss
+        self.win_correct += out.correct
+        self.win_images += out.images
+        self.win_steps += 1
+        self.win_data_s += data_s
+        self.win_step_s += step_s
+        self.data_s += data_s
+        self.step_s += step_s
+        self.images += out.images
+        self.steps += 1
+        self.last = out
+
+    def train_record(self, step: int, epoch: int, lr: float) -> dict:
+        """The "train" record of the window ending at `step` (syncs with the device)."""
+        w = self.win_steps
+        elapsed = self.win_data_s + self.win_step_s
+        rec = {"kind": "train", "step": step, "epoch": epoch, "loss": float(self.win_loss) / w,
+               "accuracy": int(self.win_correct) / self.win_images, "lr": lr, "grad_norm": float(self.last.grad_norm),
+               "images_per_s": self.win_images / elapsed if elapsed > 0 else 0.0,
+               "data_ms": 1e3 * self.win_data_s / w, "step_ms": 1e3 * self.win_step_s / w}
+        if self.last.aux is not None:
+            rec["aux_loss"] = float(self.last.aux)
+        return rec
+
+
+class _DivergenceGuard:
+    """Finds the first step whose loss or gradient norm is NaN/Inf without a host sync per step:
+    the first such (step, loss, grad_norm) is kept on the device, and `check` (called before
+    anything is logged, evaluated or saved) reads it and raises TrainingDiverged. The steps
+    after it are wasted, never recorded: the newest checkpoint stays the last good state."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, dtype=torch.float64, device=device)  # (step, loss, grad_norm); step 0: none
+
+    def update(self, step: int, out: _StepResult) -> None:
+        values = torch.stack([out.loss.double(), out.grad_norm.double()])  # (2,)
+        new = torch.isfinite(values).all().logical_not() & (self.first[0] == 0)
+        self.first = torch.where(new, torch.cat([values.new_full((1,), step), values]), self.first)
+
+    def check(self, run: _Run, writer) -> None:
+        step, loss, norm = self.first.tolist()
+        if step == 0:
+            return
+        step = int(step)
+        lr = run.schedule(step - 1)
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        good = ckpt_mod.latest_checkpoint(run.workdir)
+        writer.write({"kind": "diverged", "step": step, "loss": loss, "grad_norm": norm, "lr": lr})
+        raise TrainingDiverged(f"training diverged at step {step}: the {what} is {value} (lr {lr:.3g}); stopped "
+                               f"without saving. Last good checkpoint: "
+                               f"{good if good else 'none (no checkpoint was written yet)'}")
+
+
+def _train_loop(run: _Run, writer, bar) -> _Tally:
+    """Steps run.start..run.total, with the logging, evaluation and checkpoints of the config.
+    The host reads device values only when it writes a record or a checkpoint."""
+    cfg, total = run.cfg, run.total
+    tally, guard = _Tally(run.device), _DivergenceGuard(run.device)
+    for s in range(run.start, total):
+        step = s + 1
+        t0 = time.perf_counter()
+        x, y = run.loader.batch(s)  # (B, C, img, img) float32, (B,)
+        t1 = time.perf_counter()
+        lr = run.schedule(s)
+        routing = bool(cfg.routing_metrics_every and run.moe and (step % cfg.routing_metrics_every == 0 or s == 0))
+        out = _train_step(run, x, y, lr, routing)
+        guard.update(step, out)
+        log_now = step % cfg.log_every == 0 or step == total
+        eval_now = cfg.eval_every and step % cfg.eval_every == 0 and step != total
+        save_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total
+        if routing or log_now or eval_now or save_now or step == total:
+            guard.check(run, writer)  # waits for the queued steps, so that wait is step time
+        tally.add(out, t1 - t0, time.perf_counter() - t1)
+        if routing:
+            writer.write({"kind": "routing", "step": step,
+                          **{f"routing/{k}": v for k, v in collect_metrics(run.model).items()}})
+        if log_now:
+            rec = tally.train_record(step, s // run.steps_per_epoch, lr)
+            writer.write(rec)
+            per_step = (tally.data_s + tally.step_s) / tally.steps
+            bar.update(step, rec["loss"], lr, rec["images_per_s"], per_step * (total - step))
+            tally.reset_window()
+        if eval_now:
+            writer.write(run.evaluate(step))
+        if save_now:
+            run.save(step)
+    return tally
+
+
+# -- the summary --------------------------------------------------------------------------------
+def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s: float, wall_s: float,
+             log) -> dict:
+    cfg = run.cfg
+    busy = tally.data_s + tally.step_s
+    n = tally.steps
+    plots = logs.write_plots(run.workdir, notice=log) if cfg.plots else []
+    return {
+        "model": cfg.model.name, "params": sum(p.numel() for p in run.model.parameters()), "data": cfg.data,
+        "steps": run.total, "resumed_from": run.start or None, "steps_this_session": n,
+        "train_loss": float(tally.last.loss) if n else None,  # None, not NaN (invalid JSON), when nothing ran
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
-        "images_per_s": totals["images"] / busy if busy else None,
-        "data_ms_per_step": 1e3 * totals["data"] / totals["steps"] if totals["steps"] else None,
-        "step_ms_per_step": 1e3 * totals["step"] / totals["steps"] if totals["steps"] else None,
-        "data_time_fraction": totals["data"] / busy if busy else None,
-        "eval_s": eval_s, "wall_s": wall, "device": str(device), "bf16": use_bf16,
-        "threads": torch.get_num_threads(), "workdir": str(workdir), "checkpoint": str(final_ckpt),
+        "images_per_s": tally.images / busy if busy else None,
+        "data_ms_per_step": 1e3 * tally.data_s / n if n else None,
+        "step_ms_per_step": 1e3 * tally.step_s / n if n else None,
+        "data_time_fraction": tally.data_s / busy if busy else None,
+        "eval_s": eval_s, "wall_s": wall_s, "device": str(run.device), "bf16": run.use_bf16,
+        "threads": torch.get_num_threads(), "workdir": str(run.workdir), "checkpoint": str(checkpoint),
         "plots": [str(p) for p in plots],
     }
-    atomic_write_json(workdir / "summary.json", summary, sort_keys=True)
-    log(summary_table(summary))
-    return summary
-
 
 def summary_table(s: dict) -> str:
     def fmt(v, spec):

@@ -79,9 +79,34 @@ def test_config_json_format(tmp_path):
     model = _model()
     save_pretrained(model, tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
-    assert doc == {"format": "softmoe", "format_version": 1, "architecture": "vit", "config": model.config.to_dict()}
+    assert doc == {"format": "softmoe", "format_version": 2, "architecture": "vit", "config": model.config.to_dict()}
+    assert doc["config"]["moe"] == {"type": "SoftMoE", "num_experts": 4, "placement": "last_half"}
     assert load_config(tmp_path) == model.config
     assert hub.is_pretrained_dir(tmp_path) and not hub.is_pretrained_dir(tmp_path / "x")
+
+
+# config.json as softmoe wrote it before the typed MoE section (format_version 1, flat MoE keys).
+OLD_CONFIG = {"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {
+    "img_size": 16, "patch_size": 4, "in_chans": 3, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    "mlp_dim": 48, "qkv_bias": True, "qk_norm": True, "pool": "gap", "layer_norm_eps": 1e-06,
+    "moe_type": "TokensChoiceMoE", "num_experts": 4, "moe_placement": [1],
+    "moe_kwargs": {"k": 2, "capacity_factor": 2.0},
+    "name": "tc_moe_micro"}}
+
+
+def test_format_version_1_checkpoints_load_unchanged(tmp_path):
+    model = _model("tc_moe_micro", moe_placement=[1], moe_kwargs={"k": 2, "capacity_factor": 2.0})
+    save_pretrained(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    moe = loaded.config.moe
+    assert (moe.type, moe.num_experts, moe.placement, moe.k, moe.capacity_factor) == ("TokensChoiceMoE", 4, [1], 2, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    dense = {**OLD_CONFIG, "config": {**OLD_CONFIG["config"], "moe_type": None, "num_experts": 0, "moe_kwargs": {},
+                                      "moe_placement": "last_half"}}
+    (tmp_path / "config.json").write_text(json.dumps(dense))
+    assert load_config(tmp_path).moe is None
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
@@ -133,7 +158,7 @@ def test_missing_directory_and_files(tmp_path):
 @pytest.mark.parametrize("doc, match", [
     ({"model_type": "vit", "hidden_size": 768}, "expected \"format\": 'softmoe'"),  # transformers' config.json
     ([1, 2], "not a softmoe config"),
-    ({"format": "softmoe", "format_version": 2, "architecture": "vit", "config": {}}, "format_version 2"),
+    ({"format": "softmoe", "format_version": 3, "architecture": "vit", "config": {}}, "format_version 3"),
     ({"format": "softmoe", "format_version": 1, "architecture": "resnet", "config": {}}, "expected 'vit'"),
     ({"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {"embed_dimm": 8}},
      "unknown ViTConfig field.*embed_dimm"),
@@ -210,7 +235,7 @@ def test_img_size_override_resamples_pos_embed_only(tmp_path):
     for k in src:
         if k != "pos_embed":
             assert torch.equal(src[k], dst[k]), k
-    # The Soft MoE slot count does not depend on the number of tokens (SPEC §1).
+    # The Soft MoE slot count does not depend on the number of tokens (docs/design.md §1).
     assert big.blocks[1].mlp.num_slots == model.blocks[1].mlp.num_slots == 4
     big.eval()
     assert big(torch.rand(2, 3, 32, 32)).shape == (2, 5)
@@ -291,3 +316,28 @@ def test_exports():
 
     assert m.from_pretrained is from_pretrained and m.save_pretrained is save_pretrained
     assert hub.CONFIG_NAME == "config.json" and hub.WEIGHTS_NAME == "model.safetensors"
+
+
+def test_load_model_finds_a_training_workdir_without_softmoe_train(tmp_path):
+    """softmoe.models reads training work directories itself: evaluation never imports
+    softmoe.train (and softmoe.models never does)."""
+    import subprocess
+    import sys
+
+    model = _model()
+    ckpt = hub.checkpoint_dir(tmp_path, 7)
+    save_pretrained(model, ckpt)
+    (ckpt / hub.TRAIN_STATE).write_bytes(b"")
+    (ckpt / hub.TRAIN_CONFIG).write_text(json.dumps({"model": {"name": "soft_moe_micro"}, "data": "digits"}))
+    (hub.checkpoint_dir(tmp_path, 9)).mkdir()  # incomplete: ignored
+    assert hub.latest_checkpoint(tmp_path) == ckpt and hub.list_checkpoints(tmp_path) == [(7, ckpt)]
+    code = (f"import sys; from softmoe.eval.loading import load_checkpoint; m, c = load_checkpoint({str(tmp_path)!r}); "
+            f"assert c['data'] == 'digits' and not m.training; "
+            f"assert not [n for n in sys.modules if n.startswith('softmoe.train')], 'softmoe.train was imported'")
+    import softmoe
+
+    root = os.path.dirname(os.path.dirname(softmoe.__file__))  # this checkout, not an installed copy
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+    loaded, cfg = hub.load_model(ckpt)
+    assert cfg["model"] == {"name": "soft_moe_micro"}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

@@ -57,7 +57,7 @@ def test_vit_b16_flops_by_hand():
                 + L * (2 * N * D * 4 * D + 2 * 2 * N * N * D + 2 * N * 2 * D * H)
                 + 2 * D * 1000)
     assert count_flops(get_config("vit_b16")) == expected
-    assert abs(expected / 2 / 1e9 - 17.5) < 0.1  # SPEC: ViT-B/16 ~ 2 x 17.5 G MACs (with its big head)
+    assert abs(expected / 2 / 1e9 - 17.5) < 0.1  # docs/design.md §3: ViT-B/16 ~ 2 x 17.5 G MACs (with its big head)
 
 
 def test_soft_moe_flops_depend_on_slots_not_experts():
@@ -87,7 +87,7 @@ def test_profile_model_by_name():
     assert prof.moe_blocks == tuple(range(6, 12)) and prof.num_experts == 128
     assert prof.params == sum(prof.param_breakdown.values())
     assert prof.flops == sum(prof.flop_breakdown.values())
-    assert prof.to_dict()["config"]["num_experts"] == 128
+    assert prof.to_dict()["config"]["moe"]["num_experts"] == 128
 
 
 @pytest.mark.parametrize("row", TABLE8, ids=[r[0] for r in TABLE8])

@@ -7,7 +7,7 @@ from softmoe.models import registry
 from softmoe.models.vit import ViTConfig, build_model
 
 SIZES = {"ti": (192, 12, 768, 3), "s": (384, 12, 1536, 6), "b": (768, 12, 3072, 12), "l": (1024, 24, 4096, 16),
-         "h": (1280, 32, 5120, 16)}  # SPEC.md §3 table, typed in again on purpose
+         "h": (1280, 32, 5120, 16)}  # docs/design.md §3 table, typed in again on purpose
 
 
 def test_names_cover_every_family_size_and_patch():
@@ -84,8 +84,12 @@ def test_switching_moe_on_and_off():
     assert dense.config.num_experts == 0 and all(type(b.mlp).__name__ == "Mlp" for b in dense.blocks)
     moe = create_model("vit_micro", moe_type="soft", num_experts=2)
     assert type(moe.blocks[-1].mlp).__name__ == "SoftMoE"
-    with pytest.raises(ValueError, match="num_experts=4.*need a moe_type"):
+    with pytest.raises(ValueError, match="num_experts=4 need a MoE layer type"):
         create_model("vit_micro", num_experts=4)
+    assert create_model("vit_micro", num_experts=0).config == get_config("vit_micro")  # legacy: 0 = dense
+    # the typed spelling: moe=None is dense, a moe dict on a dense model needs a type
+    assert get_config("soft_moe_micro", moe=None) == get_config("soft_moe_micro", moe_type=None)
+    assert get_config("vit_micro", moe={"type": "soft", "num_experts": 2}) == moe.config
 
 
 def test_unknown_name_suggests_close_names():
@@ -96,7 +100,8 @@ def test_unknown_name_suggests_close_names():
 
 
 def test_unknown_and_bad_overrides():
-    with pytest.raises(ValueError, match=r"unknown ViTConfig field\(s\) \['num_expert'\].*did you mean 'num_experts'"):
+    with pytest.raises(ValueError, match=r"unknown ViTConfig field 'num_expert'; did you mean 'num_experts' or "
+                                         r"'moe.num_experts'"):
         create_model("soft_moe_micro", num_expert=4)
     with pytest.raises(ValueError, match="img_size=30 is not divisible by patch_size=4"):
         create_model("vit_micro", img_size=30)

@@ -149,7 +149,7 @@ def test_timm_to_moe_errors():
         timm_to_moe(_timm_vit(), "soft", 4, hidden_dim=8)
     with pytest.raises(ValueError, match="init must be"):
         timm_to_moe(_timm_vit(), "soft", 4, init="copy")
-    with pytest.raises(ValueError, match="moe_placement"):
+    with pytest.raises(ValueError, match="placement must be"):
         timm_to_moe(_timm_vit(), "soft", 4, placement="every:0")
 
 

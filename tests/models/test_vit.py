@@ -1,4 +1,4 @@
-"""The ViT of SPEC.md §3: exact forward math against an independent float64 reference,
+"""The ViT of docs/design.md §3: exact forward math against an independent float64 reference,
 initialisation, MoE placement, the model surface (contracts.md) and input validation."""
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from softmoe.models import ViTConfig, VisionTransformer, build_model, create_model
+from softmoe.models import MoEConfig, ViTConfig, VisionTransformer, build_model, create_model
 from softmoe.models.vit import moe_block_indices
 
 MICRO = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=4, num_heads=2, mlp_dim=48)
@@ -89,7 +89,7 @@ def _randomised(cfg):
 @pytest.mark.parametrize("pool", ["gap", "token"])
 @pytest.mark.parametrize("moe", [False, True])
 def test_forward_matches_float64_reference(pool, moe):
-    extra = dict(moe_type="SoftMoE", num_experts=3, moe_kwargs={"slots_per_expert": 2}) if moe else {}
+    extra = dict(moe=MoEConfig("SoftMoE", 3, slots_per_expert=2)) if moe else {}
     model = _randomised(ViTConfig(**MICRO, pool=pool, **extra))
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1
     tokens, pooled, logits = reference_forward(model, x)
@@ -167,8 +167,8 @@ def test_last_half_odd_depth_and_micro():
 
 @pytest.mark.parametrize("bad", ["last:0", "last:13", "every:0", "first_half", [12], [1, 1], [], [True], "last:x"])
 def test_bad_placement_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="moe_placement"):
-        ViTConfig(depth=12, moe_type="soft", num_experts=4, moe_placement=bad)
+    with pytest.raises(ValueError, match="placement"):
+        ViTConfig(depth=12, moe=MoEConfig("soft", 4, placement=bad))
 
 
 @pytest.mark.parametrize("name,cls", [("soft_moe_micro", SoftMoE), ("tc_moe_micro", TokensChoiceMoE),
@@ -266,13 +266,27 @@ def test_config_json_round_trip_and_unknown_keys():
     (dict(pool="avg"), "pool must be one of"),
     (dict(depth=0), "depth must be an int >= 1, got 0"),
     (dict(num_classes=2.5), "num_classes"),
+    (dict(moe={"type": "switch", "num_experts": 2}), "moe_type must be one of"),
+    (dict(moe={"type": "soft", "num_experts": 0}), "num_experts must be >= 1"),
+    (dict(moe={"type": "soft"}), "moe type 'soft' needs num_experts"),
+    (dict(moe={"num_experts": 4}), "num_experts=4 need a MoE layer type"),
+    (dict(moe={"type": "soft", "num_experts": 2, "k": 2}), r"MoE option\(s\) \['k'\] do not apply to SoftMoE"),
+    (dict(moe={"type": "ec", "num_experts": 2, "batch_priority": True}), r"\['batch_priority'\] do not apply"),
+    (dict(moe={"type": "tc", "num_experts": 2, "capacity_factor": -1.0}), "capacity_factor must be a number > 0"),
+    (dict(moe={"type": "soft", "num_experts": 2, "dispatch": "hard"}), "dispatch"),
+    (dict(moe={"type": "soft", "num_experts": 2, "slots_per_expert": "2"}), "'slots_per_expert' must be int or None"),
+    (dict(moe={"type": "soft", "num_experts": 2, "slot_per_expert": 1}), "did you mean 'slots_per_expert'"),
+    (dict(moe="soft"), "'moe' must be MoEConfig or None, got 'soft'"),
+    # the legacy flat keys
     (dict(moe_type="switch", num_experts=2), "moe_type must be one of"),
-    (dict(moe_type="soft"), "num_experts must be >= 1"),
-    (dict(num_experts=4), "num_experts=4.*need a moe_type"),
+    (dict(moe_type="soft"), "moe type 'soft' needs num_experts"),
+    (dict(num_experts=4), "num_experts=4 need a MoE layer type"),
+    (dict(moe_type=None, num_experts=4), "num_experts=4 / moe_kwargs={} need a MoE layer type"),
+    (dict(moe_type="soft", num_experts=2, moe_kwargs=[1]), "moe_kwargs must be a dict"),
 ])
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ViTConfig(**kwargs)
+        ViTConfig.from_dict(kwargs)
 
 
 def test_bad_inputs_at_forward():
@@ -286,6 +300,6 @@ def test_bad_inputs_at_forward():
 
 
 def test_moe_type_aliases_are_canonicalised():
-    assert ViTConfig(moe_type="soft", num_experts=2).moe_type == "SoftMoE"
-    assert ViTConfig(moe_type="tokens_choice", num_experts=2).moe_type == "TokensChoiceMoE"
-    assert ViTConfig(moe_type="ec", num_experts=2).moe_type == "ExpertsChoiceMoE"
+    assert ViTConfig(moe=MoEConfig("soft", 2)).moe_type == "SoftMoE"
+    assert MoEConfig("tokens_choice", 2).type == "TokensChoiceMoE"
+    assert ViTConfig.from_dict({"moe_type": "ec", "num_experts": 2}).moe.type == "ExpertsChoiceMoE"

@@ -87,12 +87,12 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 
 CRASH_CONFIG = """
-from softmoe.train import TrainConfig
+from softmoe.train import ModelConfig, TrainConfig
 
 def config():
-    return TrainConfig(model="soft_moe_micro", data="digits", augment="crop_flip",
-                       model_kwargs={"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64,
-                                     "num_experts": 4},
+    return TrainConfig(model=ModelConfig("soft_moe_micro", {"patch_size": 4, "depth": 2, "embed_dim": 32,
+                                                            "num_heads": 2, "mlp_dim": 64, "moe": {"num_experts": 4}}),
+                       data="digits", augment="crop_flip",
                        steps=400, batch_size=32, lr=1e-3, schedule="cosine", warmup_steps=10,
                        checkpoint_every=25, keep_checkpoints=2, log_every=25, routing_metrics_every=50,
                        tensorboard=False, plots=False, num_threads=1, seed=7)

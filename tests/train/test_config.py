@@ -4,19 +4,76 @@ from pathlib import Path
 
 import pytest
 
-from softmoe.train import TrainConfig, apply_overrides, available_configs, load_config
+from softmoe.models.config import parse_overrides
+from softmoe.train import ModelConfig, TrainConfig, apply_overrides, available_configs, load_config
+from softmoe.train.config import resumable_fields
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_set_parses_by_field_type():
     cfg = apply_overrides(TrainConfig(steps=10), ["lr=3e-4", "batch_size=7", "bf16=true", "img_size=none",
-                                                  "data=/some/dir", "head_weight_decay=3", "flip=no",
-                                                  "model_kwargs.num_experts=16", "model_kwargs.moe_kwargs={\"k\": 2}",
-                                                  "model_kwargs.moe_type=soft"])
+                                                  "data=/some/dir", "head_weight_decay=3", "flip=no"])
     assert cfg.lr == 3e-4 and cfg.batch_size == 7 and cfg.bf16 is True and cfg.img_size is None
     assert cfg.data == "/some/dir" and cfg.head_weight_decay == 3.0 and cfg.flip is False
-    assert cfg.model_kwargs == {"num_experts": 16, "moe_kwargs": {"k": 2}, "moe_type": "soft"}
+
+
+def test_set_model_section_and_its_old_spelling():
+    cfg = apply_overrides(TrainConfig(steps=10), ["model=tc_moe_micro", "model.patch_size=2",
+                                                  "model.moe.num_experts=16", "model.moe.k=2",
+                                                  "model.moe.placement=[2, 3]"])
+    assert cfg.model == ModelConfig("tc_moe_micro", {"patch_size": 2, "moe": {"num_experts": 16, "k": 2,
+                                                                              "placement": [2, 3]}})
+    vit = cfg.model.vit_config()
+    assert (vit.patch_size, vit.moe.num_experts, vit.moe.k, vit.moe_blocks) == (2, 16, 2, (2, 3))
+    old = apply_overrides(TrainConfig(steps=10), ["model=tc_moe_micro", "model_kwargs.patch_size=2",
+                                                  "model_kwargs.num_experts=16", 'model_kwargs.moe_kwargs={"k": 2}',
+                                                  "model_kwargs.moe_placement=[2, 3]"])
+    assert old == cfg
+    # the one parser: `softmoe info --set` gives the same overrides
+    assert parse_overrides(["patch_size=2", "moe.num_experts=16", "moe.k=2", "moe.placement=[2, 3]"]) == \
+        cfg.model.overrides
+    assert apply_overrides(cfg, ["model.name=vit_micro", "model.moe=none"]).model == \
+        ModelConfig("vit_micro", {"patch_size": 2, "moe": None})
+    assert apply_overrides(cfg, ['model_kwargs={"depth": 2}']).model == ModelConfig("tc_moe_micro", {"depth": 2})
+    assert apply_overrides(cfg, ['model.overrides={}']).model == ModelConfig("tc_moe_micro")
+
+
+def test_old_config_files_and_saved_configs_still_load():
+    """Config files written before ModelConfig passed model= a name and model_kwargs= a dict
+    with flat MoE keys; saved config.json files hold the same two keys."""
+    old = TrainConfig(model="soft_moe_micro", model_kwargs={"patch_size": 2, "num_experts": 4,
+                                                             "moe_kwargs": {"slots_per_expert": 2}}, steps=3)
+    new = TrainConfig(model=ModelConfig("soft_moe_micro", {"patch_size": 2, "moe": {"num_experts": 4,
+                                                                                    "slots_per_expert": 2}}),
+                      steps=3)
+    assert old == new
+    saved = {**{k: v for k, v in new.to_dict().items() if k != "model"}, "model": "soft_moe_micro",
+             "model_kwargs": {"patch_size": 2, "num_experts": 4, "moe_kwargs": {"slots_per_expert": 2},
+                              "in_chans": 1}}
+    assert TrainConfig.from_dict(saved).model.overrides == {"patch_size": 2, "in_chans": 1,
+                                                             "moe": {"num_experts": 4, "slots_per_expert": 2}}
+
+
+def test_model_section_errors():
+    with pytest.raises(ValueError, match="unknown ViTConfig field 'model.patch_sise'; did you mean 'patch_size'"):
+        apply_overrides(TrainConfig(steps=1), ["model.patch_sise=2"])
+    with pytest.raises(ValueError, match="--set model.moe.k=two: expected int or None"):
+        apply_overrides(TrainConfig(steps=1), ["model.moe.k=two"])
+    with pytest.raises(ValueError, match="model override depth must be int, got '2'"):
+        ModelConfig("vit_micro", {"depth": "2"})
+    with pytest.raises(ValueError, match="unknown model config key 'overides'"):
+        TrainConfig.from_dict({"model": {"name": "vit_micro", "overides": {}}, "steps": 1})
+    with pytest.raises(ValueError, match="'model' must be a registry name or a dict"):
+        TrainConfig.from_dict({"model": 3, "steps": 1})
+    with pytest.raises(ValueError, match="model name must be a registry name"):
+        TrainConfig(model="", steps=1)
+
+
+def test_resumable_fields_are_marked_on_the_dataclass():
+    assert resumable_fields() == {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every",
+                                  "checkpoint_every", "keep_checkpoints", "tensorboard", "plots", "workdir",
+                                  "num_threads", "device", "reuse_buffers"}
 
 
 def test_set_rejects_unknown_keys_with_suggestion():
@@ -24,9 +81,9 @@ def test_set_rejects_unknown_keys_with_suggestion():
         apply_overrides(TrainConfig(steps=1), ["lrr=1"])
     with pytest.raises(ValueError, match="unknown config key 'bach_size'.*'batch_size'"):
         apply_overrides(TrainConfig(steps=1), ["bach_size=1"])
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         apply_overrides(TrainConfig(steps=1), ["lr"])
-    with pytest.raises(ValueError, match="'lr' is not a dict field"):
+    with pytest.raises(ValueError, match="'lr' takes no '.subkey'"):
         apply_overrides(TrainConfig(steps=1), ["lr.x=1"])
 
 
@@ -48,7 +105,7 @@ def test_set_rejects_wrong_types_and_values():
 
 
 def test_config_round_trips_through_json():
-    cfg = TrainConfig(steps=3, model_kwargs={"num_experts": 4})
+    cfg = TrainConfig(steps=3, model=ModelConfig("soft_moe_micro", {"moe": {"num_experts": 4}, "depth": 2}))
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 
@@ -64,7 +121,7 @@ def test_every_repo_config_loads():
 
 def test_paper_s16_is_the_spec_recipe():
     cfg = load_config("paper_s16")
-    assert cfg.model == "soft_moe_s16" and cfg.img_size == 224 and cfg.batch_size == 4096
+    assert cfg.model.name == "soft_moe_s16" and cfg.img_size == 224 and cfg.batch_size == 4096
     assert cfg.optimizer == "adamw" and (cfg.beta1, cfg.beta2) == (0.9, 0.999) and cfg.grad_clip == 1.0
     assert cfg.lr == 1e-3 and cfg.weight_decay == 0.03 and cfg.head_weight_decay == 3.0
     assert cfg.schedule == "rsqrt" and cfg.warmup_steps == 10_000 and cfg.rsqrt_timescale == 10_000

@@ -25,6 +25,7 @@ def test_demo_command_runs_both_models(tmp_path, capsys):
 def test_demo_preset_pairs_moe_with_matching_dense_model():
     moe, dense = demo_config("soft_moe_micro"), demo_config("vit_micro")
     assert moe.steps == dense.steps == DEMO_STEPS and moe.data == dense.data == "digits"
-    assert moe.model_kwargs == {"patch_size": 2, "num_experts": 16} and dense.model_kwargs == {"patch_size": 2}
-    assert {k: v for k, v in moe.to_dict().items() if k not in ("model", "model_kwargs", "workdir")} == \
-           {k: v for k, v in dense.to_dict().items() if k not in ("model", "model_kwargs", "workdir")}
+    assert moe.model.overrides == {"patch_size": 2, "moe": {"num_experts": 16}}
+    assert dense.model.overrides == {"patch_size": 2}
+    assert {k: v for k, v in moe.to_dict().items() if k not in ("model", "workdir")} == \
+           {k: v for k, v in dense.to_dict().items() if k not in ("model", "workdir")}

@@ -24,7 +24,7 @@ def test_param_groups_follow_the_paper():
     assert head == {"head.weight"}
     assert "head.bias" in none and "pos_embed" in none
     assert any(n.endswith("router.phi") for n in none) and not any(n.endswith("router.phi") for n in decay)
-    assert any(n.endswith("router.scale") for n in decay)  # SPEC §4: scale is decayed
+    assert any(n.endswith("router.scale") for n in decay)  # docs/design.md §4: scale is decayed
     assert any(n.endswith("experts.w1") for n in decay) and any(n.endswith("experts.b1") for n in none)
     assert all(not n.endswith(("bias", "norm1.weight", "norm2.weight")) for n in decay)
     assert none == model.no_weight_decay()

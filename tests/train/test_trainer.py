@@ -1,5 +1,6 @@
 """The training loop: outputs of a run, exact resume, divergence, bad input, the CLI."""
 import json
+import math
 import os
 import shutil
 
@@ -10,7 +11,8 @@ from softmoe.train import TrainingDiverged, load_model, train
 from softmoe.train import trainer as trainer_mod
 from softmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_train_state
 
-from train_helpers import tiny_config
+from softmoe.train import ModelConfig
+from train_helpers import TINY_MODEL, tiny_config
 
 
 def quiet(*args, **kwargs):
@@ -28,8 +30,9 @@ def test_run_writes_the_documented_workdir(tmp_path):
     s = train(tiny_config(plots=True, eval_every=6), wd, log=quiet)
     assert [step for step, _ in list_checkpoints(wd)] == [4, 8, 12]
     cfg = json.loads((wd / "config.json").read_text())
-    assert cfg["model"] == "soft_moe_micro" and cfg["data"] == "digits" and "data_root" in cfg
-    assert cfg["img_size"] == 8 and cfg["model_kwargs"]["in_chans"] == 1 and cfg["model_kwargs"]["num_classes"] == 10
+    assert cfg["model"]["name"] == "soft_moe_micro" and cfg["data"] == "digits" and "data_root" in cfg
+    over = cfg["model"]["overrides"]
+    assert cfg["img_size"] == 8 and over["in_chans"] == 1 and over["num_classes"] == 10 and over["img_size"] == 8
     records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     assert kinds == {"train", "eval", "routing"}
@@ -48,7 +51,7 @@ def test_run_writes_the_documented_workdir(tmp_path):
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert state["step"] == 12 and "optimizer" in state and "rng" in state and state["data"]["step"] == 12
     model, train_cfg = load_model(wd)
-    assert train_cfg["model"] == "soft_moe_micro" and model.config.img_size == 8
+    assert train_cfg["model"]["name"] == "soft_moe_micro" and model.config.img_size == 8
     for key, value in weights(ckpt).items():
         assert torch.equal(model.state_dict()[key], value)
 
@@ -113,8 +116,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"diverged at step 7: the loss is nan.*step_00000004"):
         train(tiny_config(), wd, log=quiet)
     assert [s for s, _ in list_checkpoints(wd)] == [4]
-    last = json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["kind"] == "diverged" and last["step"] == 7
+    records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    # found at step 8 (the next log line) without a sync per step, reported for step 7; nothing after it
+    assert records[-1]["kind"] == "diverged" and records[-1]["step"] == 7 and math.isnan(records[-1]["loss"])
+    assert records[-1]["lr"] == trainer_mod.make_schedule(tiny_config(), 12)(6)
+    assert [r["step"] for r in records[:-1]] == [1, 2, 3, 4, 6, 6]  # routing 1, 3, 6; train 2, 4, 6
 
 
 def test_absurd_learning_rate_diverges(tmp_path):
@@ -136,8 +142,9 @@ def test_bad_input_fails_before_writing(tmp_path):
         train(tiny_config(model="soft_moe_mirco"), tmp_path / "m", log=quiet)
     with pytest.raises(ValueError, match="unknown dataset 'digit'"):
         train(tiny_config(data="digit"), tmp_path / "d", log=quiet)
-    with pytest.raises(ValueError, match="model_kwargs.in_chans=3 disagrees with the dataset"):
-        train(tiny_config(model_kwargs={"in_chans": 3}), tmp_path / "c", log=quiet)
+    with pytest.raises(ValueError, match="model.in_chans=3 disagrees with the dataset"):
+        train(tiny_config(model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "in_chans": 3})), tmp_path / "c",
+              log=quiet)
     with pytest.raises(ValueError, match="warmup_steps=50 must be smaller than the run's 12 steps"):
         train(tiny_config(warmup_steps=50), tmp_path / "w", log=quiet)
     for name in ("b", "m", "d", "c", "w"):
@@ -162,9 +169,10 @@ def test_cli_train_and_errors(tmp_path, capsys):
 
     wd = tmp_path / "cli"
     code = main(["train", "--config", "debug", "--set", "steps=4", "--set", "checkpoint_every=2",
-                 "--set", "model_kwargs.depth=2", "--set", "plots=false", "--workdir", str(wd), "--no-progress"])
+                 "--set", "model.depth=2", "--set", "model.moe.num_experts=4", "--set", "plots=false", "--workdir", str(wd), "--no-progress"])
     assert code == 0 and latest_checkpoint(wd).name == "step_00000004"
-    assert json.loads((wd / "config.json").read_text())["workdir"] == str(wd)
+    saved = json.loads((wd / "config.json").read_text())
+    assert saved["workdir"] == str(wd) and saved["model"]["overrides"]["moe"] == {"num_experts": 4}
     assert "test accuracy" in capsys.readouterr().out
     assert main(["train", "--config", "debug", "--set", "lrr=1", "--workdir", str(tmp_path / "x")]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
@@ -186,7 +194,7 @@ def test_epochs_bf16_sigmoid_and_inception_options(tmp_path):
     assert s["steps"] == 22  # ceil(0.5 * (1438 // 32 = 44))
     assert s["bf16"] is True and 0 <= s["test_accuracy"] <= 1
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
-    assert cfg["model_kwargs"]["img_size"] == 12
+    assert cfg["model"]["overrides"]["img_size"] == 12
     lrs = [json.loads(l)["lr"] for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()
            if json.loads(l)["kind"] == "train"]
     assert lrs[-1] < lrs[-3]  # linear cooldown to zero at the end
@@ -224,5 +232,93 @@ def test_train_on_image_folder_with_resize(tmp_path, monkeypatch):
     s = train(tiny_config(data=str(tmp_path / "imgs"), data_image_size=8, test_split="val", steps=3,
                           batch_size=16), tmp_path / "run", log=quiet)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["model_kwargs"]["in_chans"] == 3 and cfg["model_kwargs"]["num_classes"] == 2
+    assert cfg["model"]["overrides"]["in_chans"] == 3 and cfg["model"]["overrides"]["num_classes"] == 2
     assert s["steps"] == 3 and 0 <= s["test_accuracy"] <= 1
+
+
+def _old_format(workdir, step):
+    """Rewrite `workdir` as softmoe wrote it before the typed model sections: config.json and the
+    checkpoint's train_config.json with "model": NAME + flat "model_kwargs", the checkpoint's
+    model config.json in format_version 1 with flat moe_type / num_experts / moe_kwargs keys."""
+    new = json.loads((workdir / "config.json").read_text())
+    over = dict(new["model"]["overrides"])
+    moe = over.pop("moe")
+    old = {**new, "model": new["model"]["name"], "model_kwargs": {**over, "num_experts": moe["num_experts"]}}
+    (workdir / "config.json").write_text(json.dumps(old))
+    ckpt = workdir / "checkpoints" / f"step_{step:08d}"
+    (ckpt / "train_config.json").write_text(json.dumps(old))
+    vit = {"img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2,
+           "num_heads": 2, "mlp_dim": 64, "qkv_bias": True, "qk_norm": True, "pool": "gap", "layer_norm_eps": 1e-06,
+           "moe_type": "SoftMoE", "num_experts": 4, "moe_placement": "last_half", "moe_kwargs": {},
+           "name": "soft_moe_micro"}
+    (ckpt / "config.json").write_text(json.dumps({"format": "softmoe", "format_version": 1, "architecture": "vit",
+                                                  "config": vit}))
+
+
+def test_old_format_workdir_resumes_exactly(tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(), full, log=quiet)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for step, d in list_checkpoints(part):  # as if the run died after step 4
+        if step > 4:
+            shutil.rmtree(d)
+    (part / "config.json").write_text((full / "config.json").read_text().replace(str(full), str(part)))
+    _old_format(part, 4)
+    model, train_cfg = load_model(part)  # evaluation reads the old layout too
+    assert train_cfg["model"] == "soft_moe_micro" and model.config.moe.num_experts == 4
+    logs = []
+    train(tiny_config(), part, log=logs.append)
+    assert any("resuming from" in l and "step 4/12" in l for l in logs)
+    a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((part / "config.json").read_text())["model"]["name"] == "soft_moe_micro"  # rewritten new
+    with pytest.raises(ValueError, match=r"different run \(model: .*'num_experts': 4.* -> .*'num_experts': 2"):
+        train(tiny_config(model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 2}})), part,
+              log=quiet)
+
+
+def _metrics(workdir):
+    timing = {"images_per_s", "data_ms", "step_ms"}
+    return [{k: v for k, v in json.loads(l).items() if k not in timing}
+            for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_aux_loss_as_none_or_zero_tensor_gives_the_same_run(tmp_path, monkeypatch):
+    """softmoe.collect_aux_loss may return a 0-dim zero instead of None when no layer has an
+    auxiliary loss: the run (metrics, weights) must not change, and no aux_loss is logged."""
+    train(tiny_config(), tmp_path / "none", log=quiet)
+    real = trainer_mod.collect_aux_loss
+    monkeypatch.setattr(trainer_mod, "collect_aux_loss", lambda m: torch.zeros(()) if real(m) is None else real(m))
+    train(tiny_config(), tmp_path / "zero", log=quiet)
+    assert _metrics(tmp_path / "none") == _metrics(tmp_path / "zero")
+    assert not any("aux_loss" in r for r in _metrics(tmp_path / "zero"))
+    a, b = weights(latest_checkpoint(tmp_path / "none")), weights(latest_checkpoint(tmp_path / "zero"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokens_choice_aux_loss_is_logged_and_trained(tmp_path):
+    tc = dict(model=ModelConfig("tc_moe_micro", TINY_MODEL), steps=4, checkpoint_every=0, routing_metrics_every=0)
+    train(tiny_config(**tc), tmp_path / "w1", log=quiet)
+    train(tiny_config(**tc, aux_loss_weight=0.0), tmp_path / "w0", log=quiet)
+    records = [r for r in _metrics(tmp_path / "w1") if r["kind"] == "train"]
+    assert all(r["aux_loss"] > 0 for r in records)
+    a, b = weights(latest_checkpoint(tmp_path / "w1")), weights(latest_checkpoint(tmp_path / "w0"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the aux loss reaches the gradient
+
+
+def test_window_totals_stay_on_the_device_and_match_host_sums():
+    """The window's loss mean is bitwise the mean of the per-step floats (float64 sum on the
+    device, in step order), so metrics.jsonl is unchanged by keeping the sums on the device."""
+    tally = trainer_mod._Tally(torch.device("cpu"))
+    losses = torch.rand(7, dtype=torch.float32) * 3
+    for i, loss in enumerate(losses):
+        tally.add(trainer_mod._StepResult(loss, torch.tensor(0.5), torch.tensor(i), 8, None), 0.001, 0.002)
+    assert isinstance(tally.win_loss, torch.Tensor) and isinstance(tally.win_correct, torch.Tensor)
+    host = 0.0
+    for loss in losses:
+        host += float(loss)
+    rec = tally.train_record(7, 0, 1e-3)
+    assert rec["loss"] == host / 7 and rec["accuracy"] == sum(range(7)) / 56 and "aux_loss" not in rec
+    tally.reset_window()
+    assert float(tally.win_loss) == 0 and tally.steps == 7 and tally.images == 56

@@ -1,12 +1,13 @@
 """Shared by the training tests: a tiny config whose steps take milliseconds."""
 from softmoe.train import TrainConfig
+from softmoe.train.config import ModelConfig
 
-TINY_MODEL = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "num_experts": 4}
+TINY_MODEL = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "moe": {"num_experts": 4}}
 
 
 def tiny_config(**changes) -> TrainConfig:
     """A Soft MoE ViT of ~30k parameters on digits (4 tokens of 4x4 pixels, 4 experts)."""
-    base = dict(model="soft_moe_micro", model_kwargs=dict(TINY_MODEL), data="digits", augment="crop_flip",
+    base = dict(model=ModelConfig("soft_moe_micro", dict(TINY_MODEL)), data="digits", augment="crop_flip",
                 steps=12, batch_size=32, lr=1e-3, schedule="cosine", warmup_steps=2, log_every=2,
                 checkpoint_every=4, keep_checkpoints=3, routing_metrics_every=3, eval_batch_size=256,
                 tensorboard=False, plots=False, num_threads=1)
