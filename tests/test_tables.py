@@ -63,10 +63,14 @@ def test_text_table_right_and_left_aligned():
 
 def test_the_call_sites_keep_their_text(capsys):
     from softmoe.cli.inspect import _print_table
-    from softmoe.train.logs import format_table
+    from softmoe.train.trainer import summary_table
 
-    assert format_table([("model", "vit (1.00M params)"), ("data / step time", "1 ms")]) == \
-        "  model             vit (1.00M params)\n  data / step time  1 ms"
+    s = {"model": "vit", "params": 1e6, "data": "digits", "steps": 2, "resumed_from": None, "train_loss": 0.5,
+         "test_accuracy": 0.25, "test_loss": 1.0, "images_per_s": 10.0, "data_ms_per_step": 1.0,
+         "step_ms_per_step": 2.0, "data_time_fraction": 0.5, "wall_s": 3.0, "device": "cpu", "threads": 1,
+         "checkpoint": "ck", "workdir": "w", "plots": []}
+    assert summary_table(s).splitlines()[:3] == ["summary:", "  model             vit (1.00M params)",
+                                                 "  data              digits"]
     rows = [{"slot": s, "w": s / 3} for s in range(17)]  # over 16 rows: the 8 highest and lowest only
     _print_table(rows, ["slot", "w"], sort_key="w")
     lines = capsys.readouterr().out.splitlines()

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from softmoe._io import atomic_write, atomic_write_text
-from softmoe._tables import text_table
 
 METRICS = "metrics.jsonl"
 
@@ -71,11 +70,6 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def format_table(rows: list[tuple[str, str]]) -> str:
-    """(key, value) lines, keys left-aligned to the longest (the end-of-run summary)."""
-    return text_table(rows, align="<")
 
 
 def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, notice=print) -> list[Path]:

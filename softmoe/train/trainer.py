@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe._device import resolve_device
 from softmoe._io import atomic_write_json
+from softmoe._tables import text_table
 from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, record_routing, release_buffers,
                             set_buffer_reuse)
 
@@ -45,15 +47,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/Inf; nothing was saved after the last good step."""
 
     exit_code = 1  # `softmoe train` / `softmoe demo` exit status (bad input exits 2)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu' or 'auto'")
-    return dev
 
 
 def prepare_workdir(path: str | os.PathLike) -> Path:
@@ -520,4 +513,4 @@ def summary_table(s: dict) -> str:
             ("wall time", f"{s['wall_s']:.1f} s on {s['device']} ({s['threads']} threads)"),
             ("checkpoint", s["checkpoint"]), ("metrics", str(Path(s["workdir"]) / logs.METRICS)),
             ("plots", str(Path(s["workdir"]) / "plots") if s["plots"] else "-")]
-    return "summary:\n" + logs.format_table(rows)
+    return "summary:\n" + text_table(rows, align="<")
