@@ -102,7 +102,15 @@ def completed(run: Run) -> dict | None:
         rec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return rec if rec.get("config") == run.config else None
+    if rec.get("config") == run.config:
+        return rec
+    try:  # a record written by an older release: compare the configs as this release reads them
+        from softmoe.train import TrainConfig
+
+        same = TrainConfig.from_dict(rec["config"]).to_dict() == TrainConfig.from_dict(run.config).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rec if same else None
 
 
 def execute(run: Run) -> dict:
