@@ -19,6 +19,8 @@ def register(subparsers) -> None:
                    help="a ViTConfig override shared by every model, e.g. --backbone patch_size=8 (repeatable)")
     p.add_argument("--models", default=None, help="models to train (default: dense,soft,tc1,tc2,ec)")
     p.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list '0,1,2' (default: 3)")
+    p.add_argument("--ablation-seeds", default=None,
+                   help="seeds of the ablations and controls, when fewer than --seeds (a count or a list)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training epochs per run")
     length.add_argument("--steps", type=int, default=None, help="training steps per run")
@@ -32,6 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time (default: cores / threads on CPU, 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs complete so far (it lists the missing ones)")
     p.set_defaults(func=run)
 
 
@@ -45,9 +49,10 @@ def run(args) -> int:
         raise ValueError("give --epochs or --steps (the training length of every run)")
     backbone = _backbone(args.backbone)
     compare(args.data, args.out, data_root=args.data_root, base=args.base, models=args.models, seeds=args.seeds,
+            ablation_seeds=args.ablation_seeds,
             epochs=args.epochs or 0.0, steps=args.steps or 0, experts=args.experts,
             flops_tolerance=args.flops_tolerance, backbone=backbone, overrides=args.overrides, jobs=args.jobs,
-            threads=args.threads, command="softmoe " + shlex.join(sys.argv[1:]))
+            threads=args.threads, report_only=args.report_only, command="softmoe " + shlex.join(sys.argv[1:]))
     return 0
 
 

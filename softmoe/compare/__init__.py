@@ -34,14 +34,17 @@ def sparse_group_size(batch_sizes: list[int], limit: int = MAX_GROUP) -> int:
 
 
 def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str | None = None, base: str = "micro",
-            models: str | None = None, seeds="3", epochs: float = 0.0, steps: int = 0, experts: int | None = None,
+            models: str | None = None, seeds="3", ablation_seeds=None, epochs: float = 0.0, steps: int = 0, experts: int | None = None,
             flops_tolerance: float = 0.05, backbone: dict | None = None, overrides: list[str] | None = None,
-            jobs: int | None = None, threads: int = 1, command: str = "", log=print) -> dict:
+            jobs: int | None = None, threads: int = 1, command: str = "", report_only: bool = False,
+            log=print) -> dict:
     """Run (or resume) a comparison and write its report; returns the report dict.
 
     The recipe is the `cifar10`-style TrainConfig defaults with `epochs`/`steps` and the
     `overrides` (`key=value` strings, as `softmoe train --set`), identical for every model;
-    `backbone` holds ViTConfig overrides shared by every model (e.g. {"patch_size": 8})."""
+    `backbone` holds ViTConfig overrides shared by every model (e.g. {"patch_size": 8}).
+    `ablation_seeds` (a count or list, as `seeds`): the seeds of the ablations and controls,
+    when they should get fewer runs than the main models (dense, soft, tc1, tc2, ec)."""
     import dataclasses
 
     from softmoe.data import load_dataset
@@ -52,6 +55,7 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
 
     keys = parse_models(models)
     seed_list = parse_seeds(seeds)
+    extra = parse_seeds(ablation_seeds) if ablation_seeds is not None else seed_list
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     out_dir = Path(out_dir)
@@ -78,22 +82,27 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
               **dict(backbone or {})}
     group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, len(test_ds) % cfg.eval_batch_size])
     specs, matching = build_family(base, keys, shared, experts, flops_tolerance, group)
-    runs = plan_runs(specs, seed_list, cfg, out_dir)
+    runs = plan_runs(specs, {s.key: (seed_list if s.key in DEFAULT_MODELS else extra) for s in specs}, cfg, out_dir)
     jobs = jobs or default_jobs(cfg.device, threads)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "model_kwargs", "seed", "workdir")}
     plan = {"data": cfg.data, "models": [s.to_dict() for s in specs], "matching": matching, "seeds": seed_list,
+            "ablation_seeds": extra,
             "recipe": recipe, "steps": total, "train_images": total * cfg.batch_size,
             "command": command or "softmoe.compare.compare(...)", "jobs": jobs, "threads": threads}
     # jobs and the command's spelling may change on resume (they do not change what is trained).
     check_plan(out_dir, {k: v for k, v in plan.items() if k not in ("jobs", "command")})
-    log(f"compare: {len(specs)} models x {len(seed_list)} seeds = {len(runs)} runs of {total} steps on {cfg.data}; "
+    log(f"compare: {len(specs)} models, {len(runs)} runs of {total} steps on {cfg.data}; "
         f"{matching['matching']}; {jobs} at a time, {threads} thread(s) each; output {out_dir}")
     for s in specs:
         log(f"  {s.key:22s} {s.params / 1e6:7.2f}M params  {s.flops / matching['dense_flops']:6.3f}x dense FLOPs  "
             f"{s.description}")
-    records = run_all(runs, jobs, log)
+    records = run_all(runs, jobs, log, report_only=report_only)
+    if not records:
+        raise ValueError(f"--report-only: no run in {str(out_dir)!r} is complete yet")
+    plan["missing_runs"] = [f"{r.key} seed {r.seed}" for r in runs
+                            if not any(x["key"] == r.key and x["seed"] == r.seed for x in records)]
     report = report_mod.write(out_dir, plan, records)
     log(report_mod.markdown(report).split("## Routing")[0].split("## Every run")[0].rstrip())
     log(f"\nreport: {out_dir / report_mod.REPORT_MD} (+ {report_mod.REPORT_JSON}, plots)")

@@ -94,7 +94,11 @@ def markdown(report: dict) -> str:
              f"- Recipe (the same for every model): {_recipe_words(plan)}",
              f"- Cost matching: {m['matching']}; {m['tokens']} tokens per image; Tokens/Experts Choice route "
              f"groups of {m['group_size']} image(s).",
-             f"- Seeds: {plan['seeds']}. Statistics: {report['statistics']}.",
+             f"- Seeds: {plan['seeds']}" + (f" (ablations and controls: {plan['ablation_seeds']})"
+                                            if plan.get("ablation_seeds", plan["seeds"]) != plan["seeds"] else "")
+             + f". Statistics: {report['statistics']}.",
+             *([f"- **Incomplete**: missing runs {', '.join(plan['missing_runs'])} (report written with "
+                f"--report-only)."] if plan.get("missing_runs") else []),
              f"- Throughput: median over seeds; runs went {plan['jobs']} at a time with {plan['threads']} "
              f"thread(s) each, so they shared the machine.", ""]
     rows = []

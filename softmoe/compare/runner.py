@@ -27,7 +27,9 @@ from typing import Callable
 RUN_RECORD = "compare_run.json"
 PLAN = "plan.json"
 # Images for the routing diagnostics and the inference timing, and for the train-split
-# accuracy (the train-test gap), taken from the start of each split (no augmentation).
+# accuracy (the train-test gap): a fixed random subset of each split (seed 0, the same for
+# every run; image folders are sorted by class, so the first images would be one or two
+# classes), without augmentation.
 DIAG_IMAGES = 256
 TRAIN_EVAL_IMAGES = 10_000
 INFER_REPEATS = 5
@@ -62,14 +64,14 @@ def parse_seeds(text) -> list[int]:
     return seeds
 
 
-def plan_runs(specs, seeds: list[int], base_cfg, out_dir: Path) -> list[Run]:
-    """One Run per (model, seed): the shared recipe `base_cfg` (a TrainConfig) with the model,
-    its overrides and the seed."""
+def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> list[Run]:
+    """One Run per (model, seed in seeds[model.key]): the shared recipe `base_cfg` (a
+    TrainConfig) with the model, its overrides and the seed."""
     import dataclasses
 
     runs = []
     for spec in specs:
-        for seed in seeds:
+        for seed in seeds[spec.key]:
             workdir = out_dir / "runs" / spec.key / f"seed{seed}"
             cfg = dataclasses.replace(base_cfg, model=spec.model, model_kwargs=dict(spec.overrides), seed=seed,
                                       workdir=str(workdir))
@@ -150,12 +152,20 @@ def measure(workdir: str, cfg, threads: int) -> dict:
         test_ds = load_dataset(cfg.data, cfg.test_split, **kw)
         prepare = make_prepare(model, train_ds.channels)
         train_acc = _accuracy(model, train_ds, prepare, TRAIN_EVAL_IMAGES, cfg.eval_batch_size)
-        x = prepare(test_ds.images[:DIAG_IMAGES])
+        x = prepare(test_ds.images[subset(len(test_ds), DIAG_IMAGES)])
         infer = _images_per_s(model, x)
         routing = routing_diagnostics(model, x)
     finally:
         torch.set_num_threads(prev)
     return {"train_accuracy": train_acc, "infer_images_per_s": infer, "routing": routing}
+
+
+def subset(n: int, k: int):
+    """Sorted indices of a fixed random subset of min(k, n) of range(n) (seed 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(n, generator=g)[: min(k, n)].sort().values
 
 
 def _batches(n: int, size: int, group: int):
@@ -175,14 +185,15 @@ def _group(model) -> int:
 def _accuracy(model, ds, prepare, limit: int, batch: int) -> float:
     import torch
 
-    n = min(limit, len(ds))
+    idx = subset(len(ds), limit)
     group = _group(model)
     batch = max(group, batch - batch % group)
     correct = total = 0
     with torch.no_grad():
-        for a, b in _batches(n, batch, group):
-            logits = model(prepare(ds.images[a:b]))
-            correct += int((logits.argmax(-1) == ds.labels[a:b]).sum())
+        for a, b in _batches(len(idx), batch, group):
+            i = idx[a:b]
+            logits = model(prepare(ds.images[i]))
+            correct += int((logits.argmax(-1) == ds.labels[i]).sum())
             total += b - a
     return correct / total if total else float("nan")
 
@@ -256,9 +267,10 @@ def default_jobs(device: str, threads: int) -> int:
     return max(1, cores // max(1, threads))
 
 
-def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print) -> list[dict]:
+def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print, report_only: bool = False) -> list[dict]:
     """Run what is not complete, `jobs` at a time in worker processes (spawned: no state is
-    shared with this process); a progress line per run and an overall ETA."""
+    shared with this process); a progress line per run and an overall ETA. `report_only`:
+    run nothing and return the complete runs' records (the report says what is missing)."""
     records: dict[tuple[str, int], dict] = {}
     todo = []
     for run in runs:
@@ -267,6 +279,10 @@ def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print) -> l
             records[(run.key, run.seed)] = rec
         else:
             todo.append(run)
+    if report_only:
+        log(f"report only: {len(records)} of {len(runs)} runs complete"
+            + (f"; missing: {', '.join(f'{r.key} seed {r.seed}' for r in todo)}" if todo else ""))
+        return [records[(r.key, r.seed)] for r in runs if (r.key, r.seed) in records]
     if records:
         log(f"{len(records)} of {len(runs)} runs already complete; running the other {len(todo)}")
     durations: list[float] = []
