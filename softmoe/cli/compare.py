@@ -1,0 +1,73 @@
+"""`softmoe compare`: train dense, Soft MoE and the sparse baselines at matched cost on one
+dataset, several seeds each, and write a report (Markdown + JSON + plots)."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from softmoe.compare.family import DESCRIPTIONS
+
+    models = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+    p = subparsers.add_parser(
+        "compare", help="train a family of models at matched FLOPs over seeds and report the differences",
+        description=__doc__ + "\n\nModels (--models, comma-separated, or 'all'; dense is always included): "
+                    + models + ". Every run is an ordinary `softmoe train` work directory under OUT/runs/; "
+                    "rerunning the same command resumes a killed comparison and runs only what is missing.")
+    p.add_argument("--data", required=True, help="a dataset name (digits, cifar10, ...) or an ImageFolder directory")
+    p.add_argument("--data-root", default=None, help="where the dataset's files are")
+    p.add_argument("--base", default="micro", help="the dense backbone: 'micro' or a vit_* model name (default: micro)")
+    p.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ViTConfig override shared by every model, e.g. --backbone patch_size=8 (repeatable)")
+    p.add_argument("--models", default=None, help="models to train (default: dense,soft,tc1,tc2,ec)")
+    p.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list '0,1,2' (default: 3)")
+    p.add_argument("--ablation-seeds", default=None,
+                   help="seeds of the ablations and controls, when fewer than --seeds (a count or a list)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="training epochs per run")
+    length.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts of the MoE models (default: the Soft MoE count matching dense FLOPs)")
+    p.add_argument("--flops-tolerance", type=float, default=0.05,
+                   help="largest relative FLOP difference of Soft MoE to dense when matching (default: 0.05)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training-recipe field, as `softmoe train --set` (the same for every model; repeatable)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (default: cores / threads on CPU, 1 on a GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs complete so far (it lists the missing ones)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import shlex
+    import sys
+
+    from softmoe.compare import compare
+
+    if args.epochs is None and args.steps is None:
+        raise ValueError("give --epochs or --steps (the training length of every run)")
+    backbone = _backbone(args.backbone)
+    compare(args.data, args.out, data_root=args.data_root, base=args.base, models=args.models, seeds=args.seeds,
+            ablation_seeds=args.ablation_seeds,
+            epochs=args.epochs or 0.0, steps=args.steps or 0, experts=args.experts,
+            flops_tolerance=args.flops_tolerance, backbone=backbone, overrides=args.overrides, jobs=args.jobs,
+            threads=args.threads, report_only=args.report_only, command="softmoe " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _backbone(items: list[str]) -> dict:
+    """`["patch_size=8", ...]` -> {"patch_size": 8}; values parsed as JSON, else strings.
+    The keys are checked against the model config when the family is built."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backbone expects KEY=VALUE (a model config field), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out

@@ -1,0 +1,226 @@
+"""The comparison report: Markdown, JSON and PNG plots built from the run records.
+
+Every number in it comes from the runs' own records (compare_run.json, metrics.jsonl); the
+statistics follow softmoe.compare.stats (stated in the report itself)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .stats import SE_THRESHOLD, difference, summarize
+
+REPORT_MD, REPORT_JSON = "report.md", "report.json"
+PLOTS = ("accuracy_vs_flops.png", "accuracy_vs_wallclock.png", "learning_curves.png")
+
+
+def build(plan: dict, records: list[dict]) -> dict:
+    """The report's data: per-model summaries, differences to dense, every run."""
+    specs = {s["key"]: s for s in plan["models"]}
+    by_model: dict[str, list[dict]] = {k: [] for k in specs}
+    for r in records:
+        by_model[r["key"]].append(r)
+    acc = {k: {r["seed"]: r["summary"]["test_accuracy"] for r in rs} for k, rs in by_model.items()}
+    dense = acc.get("dense", {})
+    models = []
+    for key, spec in specs.items():
+        rs = by_model[key]
+        if not rs:
+            continue
+        s = summarize(list(acc[key].values()))
+        losses = [r["summary"]["train_loss"] for r in rs if r["summary"]["train_loss"] is not None]
+        loss = summarize(losses) if losses else None
+        gap = summarize([r["train_accuracy"] - r["summary"]["test_accuracy"] for r in rs])
+        row = {
+            "key": key, "description": spec["description"], "model": spec["model"], "params": spec["params"],
+            "flops": spec["flops"], "flops_vs_dense": spec["flops"] / plan["matching"]["dense_flops"],
+            "train_images_per_s": _median([r["summary"]["images_per_s"] for r in rs]),
+            "infer_images_per_s": _median([r["infer_images_per_s"] for r in rs]),
+            "test_accuracy": s.to_dict(), "train_loss": loss.to_dict() if loss else None,
+            "train_test_gap": gap.to_dict(), "wall_s": _median([r["summary"]["wall_s"] for r in rs]),
+            "routing": _mean_routing(rs),
+        }
+        if key != "dense" and dense:
+            d = difference(acc[key], dense)
+            row["vs_dense"] = {**d.to_dict(), "words": d.words("dense")}
+        models.append(row)
+    runs = [{"key": r["key"], "seed": r["seed"], "test_accuracy": r["summary"]["test_accuracy"],
+             "train_accuracy": r["train_accuracy"], "train_loss": r["summary"]["train_loss"],
+             "test_loss": r["summary"]["test_loss"], "wall_s": r["summary"]["wall_s"],
+             "train_images_per_s": r["summary"]["images_per_s"], "infer_images_per_s": r["infer_images_per_s"],
+             "workdir": r["summary"]["workdir"], "routing": r["routing"]} for r in records]
+    ranking = sorted(models, key=lambda m: -m["test_accuracy"]["mean"])
+    return {"plan": plan, "models": models, "runs": runs, "ranking": [m["key"] for m in ranking],
+            "statistics": STATS_RULE}
+
+
+STATS_RULE = (f"mean ± sample std over seeds; Δ vs dense = difference of means with the Welch standard error "
+              f"sqrt(s1²/n1 + s2²/n2); a difference is claimed only when |Δ| > {SE_THRESHOLD:g} SE and every seed "
+              f"both models ran points the same way")
+
+
+def _median(values):
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+
+
+def _mean_routing(records: list[dict]) -> dict:
+    """Each routing diagnostic averaged over layers and runs."""
+    sums: dict[str, list[float]] = {}
+    for r in records:
+        for layer in r["routing"].values():
+            for k, v in layer.items():
+                sums.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _pm(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    if s is None:
+        return "-"
+    if s["std"] is None:
+        return f"{scale * s['mean']:.{digits}f} (n=1)"
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f} (n={s['n']})"
+
+
+def markdown(report: dict) -> str:
+    from softmoe.bench import markdown_table
+
+    plan = report["plan"]
+    m = plan["matching"]
+    lines = [f"# softmoe compare: {plan['data']}, base {m['base']}", "",
+             f"Command: `{plan['command']}`", "",
+             f"- Recipe (the same for every model): {_recipe_words(plan)}",
+             f"- Cost matching: {m['matching']}; {m['tokens']} tokens per image; Tokens/Experts Choice route "
+             f"groups of {m['group_size']} image(s).",
+             f"- Seeds: {plan['seeds']}" + (f" (ablations and controls: {plan['ablation_seeds']})"
+                                            if plan.get("ablation_seeds", plan["seeds"]) != plan["seeds"] else "")
+             + f". Statistics: {report['statistics']}.",
+             *([f"- **Incomplete**: missing runs {', '.join(plan['missing_runs'])} (report written with "
+                f"--report-only)."] if plan.get("missing_runs") else []),
+             f"- Throughput: median over seeds; runs went {plan['jobs']} at a time with {plan['threads']} "
+             f"thread(s) each, so they shared the machine.", ""]
+    rows = []
+    for x in report["models"]:
+        vs = x.get("vs_dense")
+        rows.append({"model": x["key"], "params": f"{x['params'] / 1e6:.2f}M", "GFLOP/img": f"{x['flops'] / 1e9:.4f}",
+                     "FLOPs vs dense": f"{x['flops_vs_dense']:.3f}",
+                     "train img/s": _fmt(x["train_images_per_s"]), "infer img/s": _fmt(x["infer_images_per_s"]),
+                     "test top-1 %": _pm(x["test_accuracy"]),
+                     "Δ vs dense (pp)": "-" if not vs else (f"{100 * vs['diff']:+.2f}" + (
+                         f" ± {100 * vs['se']:.2f}" if vs["se"] is not None else "")),
+                     "verdict": "baseline" if x["key"] == "dense" else vs["verdict"],
+                     "final train loss": _pm(x["train_loss"], 1.0, 4),
+                     "train−test gap (pp)": _pm(x["train_test_gap"])})
+    cols = list(rows[0]) if rows else []
+    lines += ["## Results", "", markdown_table(cols, rows), ""]
+    lines += ["In words:", ""] + [f"- **{x['key']}** ({x['description']}): {x['vs_dense']['words']}"
+                                  for x in report["models"] if "vs_dense" in x] + [""]
+    lines += [f"Ranking by mean test top-1: {' > '.join(report['ranking'])}.", ""]
+    diag = [x for x in report["models"] if x["routing"]]
+    if diag:
+        keys = sorted({k for x in diag for k in x["routing"]})
+        drows = [{"model": x["key"], **{k: (f"{x['routing'][k]:.3f}" if k in x["routing"] else "-") for k in keys}}
+                 for x in diag]
+        lines += ["## Routing diagnostics (final models, first test images, mean over MoE layers and seeds)", "",
+                  "dispatch/combine entropy: normalised to 1 = uniform; dropped: fraction never processed by an "
+                  "expert.", "", markdown_table(["model"] + keys, drows), ""]
+    rrows = [{"model": r["key"], "seed": r["seed"], "test top-1 %": f"{100 * r['test_accuracy']:.2f}",
+              "train top-1 %": f"{100 * r['train_accuracy']:.2f}", "final train loss": _fmt(r["train_loss"], ".4f"),
+              "wall s": _fmt(r["wall_s"]), "workdir": r["workdir"]} for r in report["runs"]]
+    lines += ["## Every run", "", markdown_table(list(rrows[0]) if rrows else [], rrows), ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
+    return "\n".join(lines)
+
+
+def _recipe_words(plan: dict) -> str:
+    """The recipe's fields that differ from TrainConfig's defaults, plus its length."""
+    from softmoe.train import TrainConfig
+
+    default = TrainConfig().to_dict()
+    r = plan["recipe"]
+    diff = [f"{k}={r[k]}" for k in sorted(r) if k in default and r[k] != default[k]
+            and k not in ("steps", "epochs", "data", "data_root", "plots", "tensorboard", "keep_checkpoints",
+                          "checkpoint_every")]
+    length = f"{plan['steps']} steps of {r['batch_size']} images"
+    return f"{length}; TrainConfig defaults except {', '.join(diff)}" if diff else f"{length}; TrainConfig defaults"
+
+
+def _fmt(v, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def write(out_dir: Path, plan: dict, records: list[dict]) -> dict:
+    """Write report.md, report.json and the plots into out_dir; return the report dict."""
+    from softmoe._io import atomic_write_json, atomic_write_text
+
+    report = build(plan, records)
+    report["plots"] = write_plots(out_dir, report)
+    atomic_write_json(out_dir / REPORT_JSON, report, sort_keys=True)
+    atomic_write_text(out_dir / REPORT_MD, markdown(report))
+    return report
+
+
+def write_plots(out_dir: Path, report: dict) -> list[str]:
+    """Accuracy against training FLOPs and against wall-clock (every run, mean per model) and
+    learning curves (train loss, test accuracy at each evaluation), as PNGs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from softmoe._io import atomic_write
+    from softmoe.train.logs import read_metrics
+
+    plan = report["plan"]
+    flops = {x["key"]: x["flops"] for x in report["models"]}
+    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(flops)}
+    written = []
+
+    def save(fig, name):
+        atomic_write(out_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        plt.close(fig)
+        written.append(name)
+
+    images_seen = plan["train_images"]  # per run: steps * batch size
+    for name, xkey, xlabel in (("accuracy_vs_flops.png", "flops", "training FLOPs (3 x forward x images seen)"),
+                               ("accuracy_vs_wallclock.png", "wall_s", "training wall-clock (s)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for x in report["models"]:
+            k = x["key"]
+            runs = [r for r in report["runs"] if r["key"] == k]
+            xs = [3 * flops[k] * images_seen if xkey == "flops" else r["wall_s"] for r in runs]
+            ax.scatter(xs, [100 * r["test_accuracy"] for r in runs], color=colors[k], alpha=0.4, s=14)
+            ax.scatter([sum(xs) / len(xs)], [100 * x["test_accuracy"]["mean"]], color=colors[k], s=60,
+                       edgecolor="black", label=k)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test top-1 (%)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        save(fig, name)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in report["runs"]:
+        recs = read_metrics(r["workdir"])
+        tr = [(m["step"], m["loss"]) for m in recs if m.get("kind") == "train"]
+        ev = [(m["step"], 100 * m["test_accuracy"]) for m in recs if m.get("kind") == "eval"]
+        label = r["key"] if r["seed"] == plan["seeds"][0] else None
+        if tr:
+            a1.plot(*zip(*tr), color=colors[r["key"]], alpha=0.6, lw=1, label=label)
+        if ev:
+            a2.plot(*zip(*ev), color=colors[r["key"]], alpha=0.6, lw=1, marker=".", label=label)
+    a1.set(xlabel="step", ylabel="train loss (log-window mean)", yscale="log")
+    a2.set(xlabel="step", ylabel="test top-1 (%)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, ncol=2)
+    save(fig, "learning_curves.png")
+    return written
+
+
+def load(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / REPORT_JSON).read_text())

@@ -1,0 +1,315 @@
+"""Running a comparison: one ordinary `softmoe train` work directory per (model, seed), run in
+worker processes, resumable, followed by the per-run measurements the report needs.
+
+Layout of the output folder:
+    plan.json                   what is compared (models, sizes, recipe, seeds); a rerun with
+                                another plan in the same folder is refused
+    runs/<model>/seed<k>/       a training work directory (config.json, checkpoints/,
+                                metrics.jsonl, summary.json, train.log)
+    runs/<model>/seed<k>/compare_run.json
+                                written last, atomically: the run is complete
+A killed comparison rerun with the same command skips complete runs and resumes the others
+from their last checkpoint (the trainer's exact resume).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+RUN_RECORD = "compare_run.json"
+PLAN = "plan.json"
+# Images for the routing diagnostics and the inference timing, and for the train-split
+# accuracy (the train-test gap): a fixed random subset of each split (seed 0, the same for
+# every run; image folders are sorted by class, so the first images would be one or two
+# classes), without augmentation.
+DIAG_IMAGES = 256
+TRAIN_EVAL_IMAGES = 10_000
+INFER_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Run:
+    key: str  # model key (family.MODELS)
+    seed: int
+    workdir: str
+    config: dict  # TrainConfig.to_dict()
+
+
+def parse_seeds(text) -> list[int]:
+    """`3` -> [0, 1, 2]; `"0,5,7"` -> [0, 5, 7]. Empty or negative: ValueError naming --seeds."""
+    s = str(text).strip()
+    if not s:
+        raise ValueError("--seeds must be a count (e.g. 3) or a comma-separated list of seeds, got ''")
+    try:
+        if "," in s:
+            seeds = [int(p) for p in s.split(",") if p.strip()]
+        else:
+            n = int(s)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        raise ValueError(f"--seeds must be a count >= 1 (e.g. 3) or a comma-separated list of seeds >= 0, "
+                         f"got {text!r}") from None
+    if not seeds or any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> list[Run]:
+    """One Run per (model, seed in seeds[model.key]): the shared recipe `base_cfg` (a
+    TrainConfig) with the model, its overrides and the seed."""
+    import dataclasses
+
+    runs = []
+    for spec in specs:
+        for seed in seeds[spec.key]:
+            workdir = out_dir / "runs" / spec.key / f"seed{seed}"
+            cfg = dataclasses.replace(base_cfg, model=spec.model, model_kwargs=dict(spec.overrides), seed=seed,
+                                      workdir=str(workdir))
+            runs.append(Run(spec.key, seed, str(workdir), cfg.validate().to_dict()))
+    return runs
+
+
+def check_plan(out_dir: Path, plan: dict) -> None:
+    """Write plan.json, or check that the folder's plan is this one (a resumed comparison)."""
+    from softmoe._io import atomic_write_json
+
+    path = out_dir / PLAN
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(plan)):
+            keys = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k))))
+            raise ValueError(f"--out {str(out_dir)!r} holds another comparison (its plan differs in: "
+                             f"{', '.join(keys)}); use another --out or the same command")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, plan, sort_keys=True)
+
+
+def completed(run: Run) -> dict | None:
+    """The run's record if it finished with exactly this config, else None."""
+    path = Path(run.workdir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("config") == run.config:
+        return rec
+    try:  # a record written by an older release: compare the configs as this release reads them
+        from softmoe.train import TrainConfig
+
+        same = TrainConfig.from_dict(rec["config"]).to_dict() == TrainConfig.from_dict(run.config).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rec if same else None
+
+
+def execute(run: Run) -> dict:
+    """Train one run (resuming if it was interrupted), measure it, write its record."""
+    import torch
+
+    from softmoe._io import atomic_write_json
+    from softmoe.train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(run.config)
+    Path(run.workdir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(Path(run.workdir) / "train.log", "a", encoding="utf-8") as f:
+        summary = train(cfg, run.workdir, progress=False, log=lambda m: print(m, file=f, flush=True))
+    threads = cfg.num_threads or torch.get_num_threads()
+    measured = measure(run.workdir, cfg, threads)
+    record = {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
+              "run_s": time.perf_counter() - t0, **measured}
+    atomic_write_json(Path(run.workdir) / RUN_RECORD, record, sort_keys=True)
+    return record
+
+
+def measure(workdir: str, cfg, threads: int) -> dict:
+    """Train-split accuracy (for the train-test gap), inference images/s and routing
+    diagnostics of the run's final model, each on the first images of a split."""
+    import torch
+
+    from softmoe.data import load_dataset
+    from softmoe.eval.loading import load_checkpoint, make_prepare
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, _ = load_checkpoint(workdir)
+        kw = dict(root=cfg.data_root, download=False)
+        train_ds = load_dataset(cfg.data, "train", **kw)
+        test_ds = load_dataset(cfg.data, cfg.test_split, **kw)
+        prepare = make_prepare(model, train_ds.channels)
+        train_acc = _accuracy(model, train_ds, prepare, TRAIN_EVAL_IMAGES, cfg.eval_batch_size)
+        x = prepare(test_ds.images[subset(len(test_ds), DIAG_IMAGES)])
+        infer = _images_per_s(model, x)
+        routing = routing_diagnostics(model, x)
+    finally:
+        torch.set_num_threads(prev)
+    return {"train_accuracy": train_acc, "infer_images_per_s": infer, "routing": routing}
+
+
+def subset(n: int, k: int):
+    """Sorted indices of a fixed random subset of min(k, n) of range(n) (seed 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(n, generator=g)[: min(k, n)].sort().values
+
+
+def _batches(n: int, size: int, group: int):
+    """Batch boundaries over n items; every batch a multiple of `group` (the sparse layers'
+    routing group) except that a remainder smaller than a group is dropped."""
+    usable = n - n % group
+    for i in range(0, usable, size):
+        yield i, min(i + size, usable)
+
+
+def _group(model) -> int:
+    from softmoe.layers import moe_layers
+
+    return max([getattr(m, "group_size", 1) for _, m in moe_layers(model)] or [1])
+
+
+def _accuracy(model, ds, prepare, limit: int, batch: int) -> float:
+    import torch
+
+    idx = subset(len(ds), limit)
+    group = _group(model)
+    batch = max(group, batch - batch % group)
+    correct = total = 0
+    with torch.no_grad():
+        for a, b in _batches(len(idx), batch, group):
+            i = idx[a:b]
+            logits = model(prepare(ds.images[i]))
+            correct += int((logits.argmax(-1) == ds.labels[i]).sum())
+            total += b - a
+    return correct / total if total else float("nan")
+
+
+def _images_per_s(model, x) -> float:
+    import torch
+
+    group = _group(model)
+    x = x[: len(x) - len(x) % group]
+    times = []
+    with torch.no_grad():
+        model(x)  # warm-up
+        for _ in range(INFER_REPEATS):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return len(x) / statistics.median(times)
+
+
+def routing_diagnostics(model, x) -> dict:
+    """Per MoE layer, on the images x:
+      Soft MoE: dispatch_entropy (each slot's dispatch distribution over the N tokens, entropy
+        divided by log N: 1 = uniform, 0 = one token), dispatch_max (mean over slots of the
+        largest weight), combine_entropy (over the S slots, divided by log S) and combine_max;
+      Tokens Choice: dropped_assignments (fraction of the K choices past capacity) and
+        dropped_tokens (fraction of tokens no expert processed);
+      Experts Choice: dropped_tokens (fraction of tokens no expert picked).
+    """
+    import torch
+
+    from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, moe_layers, record_routing
+
+    group = _group(model)
+    x = x[: len(x) - len(x) % group]
+    out: dict[str, dict] = {}
+    with torch.no_grad(), record_routing(model, metrics=True, weights=True):
+        model(x)
+        for name, layer in moe_layers(model):
+            w = layer.routing_weights
+            if isinstance(layer, SoftMoE):
+                d = w["dispatch"].flatten(2).double()  # (B, N, S)
+                c = w["combine"].flatten(2).double()
+                N, S = d.shape[1], d.shape[2]
+                out[name] = {
+                    "dispatch_entropy": float(_entropy(d, 1).mean() / math.log(N)) if N > 1 else 0.0,
+                    "dispatch_max": float(d.amax(1).mean()),
+                    "combine_entropy": float(_entropy(c, 2).mean() / math.log(S)) if S > 1 else 0.0,
+                    "combine_max": float(c.amax(2).mean()),
+                }
+            elif isinstance(layer, TokensChoiceMoE):
+                kept = w["kept"]  # (B, N, K) bool
+                out[name] = {"dropped_assignments": float(1 - kept.float().mean()),
+                             "dropped_tokens": float((~kept.any(-1)).float().mean())}
+            elif isinstance(layer, ExpertsChoiceMoE):
+                m = layer.metrics
+                out[name] = {"dropped_tokens": float(1 - m["ratio_processed_items_by_at_least_1_experts"])}
+    return out
+
+
+def _entropy(p, dim: int):
+    import torch
+
+    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim)
+
+
+def default_jobs(device: str, threads: int) -> int:
+    """Parallel runs: one on a GPU; on CPU as many as the cores hold at `threads` each."""
+    if device.startswith("cuda"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, threads))
+
+
+def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print, report_only: bool = False) -> list[dict]:
+    """Run what is not complete, `jobs` at a time in worker processes (spawned: no state is
+    shared with this process); a progress line per run and an overall ETA. `report_only`:
+    run nothing and return the complete runs' records (the report says what is missing)."""
+    records: dict[tuple[str, int], dict] = {}
+    todo = []
+    for run in runs:
+        rec = completed(run)
+        if rec is not None:
+            records[(run.key, run.seed)] = rec
+        else:
+            todo.append(run)
+    if report_only:
+        log(f"report only: {len(records)} of {len(runs)} runs complete"
+            + (f"; missing: {', '.join(f'{r.key} seed {r.seed}' for r in todo)}" if todo else ""))
+        return [records[(r.key, r.seed)] for r in runs if (r.key, r.seed) in records]
+    if records:
+        log(f"{len(records)} of {len(runs)} runs already complete; running the other {len(todo)}")
+    durations: list[float] = []
+    t_start = time.perf_counter()
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(execute, run): run for run in todo}
+            for run in todo[:jobs]:
+                log(f"started {run.key} seed {run.seed} ({run.workdir})")
+            for fut in cf.as_completed(futures):
+                run = futures[fut]
+                rec = fut.result()  # a failed run stops the comparison with its error
+                records[(run.key, run.seed)] = rec
+                durations.append(rec["run_s"])
+                done = sum(1 for r in todo if (r.key, r.seed) in records)
+                left = len(todo) - done
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / done * left if done else float("nan")
+                log(f"[{len(records)}/{len(runs)}] {run.key} seed {run.seed}: test top-1 "
+                    f"{100 * rec['summary']['test_accuracy']:.2f}% in {_fmt_s(rec['run_s'])}"
+                    + (f"; ETA {_fmt_s(eta)} for {left} more" if left else ""))
+    return [records[(r.key, r.seed)] for r in runs]
+
+
+def _fmt_s(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,206 @@
+"""softmoe compare: the statistics against hand-computed values, the matched-FLOPs family,
+resuming, an end-to-end run on digits and bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softmoe.compare import build_family, compare, difference, parse_models, parse_seeds, sparse_group_size, summarize
+from softmoe.compare.family import MODELS
+from softmoe.models.profile import profile_model
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def test_summarize_matches_hand_computation():
+    s = summarize([0.5, 0.6, 0.7])
+    assert s.n == 3 and s.mean == pytest.approx(0.6, abs=1e-15)
+    assert s.std == pytest.approx(0.1, abs=1e-15)  # sqrt(((-.1)^2 + 0 + .1^2) / 2)
+    one = summarize([0.42])
+    assert one.std is None and one.mean == 0.42
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summarize([0.1, float("nan")])
+
+
+def test_difference_standard_error_and_verdict():
+    dense = {0: 0.50, 1: 0.52, 2: 0.54}  # mean .52, std .02
+    model = {0: 0.60, 1: 0.61, 2: 0.62}  # mean .61, std .01
+    d = difference(model, dense)
+    assert d.diff == pytest.approx(0.09, abs=1e-12)
+    assert d.se == pytest.approx(math.sqrt(0.02**2 / 3 + 0.01**2 / 3), abs=1e-12)  # 0.012910
+    assert d.paired_signs == (1, 1, 1) and d.verdict == "better"
+    assert "better than dense by +9.00 pp" in d.words("dense") and "3/3 seeds agree" in d.words("dense")
+    worse = difference(dense, model)
+    assert worse.verdict == "worse" and worse.diff == pytest.approx(-0.09, abs=1e-12)
+
+
+def test_verdict_needs_two_standard_errors():
+    dense = {0: 0.50, 1: 0.52, 2: 0.54}  # SE of the difference: sqrt(2 * .02^2 / 3) = 0.01633
+    just_below = {s: v + 0.0326 for s, v in dense.items()}  # 1.996 SE
+    just_above = {s: v + 0.0328 for s, v in dense.items()}  # 2.008 SE
+    assert difference(just_below, dense).verdict == "no clear difference"
+    assert difference(just_above, dense).verdict == "better"
+
+
+def test_verdict_needs_every_seed_to_agree():
+    dense = {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.50}
+    model = {0: 0.60, 1: 0.61, 2: 0.62, 3: 0.49}  # mean +0.08 but seed 3 points the other way
+    dense = {0: 0.500, 1: 0.501, 2: 0.499, 3: 0.500}
+    d = difference(model, dense)
+    assert abs(d.diff) > 2 * d.se  # large enough on its own ...
+    assert d.paired_signs == (1, 1, 1, -1) and d.verdict == "no clear difference"  # ... but not on every seed
+
+
+def test_too_few_runs_makes_no_claim():
+    d = difference({0: 0.9}, {0: 0.1, 1: 0.2})
+    assert d.se is None and d.verdict == "too few runs"
+    assert "too few runs" in d.words("dense")
+
+
+def test_lower_is_better_flips_the_verdict():
+    d = difference({0: 1.0, 1: 1.01, 2: 1.02}, {0: 2.0, 1: 2.01, 2: 2.02}, higher_is_better=False)
+    assert d.verdict == "better"
+
+
+# -- the family ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base, backbone", [
+    ("micro", {"img_size": 32, "num_classes": 10}),
+    ("micro", {"img_size": 32, "num_classes": 10, "patch_size": 8}),
+    ("micro", {"img_size": 8, "num_classes": 10, "in_chans": 1, "patch_size": 2}),
+    ("vit_ti16", {}), ("vit_s16", {}), ("vit_s32", {}), ("vit_b16", {}),
+])
+def test_soft_moe_flops_match_dense_within_tolerance(base, backbone):
+    specs, info = build_family(base, ("dense", "soft", "soft_1expert", "soft_identity", "ec"), backbone,
+                               tolerance=0.05)
+    by = {s.key: s for s in specs}
+    dense = profile_model(by["dense"].model, **by["dense"].overrides)
+    soft = profile_model(by["soft"].model, **by["soft"].overrides)  # recounted independently of the spec
+    assert abs(soft.flops / dense.flops - 1) <= 0.05
+    assert by["soft"].flops == soft.flops and by["dense"].flops == dense.flops
+    assert info["experts"] % 4 == 0 and soft.num_experts == info["experts"]
+    # the one-expert control has the same slot count, so the same FLOPs, and ~dense parameters
+    assert by["soft_1expert"].flops == pytest.approx(soft.flops, rel=1e-12)
+    assert by["soft_1expert"].params < 1.1 * dense.params
+    # identity routing: one slot per token, no router
+    assert by["soft_identity"].overrides["num_experts"] == info["tokens"]
+
+
+def test_matching_picks_the_closest_expert_count():
+    backbone = {"img_size": 32, "num_classes": 10}
+    _, info = build_family("micro", ("dense", "soft"), backbone)
+    e = info["experts"]
+    f0 = profile_model("vit_micro", **backbone).flops
+    err = {k: abs(profile_model("soft_moe_micro", num_experts=k, **backbone).flops / f0 - 1) for k in (e - 4, e, e + 4)}
+    assert err[e] <= err[e - 4] and err[e] <= err[e + 4]
+
+
+def test_dense_wide_has_the_soft_moe_parameter_count():
+    specs, _ = build_family("micro", ("dense", "soft", "dense_wide"), {"img_size": 32, "num_classes": 10})
+    by = {s.key: s for s in specs}
+    per_unit = profile_model("vit_micro", img_size=32, mlp_dim=257).params - profile_model("vit_micro", img_size=32).params
+    assert abs(by["dense_wide"].params - by["soft"].params) <= per_unit / 2 + 1
+
+
+def test_tight_tolerance_is_a_clear_error():
+    with pytest.raises(ValueError, match="flops-tolerance"):
+        build_family("micro", ("dense", "soft"), {"img_size": 32}, tolerance=1e-6)
+
+
+def test_sparse_group_size_divides_every_batch():
+    assert sparse_group_size([128, 512, 272]) == 8
+    assert sparse_group_size([64, 512, 359]) == 1
+    assert sparse_group_size([12, 512, 0]) == 4
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def test_bad_names_and_seeds_are_clear_errors():
+    with pytest.raises(ValueError, match="--models: unknown model name.*'softt'"):
+        parse_models("dense,softt")
+    assert parse_models("soft") == ("dense", "soft")  # dense is always the reference
+    assert parse_models("all") == MODELS
+    for bad in ("", "0", "-1", "a,b", "1,1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]
+    with pytest.raises(ValueError, match="--base"):
+        build_family("soft_moe_micro", ("dense",))
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([sys.executable, "-m", "softmoe", "compare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "digits", "--steps", "2", "--models", "dense,nope"], "--models: unknown model name"),
+    (["--data", "digits", "--steps", "2", "--seeds", ""], "--seeds"),
+    (["--data", "no_such_dataset", "--steps", "2"], "unknown dataset 'no_such_dataset'"),
+    (["--data", "digits"], "--epochs or --steps"),
+    (["--data", "digits", "--steps", "2", "--set", "seed=3"], "--set seed=... is chosen by compare"),
+    (["--data", "digits", "--steps", "2", "--backbone", "patch_size"], "--backbone expects KEY=VALUE"),
+])
+def test_cli_bad_input_exits_2_with_the_argument_named(tmp_path, args, needle):
+    r = _cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "runs").exists()  # nothing was trained
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+ARGS = dict(models="dense,soft,tc1", seeds="0,1", steps=3, backbone={"patch_size": 2},
+            overrides=["batch_size=32", "augment=none", "log_every=1"], jobs=2)
+
+
+@pytest.mark.slow
+def test_end_to_end_on_digits_then_resume(tmp_path):
+    lines: list[str] = []
+    rep = compare("digits", tmp_path, log=lines.append, **ARGS)
+    for f in ("report.md", "report.json", "plan.json", "accuracy_vs_flops.png", "accuracy_vs_wallclock.png",
+              "learning_curves.png"):
+        assert (tmp_path / f).is_file(), f
+    assert [m["key"] for m in rep["models"]] == ["dense", "soft", "tc1"]
+    assert len(rep["runs"]) == 6 and all(0 <= r["test_accuracy"] <= 1 for r in rep["runs"])
+    soft = next(m for m in rep["models"] if m["key"] == "soft")
+    assert soft["vs_dense"]["verdict"] in ("better", "worse", "no clear difference")
+    assert 0 < soft["routing"]["dispatch_entropy"] <= 1 and "dropped_tokens" in rep["models"][2]["routing"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| dense |" in md and "Δ vs dense" in md and "## Every run" in md
+    # the report's numbers are the runs' own
+    rec = json.loads((tmp_path / "runs" / "soft" / "seed1" / "compare_run.json").read_text())
+    assert rec["summary"]["test_accuracy"] in [r["test_accuracy"] for r in rep["runs"]]
+
+    # A "killed" comparison: one run lost its record (it never finished), one never started.
+    os.unlink(tmp_path / "runs" / "soft" / "seed1" / "compare_run.json")
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "tc1" / "seed0")
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed*/compare_run.json")}
+    lines.clear()
+    rep2 = compare("digits", tmp_path, log=lines.append, **ARGS)
+    assert any("4 of 6 runs already complete; running the other 2" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # complete runs untouched
+    assert len(rep2["runs"]) == 6
+    # the re-run soft seed 1 resumed its finished work directory: same accuracy as before
+    again = json.loads((tmp_path / "runs" / "soft" / "seed1" / "compare_run.json").read_text())
+    assert again["summary"]["test_accuracy"] == rec["summary"]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_another_plan_in_the_same_folder_is_refused(tmp_path):
+    compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense", "seeds": "1", "jobs": 1})
+    with pytest.raises(ValueError, match="holds another comparison.*steps"):
+        compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense", "seeds": "1", "steps": 4})
