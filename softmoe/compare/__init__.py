@@ -86,7 +86,7 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     jobs = jobs or default_jobs(cfg.device, threads)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "model_kwargs", "seed", "workdir")}
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "seed", "workdir")}
     plan = {"data": cfg.data, "models": [s.to_dict() for s in specs], "matching": matching, "seeds": seed_list,
             "ablation_seeds": extra,
             "recipe": recipe, "steps": total, "train_images": total * cfg.batch_size,

@@ -114,7 +114,7 @@ def match_experts(base: str, backbone: dict, tolerance: float, multiple_of: int 
     limit = max_experts or 4 * tokens
     best = None
     for e in range(multiple_of, limit + 1, multiple_of):  # FLOPs grow with E: stop once past the target
-        _, f = _profile(_moe("soft_moe", base), {**backbone, "num_experts": e})
+        _, f = _profile(_moe("soft_moe", base), {**backbone, "moe": {"num_experts": e}})
         rel = f / f0 - 1
         if best is None or abs(rel) < abs(best[1]):
             best = (e, rel)
@@ -153,26 +153,27 @@ def build_family(base: str, keys, backbone: dict | None = None, experts: int | N
     cfg = get_config(base, **backbone)
     tokens = (cfg.img_size // cfg.patch_size) ** 2
     soft_name, tc_name, ec_name = _moe("soft_moe", base), _moe("tc_moe", base), _moe("ec_moe", base)
-    moe = {**backbone, "num_experts": e}
+    def moe(**options) -> dict:  # overrides of a MoE model: the backbone plus its MoE section
+        return {**backbone, "moe": {"num_experts": e, **options}}
+
+    group = {"group_size": group_size}
     recipes: dict[str, tuple[str, dict]] = {
         "dense": (base, dict(backbone)),
-        "soft": (soft_name, dict(moe)),
-        "tc1": (tc_name, {**moe, "moe_kwargs": {"k": 1, "capacity_factor": 1.05, "batch_priority": True,
-                                                "group_size": group_size}}),
-        "tc2": (tc_name, {**moe, "moe_kwargs": {"k": 2, "capacity_factor": 1.05, "batch_priority": True,
-                                                "group_size": group_size}}),
-        "ec": (ec_name, {**moe, "moe_kwargs": {"capacity_factor": 1.0, "group_size": group_size}}),
-        "soft_uniform_combine": (soft_name, {**moe, "moe_kwargs": {"dispatch": "soft", "combine": "uniform"}}),
-        "soft_uniform_dispatch": (soft_name, {**moe, "moe_kwargs": {"dispatch": "uniform", "combine": "soft"}}),
-        "soft_uniform": (soft_name, {**moe, "moe_kwargs": {"dispatch": "uniform", "combine": "uniform"}}),
-        "soft_identity": (soft_name, {**backbone, "num_experts": tokens,
-                                      "moe_kwargs": {"dispatch": "identity", "combine": "identity"}}),
-        "soft_1expert": (soft_name, {**backbone, "num_experts": 1, "moe_kwargs": {"slots_per_expert": e}}),
+        "soft": (soft_name, moe()),
+        "tc1": (tc_name, moe(k=1, capacity_factor=1.05, batch_priority=True, **group)),
+        "tc2": (tc_name, moe(k=2, capacity_factor=1.05, batch_priority=True, **group)),
+        "ec": (ec_name, moe(capacity_factor=1.0, **group)),
+        "soft_uniform_combine": (soft_name, moe(dispatch="soft", combine="uniform")),
+        "soft_uniform_dispatch": (soft_name, moe(dispatch="uniform", combine="soft")),
+        "soft_uniform": (soft_name, moe(dispatch="uniform", combine="uniform")),
+        "soft_identity": (soft_name, {**backbone, "moe": {"num_experts": tokens, "dispatch": "identity",
+                                                          "combine": "identity"}}),
+        "soft_1expert": (soft_name, {**backbone, "moe": {"num_experts": 1, "slots_per_expert": e}}),
     }
     specs = []
     for key in keys:
         if key == "dense_wide":
-            model, over = base, _widened(base, backbone, _profile(soft_name, moe)[0])
+            model, over = base, _widened(base, backbone, _profile(*recipes["soft"])[0])
         else:
             model, over = recipes[key]
         params, flops = _profile(model, over)

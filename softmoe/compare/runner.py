@@ -69,11 +69,13 @@ def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> li
     TrainConfig) with the model, its overrides and the seed."""
     import dataclasses
 
+    from softmoe.train.config import ModelConfig
+
     runs = []
     for spec in specs:
         for seed in seeds[spec.key]:
             workdir = out_dir / "runs" / spec.key / f"seed{seed}"
-            cfg = dataclasses.replace(base_cfg, model=spec.model, model_kwargs=dict(spec.overrides), seed=seed,
+            cfg = dataclasses.replace(base_cfg, model=ModelConfig(spec.model, dict(spec.overrides)), seed=seed,
                                       workdir=str(workdir))
             runs.append(Run(spec.key, seed, str(workdir), cfg.validate().to_dict()))
     return runs

@@ -92,7 +92,7 @@ def test_soft_moe_flops_match_dense_within_tolerance(base, backbone):
     assert by["soft_1expert"].flops == pytest.approx(soft.flops, rel=1e-12)
     assert by["soft_1expert"].params < 1.1 * dense.params
     # identity routing: one slot per token, no router
-    assert by["soft_identity"].overrides["num_experts"] == info["tokens"]
+    assert by["soft_identity"].overrides["moe"]["num_experts"] == info["tokens"]
 
 
 def test_matching_picks_the_closest_expert_count():
