@@ -37,14 +37,16 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
             models: str | None = None, seeds="3", ablation_seeds=None, epochs: float = 0.0, steps: int = 0, experts: int | None = None,
             flops_tolerance: float = 0.05, backbone: dict | None = None, overrides: list[str] | None = None,
             jobs: int | None = None, threads: int = 1, command: str = "", report_only: bool = False,
-            log=print) -> dict:
+            recipe=None, log=print) -> dict:
     """Run (or resume) a comparison and write its report; returns the report dict.
 
     The recipe is the `cifar10`-style TrainConfig defaults with `epochs`/`steps` and the
     `overrides` (`key=value` strings, as `softmoe train --set`), identical for every model;
     `backbone` holds ViTConfig overrides shared by every model (e.g. {"patch_size": 8}).
     `ablation_seeds` (a count or list, as `seeds`): the seeds of the ablations and controls,
-    when they should get fewer runs than the main models (dense, soft, tc1, tc2, ec)."""
+    when they should get fewer runs than the main models (dense, soft, tc1, tc2, ec).
+    `recipe`: a TrainConfig to start from instead of TrainConfig's defaults (its model, seed
+    and workdir are replaced; its length is kept unless `epochs`/`steps` is given)."""
     import dataclasses
 
     from softmoe.data import load_dataset
@@ -66,8 +68,10 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
         if key in ("model", "model_kwargs", "seed", "workdir", "num_threads"):
             raise ValueError(f"--set {key}=... is chosen by compare itself (use --models/--backbone, --seeds, --out, "
                              f"--threads)")
-    cfg = TrainConfig(data=data, data_root=data_root, steps=steps, epochs=epochs, num_threads=threads,
-                      plots=False, tensorboard=False, checkpoint_every=0, keep_checkpoints=1)
+    cfg = recipe if recipe is not None else TrainConfig()
+    length = {"steps": steps, "epochs": epochs} if (steps or epochs) else {}
+    cfg = dataclasses.replace(cfg, data=data, data_root=data_root, num_threads=threads, plots=False,
+                              tensorboard=False, checkpoint_every=0, keep_checkpoints=1, **length)
     cfg = apply_overrides(cfg, list(overrides or [])).validate()
     # The data decide the image size, channels and classes (as the trainer does); the FLOP
     # matching needs them now.

@@ -85,7 +85,7 @@ def _pm(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def markdown(report: dict) -> str:
-    from softmoe.bench import markdown_table
+    from softmoe._tables import markdown_table
 
     plan = report["plan"]
     m = plan["matching"]

@@ -5,20 +5,24 @@ from softmoe.cli import main
 from softmoe.train.presets import DEMO_STEPS, demo_config
 
 
-def test_demo_command_runs_both_models(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path), "--steps", "3", "--threads", "1"]) == 0
+def test_demo_command_is_a_miniature_compare(tmp_path, capsys):
+    args = ["demo", "--workdir", str(tmp_path), "--steps", "3", "--seeds", "2", "--models", "dense,soft"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "soft_moe_micro  test accuracy" in out and "vit_micro       test accuracy" in out
-    for sub in ("soft_moe", "vit"):
-        assert (tmp_path / sub / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
-        assert (tmp_path / sub / "plots" / "accuracy.png").is_file()
-    # Running it again on the same work directory resumes the finished runs: no crash, same results.
-    assert main(["demo", "--workdir", str(tmp_path), "--steps", "3", "--threads", "1"]) == 0
+    assert "| dense |" in out and "| soft |" in out and "Soft MoE vs dense on digits:" in out
+    assert "docs/results.md" in out
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert [m["key"] for m in rep["models"]] == ["dense", "soft"] and len(rep["runs"]) == 4
+    soft = next(m for m in rep["models"] if m["key"] == "soft")
+    assert abs(soft["flops_vs_dense"] - 1) < 0.05  # matched FLOPs
+    for r in rep["runs"]:
+        assert r["workdir"].startswith(str(tmp_path))
+        assert (tmp_path / "runs" / r["key"] / f"seed{r['seed']}" / "summary.json").is_file()
+    # Running it again on the same folder resumes: nothing is trained, the same report.
+    assert main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("already trained") == 2
-    assert "nan" not in again.lower()  # no training this session: "-", not NaN
-    summary = json.loads((tmp_path / "vit" / "summary.json").read_text())  # strict JSON: no NaN
-    assert summary["steps_this_session"] == 0 and summary["train_loss"] is None
+    assert "4 of 4 runs already complete" in again
+    assert json.loads((tmp_path / "report.json").read_text())["runs"] == rep["runs"]
     assert main(["demo", "--workdir", str(tmp_path / "x"), "--steps", "0"]) == 2
 
 
