@@ -45,7 +45,7 @@ class _PortAllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g.chunk(ctx.size, ctx.dim)[ctx.rank], None, None
+        return g.chunk(ctx.size, ctx.dim)[ctx.rank].contiguous(), None, None
 
 
 class AllGatherExperts(nn.Module):
