@@ -20,19 +20,37 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed import _functional_collectives as funcol
 from torch import nn
 
 
 def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0 of a contiguous tensor (`group` None: the world).
-    Autograd-aware (functional collectives; the backward is the reverse all-to-all) and
-    traceable by torch.compile."""
+    """Equal-split all-to-all along dim 0 of `x` over `group` (None: the world), autograd-aware:
+    the backward is the same exchange applied to the gradient (equal splits are their own
+    reverse). A failure in either direction raises a RuntimeError that says which rank and why."""
+    return _AllToAll.apply(x, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _exchange(x, group, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _exchange(g, ctx.group, "backward"), None
+
+
+def _exchange(x: torch.Tensor, group, direction: str) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
     try:
-        return funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group or dist.group.WORLD))
+        dist.all_to_all_single(out, x, group=group)
     except (RuntimeError, dist.DistError) as e:  # a peer died or timed out: say so, not just "Connection closed"
-        raise RuntimeError(f"expert-parallel all_to_all failed on rank {dist.get_rank()}: another rank of the "
-                           f"ep group raised, exited or stopped calling collectives (timeout). Cause: {e}") from e
+        raise RuntimeError(f"expert-parallel all_to_all ({direction}) failed on rank {dist.get_rank()}: another "
+                           f"rank of the ep group raised, exited or stopped calling collectives (timeout). "
+                           f"Cause: {e}") from e
+    return out
 
 
 def shard_experts(experts: nn.Module, lo: int, hi: int) -> nn.Module:

@@ -222,13 +222,13 @@ def scenario_train_ep(rank, world, tmp):
 
 
 def scenario_train_cross(rank, world, tmp):
-    """World 4: load a single-process checkpoint (step 1) at DP=2 x EP=2, train 2 steps, save;
+    """World 4: load a single-process checkpoint (after step 1) at DP=2 x EP=2, train 2 steps, save;
     load at EP=4, step, save; load at EP=1 (DP=4) and at EP=2 again, step. Each step equals the
     single-process weights."""
-    _, _, states = reference_states(world, 4)
-    data = batches(world, 4)
-    layouts = [(2, f"{tmp}/ck_single", (1, 2)), (4, f"{tmp}/ck_dp2ep2", (3,)), (1, f"{tmp}/ck_ep4", (4,)),
-               (2, f"{tmp}/ck_ep4", (4,))]
+    _, _, states = reference_states(world, 5)
+    data = batches(world, 5)
+    layouts = [(2, f"{tmp}/ck_single", (2, 3)), (4, f"{tmp}/ck_dp2ep2", (4,)), (1, f"{tmp}/ck_ep4", (5,)),
+               (2, f"{tmp}/ck_ep4", (5,))]
     for i, (ep, ckpt, steps) in enumerate(layouts):
         mesh = smd.init_mesh(ep)
         model, opt = parallel_model(mesh, ckpt)
