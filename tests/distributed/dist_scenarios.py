@@ -173,6 +173,8 @@ def scenario_layers(rank, world, tmp):
             n = run_layer_case(build, use_mask, mesh)
             if rank == 0:
                 print(f"ok ep={mesh.ep_size} dp={mesh.dp_size} {name}: {n} tensors", flush=True)
+    for mesh in meshes:
+        check_broadcast(mesh)
     mesh = meshes[0]
     # the whole micro model: outputs, input gradient, every parameter gradient
     torch.manual_seed(0)
@@ -204,6 +206,26 @@ def scenario_layers(rank, world, tmp):
             print(f"ok port design fails: {e}", flush=True)
     else:
         raise AssertionError("the all-gather design with the port's backward passed the equivalence check")
+
+
+def check_broadcast(mesh):
+    """After broadcast_parameters, every rank holds rank 0's replicated parameters and its dp
+    group's first replica of each expert shard, whatever it held before."""
+    torch.manual_seed(100 + mesh.rank)  # a different model on every rank
+    model = smd.parallelize(micro_model(), mesh)
+    smd.broadcast_parameters(model)
+    torch.manual_seed(100)  # what rank 0 built; its dp_rank-0 peers built 100 + ep_rank
+    want_replicated = micro_model().state_dict()
+    torch.manual_seed(100 + mesh.ep_rank)
+    want_experts = micro_model().state_dict()
+    sharded = dict(smd.expert_parameters(model))
+    for name, t in model.state_dict().items():
+        if name in sharded:
+            ep_mod = model.get_submodule(name.rsplit(".", 1)[0])
+            want = want_experts[name][ep_mod.expert_offset:ep_mod.expert_offset + ep_mod.num_local_experts]
+        else:
+            want = want_replicated[name]
+        close(f"broadcast {name}", t, want, tol=0.0)
 
 
 def scenario_train_ep(rank, world, tmp):
@@ -242,8 +264,10 @@ def scenario_train_cross(rank, world, tmp):
             print(f"ok ep={ep} dp={mesh.dp_size}: loaded {ckpt.rsplit('/', 1)[1]}, steps {steps} match", flush=True)
 
 
-def scenario_errors(rank, world, tmp):
-    """Bad configurations give ValueErrors naming the problem."""
+def scenario_api(rank, world, tmp):
+    """Bad configurations give ValueErrors naming the problem; a parallelised layer loads a full
+    (unparallelised) state_dict; DDP for the replicated parameters + sync_gradients(replicated=False)
+    equals one process."""
     expect_error(lambda: smd.init_mesh(4), "must divide the world size")
     mesh = smd.init_mesh(2)
     expect_error(lambda: smd.parallelize(SoftMoE(D, 3), mesh), "must divide num_experts=3")
@@ -252,6 +276,24 @@ def scenario_errors(rank, world, tmp):
     expect_error(lambda: smd.parallelize(model, mesh), "already parallelised")
     if rank == 0:
         print("ok errors", flush=True)
+    # load_state_dict of the full model: each rank keeps its experts
+    torch.manual_seed(0)
+    ref = micro_model()
+    par = smd.parallelize(micro_model(), mesh)
+    par.load_state_dict(ref.state_dict())
+    check_weights(par, ref.state_dict(), "full state_dict")
+    # DDP for the replicated parameters, sync_gradients for the experts
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(par, smd.ignored_params(par))
+    ddp = DDP(par)
+    images = torch.randn(world * B_LOCAL, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref(images).square().mean().backward()
+    ddp(smd.shard_batch(images, mesh)).square().mean().backward()
+    smd.sync_gradients(par, replicated=False)
+    n = check_grads(par, ref, mesh, "ddp")
+    if rank == 0:
+        print(f"ok full state_dict loads; ddp + expert sync: {n} gradients", flush=True)
 
 
 def expect_error(fn, text):

@@ -103,8 +103,9 @@ def test_checkpoints_across_ep_sizes(tmp_path):
         (f"model-rank{r:05d}.safetensors", 2 * r, 2 * r + 2) for r in range(4)]
 
 
-def test_bad_configurations(tmp_path):
-    assert "ok errors" in assert_ok(launch("errors", 2, tmp_path))
+def test_bad_configurations_full_state_dict_and_ddp(tmp_path):
+    log = assert_ok(launch("api", 2, tmp_path))
+    assert "ok errors" in log and "ddp + expert sync" in log, log
 
 
 def test_not_initialised_and_incomplete_checkpoint(tmp_path):
