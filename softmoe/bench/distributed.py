@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from softmoe.distributed.expert_parallel import shard_experts
+from softmoe.distributed.launch import run_processes
 
 
 class _PortAllGather(torch.autograd.Function):
@@ -215,26 +215,15 @@ def _launch(procs: int, args, tmp: str) -> list[dict]:
     """Run `procs` worker processes (this file as a script) and return rank 0's rows."""
     threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // procs)
     result = os.path.join(tmp, f"rows-{procs}.json")
-    workers = []
+    commands, envs = [], []
     for rank in range(procs):
         cfg = {"rank": rank, "world": procs, "init_method": f"file://{tmp}/store-{procs}", "threads": threads,
                "batch": args.batch, "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
                "hidden": args.hidden or 4 * args.dim, "repeats": args.repeats, "warmup": args.warmup,
                "result": result}
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(rank))
-        workers.append(subprocess.Popen([sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)], env=env))
-    deadline = time.monotonic() + args.timeout
-    try:
-        while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
-            if any(w.poll() not in (None, 0) for w in workers):
-                deadline = min(deadline, time.monotonic() + 30)  # a failed rank: the others get 30 s
-            time.sleep(0.1)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    codes = [w.returncode for w in workers]
+        commands.append([sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)])
+        envs.append(dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(rank)))
+    codes = run_processes(commands, envs, timeout_s=args.timeout)
     if any(codes) or not os.path.exists(result):
         raise RuntimeError(f"benchmark workers for {procs} processes failed (exit codes {codes})")
     with open(result) as f:

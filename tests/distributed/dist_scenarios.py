@@ -294,6 +294,17 @@ def scenario_api(rank, world, tmp):
     n = check_grads(par, ref, mesh, "ddp")
     if rank == 0:
         print(f"ok full state_dict loads; ddp + expert sync: {n} gradients", flush=True)
+    # ep_size 1: plain data parallelism, here for a dense ViT
+    torch.manual_seed(0)
+    ref = create_model("vit_micro", embed_dim=D, mlp_dim=32, depth=2, num_heads=2, img_size=8, patch_size=2,
+                       num_classes=5)
+    par = smd.parallelize(copy.deepcopy(ref), ep_size=1)
+    ref(images).square().mean().backward()
+    par(smd.shard_batch(images, mesh)).square().mean().backward()
+    smd.sync_gradients(par)
+    n = check_grads(par, ref, smd.mesh_of(par), "dense dp")
+    if rank == 0:
+        print(f"ok dense ViT, data parallel: {n} gradients", flush=True)
 
 
 def expect_error(fn, text):

@@ -4,7 +4,6 @@ and errors. The per-process code is in dist_scenarios.py; each launch has a hard
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import dist_scenarios as sc
 from softmoe import distributed as smd
 from softmoe.distributed.checkpoint import MARKER
+from softmoe.distributed.launch import run_processes
 
 pytestmark = pytest.mark.distributed
 
@@ -25,28 +25,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def launch(scenario: str, world: int, tmp: Path, timeout_s: float = 150, collective_timeout_s: float = 60,
            grace_s: float = 20):
     """Run `scenario` on `world` processes (one thread each; the store is a file, so no port is
-    chosen); kill them all at `timeout_s`, or `grace_s` after the first rank fails. Returns [(returncode, stdout + stderr)] per rank."""
+    chosen); kill them all at `timeout_s`, or `grace_s` after the first rank fails.
+    Returns [(returncode, stdout + stderr)] per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     store = tmp / f"store-{scenario}-{world}-{time.monotonic_ns()}"
     logs = [open(tmp / f"{scenario}-{world}-rank{r}.log", "w+") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(r), str(world), str(store), str(tmp),
-                               str(collective_timeout_s)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(world)]
-    deadline = time.monotonic() + timeout_s
-    try:  # as torchrun: once a rank has failed, the others get `grace_s` to fail too, then are killed
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                deadline = min(deadline, time.monotonic() + grace_s)
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    commands = [[sys.executable, str(WORKER), scenario, str(r), str(world), str(store), str(tmp),
+                 str(collective_timeout_s)] for r in range(world)]
+    codes = run_processes(commands, [env] * world, timeout_s, grace_s, outputs=logs)
     out = []
-    for p, log in zip(procs, logs):
+    for code, log in zip(codes, logs):
         log.seek(0)
-        out.append((p.returncode, log.read()))
+        out.append((code, log.read()))
         log.close()
     return out
 
@@ -105,7 +95,7 @@ def test_checkpoints_across_ep_sizes(tmp_path):
 
 def test_bad_configurations_full_state_dict_and_ddp(tmp_path):
     log = assert_ok(launch("api", 2, tmp_path))
-    assert "ok errors" in log and "ddp + expert sync" in log, log
+    assert "ok errors" in log and "ddp + expert sync" in log and "ok dense ViT" in log, log
 
 
 def test_not_initialised_and_incomplete_checkpoint(tmp_path):
