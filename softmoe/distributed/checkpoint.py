@@ -191,12 +191,12 @@ def _load_tensors(path: Path, index: dict, kind: str, targets: dict[str, torch.T
             t.copy_(_read_rows(path, prefix + key, entry, start, stop, handles))
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    strict: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a `save_checkpoint` folder into `model` (parallelised at any ep_size, or not) and
     `optimizer` (built over `model`'s parameters, same groups). Each rank reads only its own
     shards; no communication. Materialise a meta model first (`model.to_empty(device=...)`).
-    Returns the saved `extra` dict."""
+    Every model tensor must be in the checkpoint and every checkpoint tensor in the model, with
+    matching (global) shapes. Returns the saved `extra` dict."""
     path = Path(path)
     index = read_index(path)
     ranges = _shard_ranges(model)
@@ -205,7 +205,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if meta:
         raise ValueError(f"model tensors {meta[:3]} are on the meta device: call model.to_empty(device=...) first")
     unexpected = sorted(set(index["model"]) - set(state))
-    if strict and unexpected:
+    if unexpected:
         raise ValueError(f"checkpoint {path} has tensors the model lacks: {unexpected[:5]}")
     handles: dict = {}
     _load_tensors(path, index, "model", state, ranges, handles)
