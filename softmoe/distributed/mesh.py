@@ -1,0 +1,117 @@
+"""Process groups for expert parallelism x data parallelism (docs/design.md §6).
+
+The world of W ranks is a (dp, ep) grid, W = dp * ep, with the ep ranks of one expert group
+contiguous: rank r has ep_rank = r % ep and dp_rank = r // ep.
+
+    ep group of rank r:  ranks dp_rank*ep .. dp_rank*ep + ep - 1  (together they hold all E experts)
+    dp group of rank r:  ranks ep_rank, ep_rank + ep, ...          (replicas of the same expert shard)
+
+Every process group is created with a timeout, so a rank that dies or stops calling
+collectives makes the others fail with an error after at most that long instead of hanging.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..layers.common import check_positive_int
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def default_backend() -> str:
+    """"nccl" when CUDA is available, else "gloo" (CPU)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       init_method: str | None = None, rank: int | None = None,
+                       world_size: int | None = None) -> None:
+    """`torch.distributed.init_process_group` with a timeout (seconds) on every collective.
+
+    Under `torchrun` (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) call it
+    with no arguments. Otherwise give `init_method` ("tcp://host:port" or "file:///path"),
+    `rank` and `world_size`. With NCCL each process uses the GPU `LOCAL_RANK`."""
+    if dist.is_initialized():
+        raise ValueError("torch.distributed is already initialised; call init_process_group once per process")
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    backend = backend or default_backend()
+    if init_method is None and "MASTER_ADDR" not in os.environ:
+        raise ValueError("init_method is None and MASTER_ADDR is not set: launch with torchrun, or pass "
+                         "init_method='tcp://host:port' (or 'file:///shared/path') with rank and world_size")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
+    dist.init_process_group(backend, init_method=init_method,
+                            timeout=datetime.timedelta(seconds=float(timeout_s)), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """This rank's place in the (dp, ep) grid and the process groups it belongs to.
+
+    `ep_group` / `dp_group` are None when they are the whole world (`dist.group.WORLD`) or a
+    single rank (no communication needed); `ep_size == 1` is plain data parallelism."""
+    world_size: int
+    rank: int
+    ep_size: int
+    ep_group: object = None
+    dp_group: object = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ep_size
+
+    @staticmethod
+    def single() -> "Mesh":
+        """The mesh of an unparallelised, single-process run."""
+        return Mesh(world_size=1, rank=0, ep_size=1)
+
+
+def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+    """The (dp, ep) mesh over the initialised world. Collective: every rank calls it, in the
+    same order relative to other group creations."""
+    check_positive_int("ep_size", ep_size)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("torch.distributed is not initialised: call softmoe.distributed.init_process_group() "
+                         "(or launch with torchrun and call it) before init_mesh / parallelize")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world} (world = dp x ep)")
+    dp_size = world // ep_size
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    ep_group = dp_group = None
+    if 1 < ep_size < world:
+        ep_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(d * ep_size, (d + 1) * ep_size)) for d in range(dp_size)], timeout=timeout)
+    if 1 < dp_size < world:
+        dp_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(e, world, ep_size)) for e in range(ep_size)], timeout=timeout)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Mesh(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group, device=device)
+
+
+def shard_batch(batch: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """This rank's equal share (dim 0) of a global batch: rows rank*b .. (rank+1)*b - 1, with
+    b = global batch / world size. Every rank must hold the same number of sequences (the
+    all-to-alls use equal, static splits)."""
+    B = batch.shape[0]
+    if B % mesh.world_size:
+        raise ValueError(f"the global batch size ({B}) must be divisible by the world size "
+                         f"({mesh.world_size} = dp {mesh.dp_size} x ep {mesh.ep_size})")
+    b = B // mesh.world_size
+    return batch[mesh.rank * b:(mesh.rank + 1) * b]

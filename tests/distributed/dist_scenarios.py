@@ -1,0 +1,353 @@
+"""What each process of the distributed tests runs, and the single-process references.
+
+Run as a worker: `python dist_scenarios.py SCENARIO RANK WORLD STORE_FILE TMP_DIR TIMEOUT_S`
+(the tests in test_distributed.py launch it). Each rank computes the single-process reference
+itself (same seeds, the whole global batch, float32) and compares its share of the parallel
+run with it; any mismatch raises, and the process exits non-zero.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import torch
+
+from softmoe import distributed as smd
+from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss
+from softmoe.models import create_model
+
+TOL = 1e-5  # float32, absolute; every compared value is O(1) or smaller
+B_LOCAL = 2  # sequences per rank
+D, N = 16, 8
+
+
+# -- the cases: (name, builder, uses a mask) ----------------------------------------------------
+def layer_cases(E: int):
+    return [
+        ("soft_moe", lambda: SoftMoE(D, E, slots_per_expert=2, hidden_dim=32), False),
+        ("soft_moe_mask", lambda: SoftMoE(D, E, hidden_dim=32), True),
+        ("experts_choice", lambda: ExpertsChoiceMoE(D, E, hidden_dim=32, capacity_factor=2.0, noise_std=0.0), False),
+        ("tokens_choice", lambda: TokensChoiceMoE(D, E, hidden_dim=32, k=2, noise_std=0.0,
+                                                  capacity_multiple_of=None, gshard_loss_weight=0.01), False),
+        ("tokens_choice_mask", lambda: TokensChoiceMoE(D, E, hidden_dim=32, k=2, noise_std=0.0,
+                                                       capacity_multiple_of=None), True),
+    ]
+
+
+def micro_model(E: int = 8, device=None):
+    return create_model("soft_moe_micro", embed_dim=D, mlp_dim=32, depth=2, num_heads=2, img_size=8, patch_size=2,
+                        num_experts=E, num_classes=5)
+
+
+def global_inputs(world: int, seed: int = 1):
+    """x (B, N, D), mask (B, N), cotangent g (B, N, D) for B = world * B_LOCAL."""
+    gen = torch.Generator().manual_seed(seed)
+    B = world * B_LOCAL
+    x = torch.randn(B, N, D, generator=gen)
+    mask = torch.rand(B, N, generator=gen) > 0.3
+    mask[0], mask[0, 0] = False, True  # a sequence with one real token
+    return x, mask, torch.randn(B, N, D, generator=gen)
+
+
+def layer_loss(layer, x, mask, g):
+    """Mean over the (local) batch of <y, g>, plus the layer's auxiliary loss."""
+    y = layer(x, mask)
+    loss = (y * g).sum((1, 2)).mean()
+    return (loss if layer.aux_loss is None else loss + layer.aux_loss), y
+
+
+def close(name, got, want, tol=TOL):
+    err = (got.detach() - want.detach()).abs().max().item() if got.numel() else 0.0
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(f"{name}: max abs error {err:.3g} > {tol}")
+    return err
+
+
+def check_grads(par, ref, mesh, what):
+    """Every parameter gradient of `par` (after sync_gradients) equals `ref`'s (its shard)."""
+    ref_params = dict(ref.named_parameters())
+    sharded = dict(smd.expert_parameters(par))
+    n = 0
+    for name, p in par.named_parameters():
+        want = ref_params[name].grad
+        if name in sharded:
+            ep_mod = par.get_submodule(name.rsplit(".", 1)[0])
+            want = want[ep_mod.expert_offset:ep_mod.expert_offset + ep_mod.num_local_experts]
+        close(f"{what} grad {name}", p.grad, want)
+        n += 1
+    return n
+
+
+def run_layer_case(build, use_mask, mesh, wrap=None):
+    """Compare a parallel layer with the reference; returns the number of checked tensors."""
+    torch.manual_seed(0)
+    ref = build()
+    par = copy.deepcopy(ref)
+    x, mask, g = global_inputs(mesh.world_size)
+    mask = mask if use_mask else None
+    xr = x.clone().requires_grad_()
+    loss_ref, y_ref = layer_loss(ref, xr, mask, g)
+    loss_ref.backward()
+    if wrap is None:
+        smd.parallelize(par, mesh)
+    else:
+        par.experts = wrap(par.experts, mesh)
+        par.parallel_mesh = mesh
+    xl = smd.shard_batch(x, mesh).clone().requires_grad_()
+    ml = None if mask is None else smd.shard_batch(mask, mesh)
+    loss, y = layer_loss(par, xl, ml, smd.shard_batch(g, mesh))
+    loss.backward()
+    smd.sync_gradients(par)
+    close("output", y, smd.shard_batch(y_ref, mesh))
+    # the local loss is a mean over b = B/W sequences, the reference over B: dL/dx_r = (1/W) dL_r/dx_r
+    close("input grad", xl.grad / mesh.world_size, smd.shard_batch(xr.grad, mesh))
+    return 2 + check_grads(par, ref, mesh, "layer")
+
+
+# -- training ------------------------------------------------------------------------------------
+def batches(world: int, steps: int):
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(world * B_LOCAL, 3, 8, 8, generator=gen), torch.randint(0, 5, (world * B_LOCAL,), generator=gen))
+            for _ in range(steps)]
+
+
+def make_optimizer(model):
+    decay = [p for n, p in model.named_parameters() if n.endswith(("w1", "w2", "weight"))]
+    rest = [p for n, p in model.named_parameters() if not n.endswith(("w1", "w2", "weight"))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3)
+
+
+def train_step(model, opt, images, labels, mesh=None):
+    opt.zero_grad(set_to_none=True)
+    if mesh is not None:
+        images, labels = smd.shard_batch(images, mesh), smd.shard_batch(labels, mesh)
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    if mesh is not None:
+        smd.sync_gradients(model)
+    opt.step()
+
+
+def reference_states(world: int, steps: int):
+    """The single-process model's state_dict after 0..steps AdamW steps on the global batches."""
+    torch.manual_seed(0)
+    model = micro_model()
+    opt = make_optimizer(model)
+    states = [copy.deepcopy(model.state_dict())]
+    for images, labels in batches(world, steps):
+        train_step(model, opt, images, labels)
+        states.append(copy.deepcopy(model.state_dict()))
+    return model, opt, states
+
+
+def check_weights(model, state, what):
+    for name, t in model.state_dict().items():
+        want = state[name]
+        if t.shape != want.shape:  # an expert shard
+            ep_mod = model.get_submodule(name.rsplit(".", 1)[0])
+            want = want[ep_mod.expert_offset:ep_mod.expert_offset + ep_mod.num_local_experts]
+        close(f"{what} weight {name}", t, want)
+
+
+def parallel_model(mesh, ckpt=None):
+    """A micro model built on the meta device, parallelised, materialised and (optionally) loaded
+    from checkpoint folder `ckpt` with its optimizer."""
+    with torch.device("meta"):
+        model = micro_model()
+    smd.parallelize(model, mesh)
+    model.to_empty(device="cpu")
+    opt = make_optimizer(model)
+    if ckpt is not None:
+        smd.load_checkpoint(ckpt, model, opt)
+    return model, opt
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+def scenario_layers(rank, world, tmp):
+    """Every layer and the micro model under EP=world (and DP=2 x EP=2 at world 4); the port's
+    all-gather design must fail the same check."""
+    meshes = [smd.init_mesh(world)] + ([smd.init_mesh(2)] if world == 4 else [])
+    for mesh in meshes:
+        for name, build, use_mask in layer_cases(E=8):
+            n = run_layer_case(build, use_mask, mesh)
+            if rank == 0:
+                print(f"ok ep={mesh.ep_size} dp={mesh.dp_size} {name}: {n} tensors", flush=True)
+    for mesh in meshes:
+        check_broadcast(mesh)
+    mesh = meshes[0]
+    # the whole micro model: outputs, input gradient, every parameter gradient
+    torch.manual_seed(0)
+    ref = micro_model()
+    par = smd.parallelize(copy.deepcopy(ref), mesh)
+    images = torch.randn(world * B_LOCAL, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    xr = images.clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.square().mean().backward()
+    xl = smd.shard_batch(images, mesh).clone().requires_grad_()
+    out = par(xl)
+    out.square().mean().backward()
+    smd.sync_gradients(par)
+    close("model output", out, smd.shard_batch(out_ref, mesh))
+    close("model input grad", xl.grad / world, smd.shard_batch(xr.grad, mesh))
+    n = check_grads(par, ref, mesh, "model")
+    if rank == 0:
+        print(f"ok micro model ep={mesh.ep_size}: {n} parameter gradients", flush=True)
+    # the port's design: right forward, wrong backward
+    from softmoe.bench.distributed import AllGatherExperts
+
+    port = lambda experts, m: AllGatherExperts(experts, m.ep_rank, m.ep_size, m.ep_group)  # noqa: E731
+    try:
+        run_layer_case(layer_cases(E=8)[0][1], False, mesh, wrap=port)
+    except AssertionError as e:
+        if "grad" not in str(e):
+            raise
+        if rank == 0:
+            print(f"ok port design fails: {e}", flush=True)
+    else:
+        raise AssertionError("the all-gather design with the port's backward passed the equivalence check")
+
+
+def check_broadcast(mesh):
+    """After broadcast_parameters, every rank holds rank 0's replicated parameters and its dp
+    group's first replica of each expert shard, whatever it held before."""
+    torch.manual_seed(100 + mesh.rank)  # a different model on every rank
+    model = smd.parallelize(micro_model(), mesh)
+    smd.broadcast_parameters(model)
+    torch.manual_seed(100)  # what rank 0 built; its dp_rank-0 peers built 100 + ep_rank
+    want_replicated = micro_model().state_dict()
+    torch.manual_seed(100 + mesh.ep_rank)
+    want_experts = micro_model().state_dict()
+    sharded = dict(smd.expert_parameters(model))
+    for name, t in model.state_dict().items():
+        if name in sharded:
+            ep_mod = model.get_submodule(name.rsplit(".", 1)[0])
+            want = want_experts[name][ep_mod.expert_offset:ep_mod.expert_offset + ep_mod.num_local_experts]
+        else:
+            want = want_replicated[name]
+        close(f"broadcast {name}", t, want, tol=0.0)
+
+
+def scenario_train_ep(rank, world, tmp):
+    """3 AdamW steps at EP=world from the same init equal the single-process weights; then save."""
+    mesh = smd.init_mesh(world)
+    _, _, states = reference_states(world, 3)
+    torch.manual_seed(0)
+    model = smd.parallelize(micro_model(), mesh)
+    opt = make_optimizer(model)
+    for step, (images, labels) in enumerate(batches(world, 3), 1):
+        train_step(model, opt, images, labels, mesh)
+        check_weights(model, states[step], f"ep={world} step {step}")
+    smd.save_checkpoint(f"{tmp}/ck_ep{world}", model, opt, extra={"step": 3})
+    if rank == 0:
+        print(f"ok ep={world}: 3 steps match, saved", flush=True)
+
+
+def scenario_train_cross(rank, world, tmp):
+    """World 4: load a single-process checkpoint (after step 1) at DP=2 x EP=2, train 2 steps, save;
+    load at EP=4, step, save; load at EP=1 (DP=4) and at EP=2 again, step. Each step equals the
+    single-process weights."""
+    _, _, states = reference_states(world, 5)
+    data = batches(world, 5)
+    layouts = [(2, f"{tmp}/ck_single", (2, 3)), (4, f"{tmp}/ck_dp2ep2", (4,)), (1, f"{tmp}/ck_ep4", (5,)),
+               (2, f"{tmp}/ck_ep4", (5,))]
+    for i, (ep, ckpt, steps) in enumerate(layouts):
+        mesh = smd.init_mesh(ep)
+        model, opt = parallel_model(mesh, ckpt)
+        check_weights(model, states[steps[0] - 1], f"ep={ep} loaded {ckpt}")
+        for step in steps:
+            train_step(model, opt, *data[step - 1], mesh)
+            check_weights(model, states[step], f"ep={ep} dp={mesh.dp_size} step {step}")
+        if i < 2:
+            smd.save_checkpoint(f"{tmp}/ck_{'dp2ep2' if ep == 2 else 'ep4'}", model, opt, extra={"step": steps[-1]})
+        if rank == 0:
+            print(f"ok ep={ep} dp={mesh.dp_size}: loaded {ckpt.rsplit('/', 1)[1]}, steps {steps} match", flush=True)
+
+
+def scenario_api(rank, world, tmp):
+    """Bad configurations give ValueErrors naming the problem; a parallelised layer loads a full
+    (unparallelised) state_dict; DDP for the replicated parameters + sync_gradients(replicated=False)
+    equals one process."""
+    expect_error(lambda: smd.init_mesh(4), "must divide the world size")
+    mesh = smd.init_mesh(2)
+    expect_error(lambda: smd.parallelize(SoftMoE(D, 3), mesh), "must divide num_experts=3")
+    expect_error(lambda: smd.shard_batch(torch.zeros(3, N, D), mesh), "must be divisible by the world size")
+    model = smd.parallelize(SoftMoE(D, 4), mesh)
+    expect_error(lambda: smd.parallelize(model, mesh), "already parallelised")
+    if rank == 0:
+        print("ok errors", flush=True)
+    # load_state_dict of the full model: each rank keeps its experts
+    torch.manual_seed(0)
+    ref = micro_model()
+    par = smd.parallelize(micro_model(), mesh)
+    par.load_state_dict(ref.state_dict())
+    check_weights(par, ref.state_dict(), "full state_dict")
+    # DDP for the replicated parameters, sync_gradients for the experts
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(par, smd.ignored_params(par))
+    ddp = DDP(par)
+    images = torch.randn(world * B_LOCAL, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref(images).square().mean().backward()
+    ddp(smd.shard_batch(images, mesh)).square().mean().backward()
+    smd.sync_gradients(par, replicated=False)
+    n = check_grads(par, ref, mesh, "ddp")
+    if rank == 0:
+        print(f"ok full state_dict loads; ddp + expert sync: {n} gradients", flush=True)
+    # ep_size 1: plain data parallelism, here for a dense ViT
+    torch.manual_seed(0)
+    ref = create_model("vit_micro", embed_dim=D, mlp_dim=32, depth=2, num_heads=2, img_size=8, patch_size=2,
+                       num_classes=5)
+    par = smd.parallelize(copy.deepcopy(ref), ep_size=1)
+    ref(images).square().mean().backward()
+    par(smd.shard_batch(images, mesh)).square().mean().backward()
+    smd.sync_gradients(par)
+    n = check_grads(par, ref, smd.mesh_of(par), "dense dp")
+    if rank == 0:
+        print(f"ok dense ViT, data parallel: {n} gradients", flush=True)
+
+
+def expect_error(fn, text):
+    try:
+        fn()
+    except ValueError as e:
+        if text not in str(e):
+            raise AssertionError(f"error {e!r} does not say {text!r}") from e
+    else:
+        raise AssertionError(f"no ValueError ({text!r})")
+
+
+def scenario_rank_raises(rank, world, tmp):
+    """Rank 1 raises in the middle of the second step (after its forward); rank 0 must fail."""
+    mesh = smd.init_mesh(world)
+    torch.manual_seed(0)
+    layer = smd.parallelize(SoftMoE(D, 4, hidden_dim=32), mesh)
+    for step in range(2):
+        loss = layer(torch.randn(B_LOCAL, N, D)).square().mean()
+        if step == 1 and rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        loss.backward()
+    print("rank 0 finished the step: it should have failed", flush=True)
+
+
+def scenario_rank_hangs(rank, world, tmp):
+    """Rank 1 stops calling collectives (alive, sleeping); rank 0 must fail after the timeout."""
+    mesh = smd.init_mesh(world)
+    layer = smd.parallelize(SoftMoE(D, 4, hidden_dim=32), mesh)
+    if rank == 1:
+        time.sleep(600)
+    layer(torch.randn(B_LOCAL, N, D))
+    print("rank 0 finished the step: it should have failed", flush=True)
+
+
+def main(argv):
+    scenario, rank, world, store, tmp, timeout_s = argv
+    torch.set_num_threads(1)
+    smd.init_process_group("gloo", timeout_s=float(timeout_s), init_method=f"file://{store}",
+                           rank=int(rank), world_size=int(world))
+    globals()[f"scenario_{scenario}"](int(rank), int(world), tmp)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
