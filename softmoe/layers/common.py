@@ -90,8 +90,13 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def cv_squared(v: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation along the last axis: var / mean^2 (population var),
-    as vmoe computes it (no sqrt, so the gradient is defined at zero variance)."""
-    return v.var(dim=-1, unbiased=False) / v.mean(dim=-1).pow(2)
+    as vmoe computes it (no sqrt, so the gradient is defined at zero variance).
+
+    For the non-negative loads and importances it is applied to, a zero mean means an all-zero
+    vector (a routing group whose tokens are all padding): its loss is 0 with zero gradient
+    instead of 0/0 = NaN (vmoe never sees such a group)."""
+    mean = v.mean(dim=-1)
+    return v.var(dim=-1, unbiased=False) / torch.where(mean == 0, torch.ones_like(mean), mean.pow(2))
 
 
 class MoELayer(nn.Module):

@@ -182,8 +182,9 @@ ABLATIONS = {("uniform", "dispatch"): uniform_dispatch, ("uniform", "combine"): 
 
 
 def slot_view(slots: torch.Tensor, B: int, S: int) -> torch.Tensor:
-    """The (B, S, D) view (strided, no copy) of slot-major (E, P*B, D) slots."""
-    return slots.view(S, B, slots.shape[2]).transpose(0, 1)
+    """The (B, S, D) view (strided, no copy) of slot-major (E, P*B, D) slots; a copy only when
+    `slots` is not contiguous (an experts module, e.g. a wrapper, may hand those back)."""
+    return slots.reshape(S, B, slots.shape[2]).transpose(0, 1)
 
 
 @torch.no_grad()

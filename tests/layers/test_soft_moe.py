@@ -328,3 +328,28 @@ def test_check_finite_raises():
         x[1, 1, 1] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             layer(x)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_experts_module_may_return_non_contiguous_tensors(impl):
+    # An experts replacement (e.g. an expert-parallel wrapper) may hand back non-contiguous
+    # outputs; the layer (and its fused backward) must accept them and compute the same thing.
+    class Strided(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)  # (E, M, D)
+            return y.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+
+    torch.manual_seed(0)
+    layer = SoftMoE(6, 4, slots_per_expert=2, impl=impl).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    gx, = torch.autograd.grad(y.square().sum(), x)
+    layer.experts = Strided(layer.experts)
+    y2 = layer(x)
+    gx2, = torch.autograd.grad(y2.square().sum(), x)
+    torch.testing.assert_close(y2, y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx2, gx, rtol=0, atol=1e-12)

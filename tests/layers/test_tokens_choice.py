@@ -227,6 +227,24 @@ def test_masked_output_equals_output_without_masked_tokens():
         assert_close64(y[b, mask[b]], layer(x[b:b + 1, mask[b]])[0])
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_all_padding_group_gives_finite_losses_and_gradients(impl):
+    # A routing group with no real token has all-zero importance and load: its CV^2 is 0 (not
+    # 0/0 = NaN), and the other groups' losses and gradients are those of the batch without it.
+    torch.manual_seed(0)
+    layer = TokensChoiceMoE(6, num_experts=4, k=2, capacity=8, impl=impl).double().train()
+    x = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1] = False  # sequence (group) 1 is all padding
+    torch.manual_seed(1)
+    y = layer(x, mask)
+    aux = layer.aux_loss
+    (y.square().sum() + aux).backward()
+    assert torch.isfinite(aux) and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert torch.all(x.grad[1] == 0) and torch.all(y[1] == 0)
+
+
 # -- auxiliary losses -------------------------------------------------------------------------
 def cv2(v):
     return np.var(v) / np.mean(v) ** 2  # population variance, as vmoe
