@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmoe._io import atomic_write_json
+from softmoe._lock import workdir_lock
 from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, record_routing, release_buffers,
                             set_buffer_reuse)
 
@@ -158,15 +159,17 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     progress: None shows a tqdm bar on a TTY and sparse lines otherwise; False prints only the
     start and the summary. Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
     stays on disk), ValueError/FileNotFoundError/PermissionError on bad input before writing
-    anything but the work directory itself. torch's thread count is restored afterwards."""
+    anything but the work directory itself, softmoe._lock.WorkdirLocked (a ValueError) if another
+    run holds the work directory. torch's thread count is restored afterwards."""
     threads = torch.get_num_threads()
-    try:
-        return _train(cfg, workdir, resume, progress, log)
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as held:  # the work directory's lock, once _train takes it
+        try:
+            return _train(cfg, workdir, resume, progress, log, held)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
+def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.ExitStack) -> dict:
     from softmoe.data import TrainBatches, load_dataset
     from softmoe.models import create_model, get_config
 
@@ -197,13 +200,14 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     schedule = make_schedule(cfg, total)  # warmup/cooldown longer than the run: ValueError here
     prepare_workdir(workdir)
+    held.enter_context(workdir_lock(workdir))  # a second run here: WorkdirLocked (exit 2)
 
     config_path = workdir / "config.json"
     latest = ckpt_mod.latest_checkpoint(workdir)
     if resume and latest is None:
         raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     if latest is not None and config_path.is_file():
-        diffs = _config_differences(json.loads(config_path.read_text()), resolved)
+        diffs = _config_differences(ckpt_mod.read_run_config(config_path), resolved)
         if diffs:
             raise ValueError(f"work directory {str(workdir)!r} holds a checkpoint of a different run "
                              f"({'; '.join(diffs)}); use another --workdir or the same config")
@@ -231,9 +235,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     start = 0
     if latest is not None:
         state = ckpt_mod.load_train_state(latest)
-        from softmoe.models.hub import load_safetensors
-
-        model.load_state_dict(load_safetensors(latest / "model.safetensors"), strict=True)
+        ckpt_mod.load_model_weights(model, latest)  # dtypes checked per tensor
         optimizer.load_state_dict(state["optimizer"])
         ckpt_mod.set_rng_state(state["rng"])
         start = int(state["step"])
