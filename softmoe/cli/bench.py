@@ -33,8 +33,21 @@ def register(subparsers) -> None:
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=_output_checked(module.run))
     parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _output_checked(run):
+    """`run` after checking that its --out folder can be written: a benchmark computes for
+    minutes and must not fail only when it writes its tables."""
+    def checked(args) -> int:
+        if getattr(args, "out", None) is not None:
+            from softmoe._io import check_output_dir
+
+            check_output_dir(args.out, "--out")
+        return run(args)
+
+    return checked
 
 
 def _usage(parser) -> int:

@@ -23,6 +23,8 @@ def run(args) -> int:
     steps = args.steps if args.steps is not None else DEMO_STEPS
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     results = []
     t0 = time.perf_counter()
     for model, sub in (("soft_moe_micro", "soft_moe"), ("vit_micro", "vit")):

@@ -33,7 +33,7 @@ def _l2(v: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softmoe._io import atomic_write_json
+    from softmoe._io import atomic_write_json, check_output_file
     from softmoe.data import load_dataset
     from softmoe.eval.classify import resolve_device
     from softmoe.eval.fewshot import parse_shots
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")  # before minutes of evaluation, not after
     model, train_cfg = load_checkpoint(args.checkpoint)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     test = load_dataset(data, args.split, root, args.download)

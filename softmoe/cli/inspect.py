@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 MAX_PRINTED_ROWS = 16  # longer tables are summarised on screen; the CSV files hold every row
+MAX_GRID_IMAGES = 32  # heatmap rows: each takes about a second to draw, and more are unreadable
 
 
 def register(subparsers) -> None:
@@ -19,7 +20,8 @@ def register(subparsers) -> None:
                    help="dataset name or ImageFolder directory (default: the one recorded in the workdir)")
     p.add_argument("--data-root", default=None, metavar="DIR")
     p.add_argument("--split", default="test")
-    p.add_argument("--images", type=int, default=4, help="images drawn in the heatmap grid (default 4)")
+    p.add_argument("--images", type=int, default=4,
+                   help=f"images drawn in the heatmap grid (default 4, at most {MAX_GRID_IMAGES})")
     p.add_argument("--stats-images", type=int, default=256,
                    help="images the statistics average over (default 256, at most the split size)")
     p.add_argument("--slots", default="auto",
@@ -81,6 +83,7 @@ def _print_layer(s: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from softmoe._io import check_output_dir
     from softmoe.data import load_dataset
     from softmoe.eval.classify import resolve_device
     from softmoe.eval.inspect import inspect_model
@@ -90,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("images", "stats_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.images > MAX_GRID_IMAGES:
+        raise ValueError(f"--images must be <= {MAX_GRID_IMAGES} (one heatmap row per image), got {args.images}; "
+                         f"--stats-images sets how many images the statistics use")
+    check_output_dir(args.out, "--out")
     device = resolve_device(args.device)
     model, train_cfg = load_checkpoint(args.checkpoint)
     if not any(True for _ in moe_layers(model)):

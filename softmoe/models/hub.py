@@ -50,6 +50,8 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
         raise ValueError(f"model must be a softmoe VisionTransformer (with a ViTConfig in .config), "
                          f"got {type(model).__name__}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is a file; save_pretrained writes a folder")
     directory.mkdir(parents=True, exist_ok=True)
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
                 "config": model.config.to_dict()}
@@ -278,8 +280,8 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
             raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but CUDA is not available")
-    directory = Path(directory)
     saved = load_config(directory)
+    directory = Path(directory)
     cfg = apply_overrides(saved, overrides) if overrides else saved
     state = check_dtypes(load_safetensors(directory / WEIGHTS_NAME), str(directory / WEIGHTS_NAME))
     new_head = cfg.num_classes != saved.num_classes

@@ -41,8 +41,8 @@ POOLS = ("gap", "token", "map")
 
 def resolve_moe_type(moe_type: str) -> str:
     """Canonical class name for a MoE type name or alias; ValueError if unknown."""
-    name = MOE_ALIASES.get(moe_type, moe_type)
-    if name not in MOE_LAYERS:
+    name = MOE_ALIASES.get(moe_type, moe_type) if isinstance(moe_type, str) else moe_type
+    if not isinstance(name, str) or name not in MOE_LAYERS:
         raise ValueError(f"moe_type must be one of {sorted(MOE_LAYERS) + sorted(MOE_ALIASES)} or None, got {moe_type!r}")
     return name
 
@@ -117,8 +117,9 @@ class ViTConfig:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
         for key in ("qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be a bool, got {getattr(self, key)!r}")
@@ -172,6 +173,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a ViTConfig must be built from a dict, got {type(d).__name__}")
         _check_keys(d)
         return cls(**d)
 

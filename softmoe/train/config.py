@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ class TrainConfig:
             v = getattr(self, key)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite number >= 0, got {v}")
+        if self.num_threads > (os.cpu_count() or 1):
+            raise ValueError(f"num_threads={self.num_threads} is more than this machine's {os.cpu_count()} CPUs "
+                             f"(0: torch's default)")
         if self.head_weight_decay is not None and not (self.head_weight_decay >= 0 and math.isfinite(self.head_weight_decay)):
             raise ValueError(f"head_weight_decay must be >= 0 or None, got {self.head_weight_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -134,7 +138,7 @@ class TrainConfig:
             raise ValueError(f"data_image_size must be >= 1 or None, got {self.data_image_size}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 or None, got {self.crop_padding}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not self.model:
             raise ValueError("model must be a registry name (see `softmoe.models.list_models()`)")
@@ -274,6 +278,9 @@ def load_config(name_or_path: str) -> TrainConfig:
             close = difflib.get_close_matches(name_or_path, avail, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise FileNotFoundError(f"config {name_or_path!r} not found: give a .py file or one of {avail}{hint}")
+    if path.suffix != ".py":
+        raise ValueError(f"config {str(path)!r} must be a Python file (.py) defining config() -> TrainConfig; "
+                         f"a run's saved config.json is not a config file (resume with --workdir instead)")
     spec = importlib.util.spec_from_file_location(f"softmoe_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
