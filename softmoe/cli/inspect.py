@@ -6,6 +6,7 @@ import argparse
 
 MAX_PRINTED_ROWS = 16  # longer tables are summarised on screen; the CSV files hold every row
 MAX_GRID_IMAGES = 32  # heatmap rows: each takes about a second to draw, and more are unreadable
+MAX_GRID_SLOTS = 16  # heatmap columns per layer, for the same reasons
 
 
 def register(subparsers) -> None:
@@ -80,6 +81,23 @@ def _print_layer(s: dict) -> None:
         _print_table(s["experts"], ["expert", "selected_gate_mean", "mean_gate"], "selected_gate_mean")
 
 
+def _check_choices(model, slots: str, layers: str) -> None:
+    """--layers and --slots checked against the model's layers before any statistics are
+    computed (the same rules as the report uses later, on a skeleton of each layer)."""
+    from softmoe.eval.inspect import choose_slots, select_layers
+    from softmoe.layers import SoftMoE, moe_layers
+
+    skeleton = [{"name": name, "kind": "soft" if isinstance(m, SoftMoE) else "sparse",
+                 "slots": [{"dispatch_entropy": 0.0}] * (m.num_slots if isinstance(m, SoftMoE) else 0)}
+                for name, m in moe_layers(model)]
+    for layer in select_layers(skeleton, layers):
+        if len(choose_slots(layer, slots)) > MAX_GRID_SLOTS:
+            raise ValueError(f"--slots draws at most {MAX_GRID_SLOTS} slots per layer, got {slots!r}")
+    auto_k = slots.strip().lower().partition(":")[2]
+    if auto_k.isdigit() and int(auto_k) > MAX_GRID_SLOTS:
+        raise ValueError(f"--slots 'auto:K' draws at most {MAX_GRID_SLOTS} slots per layer, got {slots!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -101,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     model, train_cfg = load_checkpoint(args.checkpoint)
     if not any(True for _ in moe_layers(model)):
         raise ValueError(f"the model in {args.checkpoint} has no MoE layer (a dense ViT?): nothing to inspect")
+    _check_choices(model, args.slots, args.layers)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     ds = load_dataset(data, args.split, root, args.download)
     model.to(device)

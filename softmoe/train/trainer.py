@@ -199,13 +199,13 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     schedule = make_schedule(cfg, total)  # warmup/cooldown longer than the run: ValueError here
+    if resume and ckpt_mod.latest_checkpoint(workdir) is None:
+        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     prepare_workdir(workdir)
     held.enter_context(workdir_lock(workdir))  # a second run here: WorkdirLocked (exit 2)
 
     config_path = workdir / "config.json"
     latest = ckpt_mod.latest_checkpoint(workdir)
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     if latest is not None and config_path.is_file():
         diffs = _config_differences(ckpt_mod.read_run_config(config_path), resolved)
         if diffs:
