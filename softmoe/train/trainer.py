@@ -241,8 +241,8 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
         start = int(state["step"])
         if start > total:
             raise ValueError(f"checkpoint {str(latest)!r} is at step {start}, past this run's {total} steps")
-        logs.truncate_metrics(workdir, start)
         log(f"resuming from {latest} (step {start}/{total})")
+    logs.truncate_metrics(workdir, start)  # what a killed run logged after its checkpoint (or before its first)
     atomic_write_json(config_path, resolved, sort_keys=True)
 
     writer = logs.MetricsWriter(workdir, tensorboard=cfg.tensorboard, purge_step=start if start else None,
