@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 
 
@@ -38,13 +39,17 @@ def register(subparsers) -> None:
 
 
 def _output_checked(run):
-    """`run` after checking that its --out folder can be written: a benchmark computes for
-    minutes and must not fail only when it writes its tables."""
+    """`run` after checking that its --out folder can be written (a benchmark computes for
+    minutes and must not fail only when it writes its tables) and that --threads fits the
+    machine (torch aborts creating 100000 threads)."""
     def checked(args) -> int:
         if getattr(args, "out", None) is not None:
             from softmoe._io import check_output_dir
 
             check_output_dir(args.out, "--out")
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads > 4 * (os.cpu_count() or 1):  # more only slows down
+            raise ValueError(f"--threads must be <= 4x this machine's {os.cpu_count()} CPUs, got {threads}")
         return run(args)
 
     return checked

@@ -41,7 +41,10 @@ def _config_for(name: str, overrides: dict):
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json (not a save_pretrained directory)")
-        data = json.loads(cfg_file.read_text())
+        try:
+            data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
         cfg = ViTConfig.from_dict(data["config"] if "config" in data else data)
         return cfg.replace(**overrides) if overrides else cfg
     return get_config(name, **overrides)

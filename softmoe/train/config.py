@@ -118,9 +118,11 @@ class TrainConfig:
             v = getattr(self, key)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite number >= 0, got {v}")
-        if self.num_threads > (os.cpu_count() or 1):
-            raise ValueError(f"num_threads={self.num_threads} is more than this machine's {os.cpu_count()} CPUs "
-                             f"(0: torch's default)")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        if self.num_threads > 4 * (os.cpu_count() or 1):  # more only slows down, 100000 aborts torch
+            raise ValueError(f"num_threads must be <= 4x this machine's {os.cpu_count()} CPUs (0: torch's default), "
+                             f"got {self.num_threads}")
         if self.head_weight_decay is not None and not (self.head_weight_decay >= 0 and math.isfinite(self.head_weight_decay)):
             raise ValueError(f"head_weight_decay must be >= 0 or None, got {self.head_weight_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
