@@ -334,7 +334,7 @@ CLI_CASES = [
     ("train-config-missing", ["train", "--config", "nope_config", "--workdir", "{out}"], ["config"]),
     ("train-workdir-is-a-file", [*TRAIN, "--workdir", "{file}"], ["work directory"]),
     ("train-capacity-inf", [*TRAIN, "--set", "model=tc_moe_micro",
-                            "--set", 'model_kwargs.moe_kwargs={"capacity_factor": 1e400}', "--workdir", "{out}"],
+                            "--set", 'model_kwargs.moe_kwargs={{"capacity_factor": 1e400}}', "--workdir", "{out}"],
      ["capacity_factor"]),
     ("train-resume-different-run", [*TRAIN, "--set", "lr=0.5", "--workdir", "{run}"], ["different run", "lr"]),
     ("train-resume-needs-checkpoint", [*TRAIN, "--resume", "--workdir", "{out}"], ["--resume"]),
