@@ -34,11 +34,11 @@ def register(subparsers) -> None:
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(func=_output_checked(module.run))
+        p.set_defaults(func=_checked_first(module.run))
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
-def _output_checked(run):
+def _checked_first(run):
     """`run` after checking that its --out folder can be written (a benchmark computes for
     minutes and must not fail only when it writes its tables) and that --threads fits the
     machine (torch aborts creating 100000 threads)."""
