@@ -32,8 +32,27 @@ def _l2(v: float) -> str:
     return f"2^{int(e)}" if e == int(e) else f"{v:g}"
 
 
+def _check_json_target(path: str) -> None:
+    """--json checked before the evaluation: writable, and not some other file (a run's
+    config.json, say) that the results would replace; an earlier result is replaced."""
+    import json
+    from pathlib import Path
+
+    from softmoe._io import check_output_file
+
+    check_output_file(path, "--json")
+    if Path(path).is_file():
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = None
+        if not (isinstance(doc, dict) and {"checkpoint", "split", "num_test"} <= doc.keys()):
+            raise ValueError(f"--json {path!r} exists and is not a `softmoe eval` result: not replacing it "
+                             f"(delete it or choose another file)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from softmoe._io import atomic_write_json, check_output_file
+    from softmoe._io import atomic_write_json
     from softmoe.data import load_dataset
     from softmoe.eval.classify import resolve_device
     from softmoe.eval.fewshot import parse_shots
@@ -45,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     if args.json:
-        check_output_file(args.json, "--json")  # before minutes of evaluation, not after
+        _check_json_target(args.json)  # before minutes of evaluation, not after
     model, train_cfg = load_checkpoint(args.checkpoint)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     test = load_dataset(data, args.split, root, args.download)

@@ -145,10 +145,12 @@ def _module_dtypes(state: dict) -> dict[str, torch.dtype]:
     largest: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module = key.rpartition(".")[0]
-        if value.is_floating_point() and (module not in largest or value.numel() > largest[module].numel()):
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        if module not in largest or value.numel() > largest[module].numel():
             largest[module] = value
     stream = state.get("patch_embed.proj.weight")
-    if stream is not None and stream.is_floating_point():
+    if isinstance(stream, torch.Tensor) and stream.is_floating_point():
         largest[""] = stream
     return {key: largest[key.rpartition(".")[0]].dtype for key in state if key.rpartition(".")[0] in largest}
 
@@ -162,7 +164,9 @@ def check_dtypes(state: dict, source: str, expected: dict[str, torch.dtype] | No
     out, wrong = {}, []
     for key, value in state.items():
         target = want.get(key)
-        if not value.is_floating_point():
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif not value.is_floating_point():
             wrong.append(f"tensor {key!r} has dtype {value.dtype}, expected {target or 'a floating-point dtype'}")
         elif target is None or value.dtype == target:
             out[key] = value
@@ -237,6 +241,9 @@ def adapt_state_dict(model: VisionTransformer, state_dict: dict, source: str = "
     out, wrong = {}, []
     for key in sorted(keys):
         value, want = state_dict[key], expected[key]
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+            continue
         if want.is_floating_point() and not value.is_floating_point():
             wrong.append(f"tensor {key!r} has dtype {value.dtype}, expected a floating-point dtype ({want.dtype})")
             continue
@@ -277,7 +284,8 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}") from e
+            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
+                             f"got {device!r}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but CUDA is not available")
     saved = load_config(directory)

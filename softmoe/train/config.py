@@ -271,6 +271,8 @@ def available_configs() -> list[str]:
 def load_config(name_or_path: str) -> TrainConfig:
     """Run a config file (a path, or NAME found as NAME.py in `config_search_dirs()`) and
     return its `config()`. Config files are code the user chose to run, like any script."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"config must be a name or a path, got {name_or_path!r}")
     path = Path(name_or_path)
     if not path.is_file():
         candidates = [d / f"{name_or_path}.py" for d in config_search_dirs()] if path.suffix != ".py" else []

@@ -161,6 +161,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     stays on disk), ValueError/FileNotFoundError/PermissionError on bad input before writing
     anything but the work directory itself, softmoe._lock.WorkdirLocked (a ValueError) if another
     run holds the work directory. torch's thread count is restored afterwards."""
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     threads = torch.get_num_threads()
     with contextlib.ExitStack() as held:  # the work directory's lock, once _train takes it
         try:

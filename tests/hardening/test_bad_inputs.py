@@ -24,6 +24,7 @@ from softmoe.cli import main
 from softmoe.layers import ExpertsChoiceMoE, TokensChoiceMoE
 from softmoe.models import ViTConfig, create_model, get_config, list_models
 from softmoe.models.hub import check_dtypes, from_pretrained, is_lossless_cast, load_weights, save_pretrained
+from softmoe.train import TrainConfig, load_config, train
 
 # Fixed on the layers branch (wt-layers): remove this mark when it is merged (strict: an
 # unexpected pass fails, so the mark cannot outlive the fix).
@@ -150,6 +151,15 @@ API_CASES = [
                  ["'pos_embed'", "int32"], id="load-weights-int"),
     pytest.param(lambda c: save_pretrained(create_model("vit_micro"), c["file"]), ValueError, ["directory"],
                  id="save-into-a-file"),
+    pytest.param(lambda c: load_weights(create_model("vit_micro"), dict.fromkeys(create_model("vit_micro").state_dict(),
+                                                                                 0.0)),
+                 ValueError, ["'pos_embed' is a float, not a tensor"], id="load-weights-floats"),
+    # training API
+    pytest.param(lambda c: train({"model": "vit_micro"}, c["file"].parent / "t"), ValueError,
+                 ["cfg", "TrainConfig"], id="train-a-dict"),
+    pytest.param(lambda c: load_config(None), ValueError, ["config"], id="load-config-none"),
+    pytest.param(lambda c: TrainConfig(steps=2, device="cuda:x").validate(), ValueError, ["device"],
+                 id="train-config-device"),
 ]
 
 
@@ -264,7 +274,8 @@ def test_resume_checks_dtypes_against_the_model(run, tmp_path, capsys):
             assert main([*TRAIN, "--workdir", str(wd)]) == 0
         else:
             assert main([*TRAIN, "--workdir", str(wd)]) == 2
-            assert "'blocks.0.mlp.fc1.weight' has dtype torch.float64, expected torch.float32" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert "'blocks.0.mlp.fc1.weight' has dtype torch.float64, expected torch.float32" in err
             assert tree_hash(wd) == before
 
 
@@ -274,6 +285,8 @@ CLI_CASES = [
     ("eval-json-is-a-folder", ["eval", "--checkpoint", "{run}", "--fewshot", "none", "--json", "{tmp}"], ["--json"]),
     ("eval-json-under-a-file", ["eval", "--checkpoint", "{run}", "--fewshot", "none", "--json", "{file}/r.json"],
      ["--json", "is a file"]),
+    ("eval-json-would-replace-a-run-file", ["eval", "--checkpoint", "{run}", "--fewshot", "none", "--json",
+                                            "{run}/config.json"], ["--json", "not replacing"]),
     ("eval-json-unwritable", ["eval", "--checkpoint", "{run}", "--fewshot", "none", "--json", "/proc/r.json"],
      ["--json", "cannot write"]),
     ("inspect-out-is-a-file", ["inspect", "--checkpoint", "{run}", "--out", "{file}"], ["--out", "is a file"]),

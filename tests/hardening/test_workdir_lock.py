@@ -114,8 +114,9 @@ def _train_steps(workdir: Path) -> list[int]:
 
 def test_the_same_training_started_twice(tmp_path):
     """While run A trains, the same command (`python -m softmoe`, a fresh process as a user
-    starts it) in the same directory exits 2 at once, one line naming A's pid, writing nothing; after A is SIGKILLed its lock is stale and a new run starts over
-    with a clean, monotonic metrics log."""
+    starts it) in the same directory exits 2 at once, one line naming A's pid, writing
+    nothing; after A is SIGKILLed its lock is stale and a new run starts over with a clean,
+    monotonic metrics log."""
     wd = tmp_path / "wd"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     a = subprocess.Popen([sys.executable, "-m", "softmoe", *_train_argv(wd, 100_000)], env=env, cwd=tmp_path,
