@@ -407,3 +407,15 @@ def test_damaged_run_files(case_id, rel, data, words, run, tmp_path, capsys):
     for word in words:
         assert word in err, err
     assert tree_hash(wd) == before
+
+
+def test_output_checks_create_nothing_and_accept_what_atomic_writes_can_do(tmp_path):
+    from softmoe._io import check_output_dir, check_output_file
+
+    check_output_file(tmp_path / "new" / "deeper" / "r.json", "--json")  # folders would be made later
+    check_output_dir(tmp_path / "out" / "sub", "--out")
+    assert list(tmp_path.iterdir()) == []  # no probe or folder left behind
+    (tmp_path / "r.json").write_text("{}")
+    check_output_file(tmp_path / "r.json", "--json")  # an existing file is replaced atomically later
+    check_output_dir(tmp_path, "--out")  # an existing folder is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
