@@ -8,10 +8,14 @@ missing weights:
                         "config": ViTConfig.to_dict()}
     model.safetensors  the state dict, every tensor in its own dtype (bit-exact round trip)
 
-Loading never unpickles anything (json + safetensors). Overrides may change the image size:
-the position embedding is then resampled bicubically over its 2-D grid (as timm and
-big_vision do); the number of Soft MoE slots does not depend on the image size and stays
-fixed (SPEC.md §1). An override of `num_classes` keeps every weight except the head, which
+Loading never unpickles anything (json + safetensors) and checks every tensor's dtype: floating
+point, and one dtype per module, that of its largest tensor (the position embedding follows the
+patch embedding). A float16 bias beside a float32 weight is cast up, losslessly; an integer
+tensor, or float64 where float32 is expected, is a ValueError naming it (`check_dtypes`).
+
+Overrides may change the image size: the position embedding is then resampled bicubically
+over its 2-D grid (as timm and big_vision do); the number of Soft MoE slots does not depend on
+the image size and stays fixed (docs/design.md §1). An override of `num_classes` keeps every weight except the head, which
 is freshly initialised. Any other shape difference is a ValueError naming the tensor.
 """
 from __future__ import annotations
