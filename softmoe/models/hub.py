@@ -15,8 +15,9 @@ tensor, or float64 where float32 is expected, is a ValueError naming it (`check_
 
 Overrides may change the image size: the position embedding is then resampled bicubically
 over its 2-D grid (as timm and big_vision do); the number of Soft MoE slots does not depend on
-the image size and stays fixed (docs/design.md §1). An override of `num_classes` keeps every weight except the head, which
-is freshly initialised. Any other shape difference is a ValueError naming the tensor.
+the image size and stays fixed (docs/design.md §1). An override of `num_classes` keeps every
+weight except the head, which is freshly initialised. Any other shape difference is a
+ValueError naming the tensor.
 """
 from __future__ import annotations
 
