@@ -1,6 +1,7 @@
 """`softmoe` command line. Each sub-command lives in its own module of this package and
-exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-Modules are discovered, so adding a command never edits this file.
+exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int` (and
+optionally `prechecks`, functions of `args` run first, so that bad input fails before any
+work). Modules are discovered, so adding a command never edits this file.
 
 Errors a user can cause (bad arguments or configs, missing files; see `USER_ERRORS`) become
 one line on stderr and exit status 2, for every command; an exception with an `exit_code`
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        for check in getattr(args, "prechecks", ()):
+            check(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

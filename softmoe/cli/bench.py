@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 
 
@@ -33,8 +34,21 @@ def register(subparsers) -> None:
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, prechecks=[_check_out_and_threads])
     parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _check_out_and_threads(args) -> None:
+    """Before a benchmark runs: its --out folder can be written (it computes for minutes and
+    must not fail only when it writes its tables), and --threads fits the machine (torch
+    aborts creating 100000 threads)."""
+    if getattr(args, "out", None) is not None:
+        from softmoe._io import check_output_dir
+
+        check_output_dir(args.out, "--out")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads > 4 * (os.cpu_count() or 1):  # more only slows down
+        raise ValueError(f"--threads must be <= 4x this machine's {os.cpu_count()} CPUs, got {threads}")
 
 
 def _usage(parser) -> int:

@@ -32,6 +32,25 @@ def _l2(v: float) -> str:
     return f"2^{int(e)}" if e == int(e) else f"{v:g}"
 
 
+def _check_json_target(path: str) -> None:
+    """--json checked before the evaluation: writable, and not some other file (a run's
+    config.json, say) that the results would replace; an earlier result is replaced."""
+    import json
+    from pathlib import Path
+
+    from softmoe._io import check_output_file
+
+    check_output_file(path, "--json")
+    if Path(path).is_file():
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = None
+        if not (isinstance(doc, dict) and {"checkpoint", "split", "num_test"} <= doc.keys()):
+            raise ValueError(f"--json {path!r} exists and is not a `softmoe eval` result: not replacing it "
+                             f"(delete it or choose another file)")
+
+
 def run(args: argparse.Namespace) -> int:
     from softmoe._device import resolve_device
     from softmoe._io import atomic_write_json
@@ -44,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device, arg="--device")
+    if args.json:
+        _check_json_target(args.json)  # before minutes of evaluation, not after
     model, train_cfg = load_checkpoint(args.checkpoint)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     test = load_dataset(data, args.split, root, args.download)

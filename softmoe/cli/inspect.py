@@ -7,6 +7,8 @@ import argparse
 from softmoe._tables import text_table
 
 MAX_PRINTED_ROWS = 16  # longer tables are summarised on screen; the CSV files hold every row
+MAX_GRID_IMAGES = 32  # heatmap rows: each takes about a second to draw, and more are unreadable
+MAX_GRID_SLOTS = 16  # heatmap columns per layer, for the same reasons
 
 
 def register(subparsers) -> None:
@@ -21,7 +23,8 @@ def register(subparsers) -> None:
                    help="dataset name or ImageFolder directory (default: the one recorded in the workdir)")
     p.add_argument("--data-root", default=None, metavar="DIR")
     p.add_argument("--split", default="test")
-    p.add_argument("--images", type=int, default=4, help="images drawn in the heatmap grid (default 4)")
+    p.add_argument("--images", type=int, default=4,
+                   help=f"images drawn in the heatmap grid (default 4, at most {MAX_GRID_IMAGES})")
     p.add_argument("--stats-images", type=int, default=256,
                    help="images the statistics average over (default 256, at most the split size)")
     p.add_argument("--slots", default="auto",
@@ -77,10 +80,28 @@ def _print_layer(s: dict) -> None:
         _print_table(s["experts"], ["expert", "selected_gate_mean", "mean_gate"], "selected_gate_mean")
 
 
+def _check_choices(model, slots: str, layers: str) -> None:
+    """--layers and --slots checked against the model's layers before any statistics are
+    computed (the same rules as the report uses later, on a skeleton of each layer)."""
+    from softmoe.eval.inspect import choose_slots, select_layers
+    from softmoe.layers import SoftMoE, moe_layers
+
+    skeleton = [{"name": name, "kind": "soft" if isinstance(m, SoftMoE) else "sparse",
+                 "slots": [{"dispatch_entropy": 0.0}] * (m.num_slots if isinstance(m, SoftMoE) else 0)}
+                for name, m in moe_layers(model)]
+    for layer in select_layers(skeleton, layers):
+        if len(choose_slots(layer, slots)) > MAX_GRID_SLOTS:
+            raise ValueError(f"--slots draws at most {MAX_GRID_SLOTS} slots per layer, got {slots!r}")
+    auto_k = slots.strip().lower().partition(":")[2]
+    if auto_k.isdigit() and int(auto_k) > MAX_GRID_SLOTS:
+        raise ValueError(f"--slots 'auto:K' draws at most {MAX_GRID_SLOTS} slots per layer, got {slots!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from softmoe._device import resolve_device
+    from softmoe._io import check_output_dir
     from softmoe.data import load_dataset
     from softmoe.eval.inspect import inspect_model
     from softmoe.eval.loading import load_checkpoint, make_prepare, resolve_data
@@ -89,10 +110,15 @@ def run(args: argparse.Namespace) -> int:
     for name in ("images", "stats_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.images > MAX_GRID_IMAGES:
+        raise ValueError(f"--images must be <= {MAX_GRID_IMAGES} (one heatmap row per image), got {args.images}; "
+                         f"--stats-images sets how many images the statistics use")
+    check_output_dir(args.out, "--out")
     device = resolve_device(args.device, arg="--device")
     model, train_cfg = load_checkpoint(args.checkpoint)
     if not any(True for _ in moe_layers(model)):
         raise ValueError(f"the model in {args.checkpoint} has no MoE layer (a dense ViT?): nothing to inspect")
+    _check_choices(model, args.slots, args.layers)
     data, root = resolve_data(args.data, args.data_root, train_cfg)
     ds = load_dataset(data, args.split, root, args.download)
     model.to(device)

@@ -35,6 +35,9 @@ class TrainBatches:
                              f"({len(dataset)} images); use batch_size <= {len(dataset)}")
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+        if padding is not None and padding > max(dataset.image_size):
+            raise ValueError(f"padding (config: crop_padding) must be <= the image side {max(dataset.image_size)}, "
+                             f"got {padding}: a crop would show only padding")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)

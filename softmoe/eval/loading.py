@@ -42,17 +42,18 @@ def resolve_data(data: str | None, data_root: str | None, train_cfg: dict | None
 
 
 def make_prepare(model: nn.Module, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (B, C, H, W) batch -> the model's float input (B, in_chans, img, img) in [-1, 1].
-    Grayscale data for an RGB model is repeated over 3 channels (the usual convention)."""
+    """uint8 (B, C, H, W) batch -> the model's input (B, in_chans, img, img) in [-1, 1], in the
+    dtype of its patch embedding (a bfloat16 checkpoint gets bfloat16 input). Grayscale data for an RGB model is repeated over 3 channels (the usual convention)."""
     from softmoe.data import to_model_input
 
     cfg = model.config
     in_chans, img_size = int(cfg.in_chans), int(cfg.img_size)
+    dtype = model.patch_embed.proj.weight.dtype  # a bfloat16 checkpoint gets bfloat16 input
     if channels != in_chans and not (channels == 1 and in_chans == 3):
         raise ValueError(f"the dataset has {channels}-channel images but the model expects in_chans={in_chans}")
 
     def prepare(batch: torch.Tensor) -> torch.Tensor:
-        x = to_model_input(batch, img_size)  # (B, C, img, img) float32 in [-1, 1]
+        x = to_model_input(batch, img_size).to(dtype)  # (B, C, img, img) in [-1, 1]
         return x.expand(-1, 3, -1, -1) if x.shape[1] != in_chans else x
 
     return prepare

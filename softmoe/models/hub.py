@@ -8,11 +8,16 @@ missing weights:
                         "config": ViTConfig.to_dict()}
     model.safetensors  the state dict, every tensor in its own dtype (bit-exact round trip)
 
-Loading never unpickles anything (json + safetensors). Overrides may change the image size:
-the position embedding is then resampled bicubically over its 2-D grid (as timm and
-big_vision do); the number of Soft MoE slots does not depend on the image size and stays
-fixed (docs/design.md §1). An override of `num_classes` keeps every weight except the head, which
-is freshly initialised. Any other shape difference is a ValueError naming the tensor.
+Loading never unpickles anything (json + safetensors) and checks every tensor's dtype: floating
+point, and one dtype per module, that of its largest tensor (the position embedding follows the
+patch embedding). A float16 bias beside a float32 weight is cast up, losslessly; an integer
+tensor, or float64 where float32 is expected, is a ValueError naming it (`check_dtypes`).
+
+Overrides may change the image size: the position embedding is then resampled bicubically
+over its 2-D grid (as timm and big_vision do); the number of Soft MoE slots does not depend on
+the image size and stays fixed (docs/design.md §1). An override of `num_classes` keeps every
+weight except the head, which is freshly initialised. Any other shape difference is a
+ValueError naming the tensor.
 
 Format version 1 (before the typed MoE section) stored flat moe_type / num_experts /
 moe_placement / moe_kwargs keys; it loads unchanged (`ViTConfig.from_dict` migrates it).
@@ -60,6 +65,8 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
         raise ValueError(f"model must be a softmoe VisionTransformer (with a ViTConfig in .config), "
                          f"got {type(model).__name__}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is a file; save_pretrained writes a folder")
     directory.mkdir(parents=True, exist_ok=True)
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
                 "config": model.config.to_dict()}
@@ -87,6 +94,8 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
 # -- reading --------------------------------------------------------------------------------
 def load_config(directory) -> ViTConfig:
     """The validated `ViTConfig` of a checkpoint directory written by `save_pretrained`."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist (or is not a directory)")
@@ -132,6 +141,61 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+# -- dtypes -----------------------------------------------------------------------------------
+def is_lossless_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """True if every `src` value is exactly a `dst` value: the same dtype, or a floating dtype
+    into one with at least its mantissa and exponent range (float16 / bfloat16 -> float32 ->
+    float64). float64 -> float32 or float16 <-> bfloat16 are not."""
+    if src == dst:
+        return True
+    if not (src.is_floating_point and dst.is_floating_point):
+        return False
+    s, d = torch.finfo(src), torch.finfo(dst)
+    return s.eps >= d.eps and s.max <= d.max and s.smallest_normal >= d.smallest_normal
+
+
+def _module_dtypes(state: dict) -> dict[str, torch.dtype]:
+    """key -> the dtype its tensor should have: that of the largest floating tensor of its
+    module (a module computes in one dtype); the root's tensors (pos_embed, cls_token) are
+    added to the patch embedding's output, so they follow patch_embed.proj.weight."""
+    largest: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module = key.rpartition(".")[0]
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        if module not in largest or value.numel() > largest[module].numel():
+            largest[module] = value
+    stream = state.get("patch_embed.proj.weight")
+    if isinstance(stream, torch.Tensor) and stream.is_floating_point():
+        largest[""] = stream
+    return {key: largest[key.rpartition(".")[0]].dtype for key in state if key.rpartition(".")[0] in largest}
+
+
+def check_dtypes(state: dict, source: str, expected: dict[str, torch.dtype] | None = None) -> dict:
+    """`state` with every tensor's dtype checked: floating point, and equal to `expected[key]`
+    (default: its module's dtype, see `_module_dtypes`) or cast to it where that is lossless
+    (e.g. a float16 bias next to a float32 weight). Anything else (an integer or bool
+    tensor, float64 where float32 is expected) is a ValueError naming `source` and the tensors."""
+    want = _module_dtypes(state) if expected is None else expected
+    out, wrong = {}, []
+    for key, value in state.items():
+        target = want.get(key)
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif not value.is_floating_point():
+            wrong.append(f"tensor {key!r} has dtype {value.dtype}, expected {target or 'a floating-point dtype'}")
+        elif target is None or value.dtype == target:
+            out[key] = value
+        elif is_lossless_cast(value.dtype, target):
+            out[key] = value.to(target)
+        else:
+            wrong.append(f"tensor {key!r} has dtype {value.dtype}, expected {target} (a cast would lose precision)")
+    if wrong:
+        raise ValueError(f"{source} has tensors of the wrong dtype: {'; '.join(wrong[:8])}"
+                         f"{' ...' if len(wrong) > 8 else ''}")
+    return out
+
+
 # -- position embedding ---------------------------------------------------------------------
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None) -> torch.Tensor:
     """Resample a patch position embedding (1, h*w, D) to a new grid (1, h'*w', D).
@@ -174,8 +238,8 @@ def adapt_state_dict(model: VisionTransformer, state_dict: dict, source: str = "
 
     The position embedding is resampled when the patch grid differs (the width must match);
     with `skip_head` the head tensors are left out (the caller keeps the model's own head).
-    Missing or unexpected keys and any other shape difference are a ValueError naming
-    `source`, the key, and the expected shape.
+    Missing or unexpected keys, any other shape difference and an integer or bool tensor where
+    the model has a floating one are a ValueError naming `source`, the key, and what is expected.
     """
     expected = model.state_dict()
     keys = set(state_dict)
@@ -193,6 +257,12 @@ def adapt_state_dict(model: VisionTransformer, state_dict: dict, source: str = "
     out, wrong = {}, []
     for key in sorted(keys):
         value, want = state_dict[key], expected[key]
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+            continue
+        if want.is_floating_point() and not value.is_floating_point():
+            wrong.append(f"tensor {key!r} has dtype {value.dtype}, expected a floating-point dtype ({want.dtype})")
+            continue
         if key == POS_EMBED and value.shape != want.shape and value.dim() == 3 and value.shape[-1] == want.shape[-1]:
             value = resample_pos_embed(value, model.patch_embed.grid)
         if value.shape != want.shape:
@@ -220,13 +290,24 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
     overrides: any ViTConfig field. `img_size` (or another size that changes the patch
       grid) resamples the position embedding; `num_classes` gives a fresh head; anything
       that changes another tensor's shape is a ValueError.
-    device, dtype: where to put the model afterwards; by default it stays on the CPU with
-      the dtypes stored in the file (bit-exact).
+    device, dtype: where to put the model afterwards (dtype: a floating torch.dtype); by
+      default it stays on the CPU with the dtypes stored in the file (bit-exact), which must
+      be floating point and agree within each module (see `check_dtypes`).
     """
-    directory = Path(directory)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
+                             f"got {device!r}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available")
     saved = load_config(directory)
+    directory = Path(directory)
     cfg = apply_overrides(saved, overrides) if overrides else saved
-    state = load_safetensors(directory / WEIGHTS_NAME)
+    state = check_dtypes(load_safetensors(directory / WEIGHTS_NAME), str(directory / WEIGHTS_NAME))
     new_head = cfg.num_classes != saved.num_classes
     # Built on the meta device: no time or memory spent on an initialisation that the
     # loaded tensors replace (`assign=True` adopts them, with their dtype).
@@ -317,6 +398,6 @@ def _training_config(ckpt: Path, workdir: Path | None) -> dict | None:
     return None
 
 
-__all__ = ["save_pretrained", "from_pretrained", "load_config", "load_safetensors", "load_weights",
+__all__ = ["save_pretrained", "from_pretrained", "load_config", "load_safetensors", "load_weights", "check_dtypes",
            "adapt_state_dict", "resample_pos_embed", "is_pretrained_dir", "load_model", "list_checkpoints",
            "latest_checkpoint", "checkpoint_dir", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -55,6 +55,13 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"expected images of {self.img_size}x{self.img_size} pixels (img_size={self.img_size}), "
                              f"got {x.shape[2]}x{x.shape[3]}; build the model with img_size={x.shape[2]} "
                              f"(from_pretrained(..., img_size=...) interpolates the position embedding)")
+        w = self.proj.weight
+        if not x.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {x.dtype} "
+                             f"(softmoe.data.to_model_input converts uint8 images)")
+        if x.dtype != w.dtype and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"images have dtype {x.dtype} but the model's parameters are {w.dtype}: "
+                             f"use x.to({w.dtype}), model.to({x.dtype}) or torch.autocast")
         x = self.proj(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 

@@ -67,10 +67,14 @@ def register_model(fn=None, *, name: str | None = None, config: ViTConfig | None
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching the shell-style `pattern`, in table order (family, size,
     patch; micro models first)."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a str such as 'soft_moe_*', got {pattern!r}")
     return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower())]
 
 
 def _lookup(name: str):
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a str (see `softmoe models` for the list), got {name!r}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `softmoe models` for the list"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -105,7 +106,41 @@ def save_checkpoint(workdir: str | os.PathLike, step: int, model: nn.Module, tra
 
 
 def load_train_state(checkpoint: str | os.PathLike) -> dict:
+    """The training state of `checkpoint` (loaded with weights_only=True: nothing is
+    unpickled); a truncated or foreign file is a ValueError naming it."""
     path = Path(checkpoint) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: {str(checkpoint)!r} is not a training checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable training state: truncated, corrupt or not written by "
+                         f"softmoe ({type(e).__name__}; it is loaded with weights_only=True, never unpickled)") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{str(path)!r} is not a softmoe training state: it has no step")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{str(path)!r} is not a softmoe training state: step={step!r}")
+    return state
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load `checkpoint`'s model.safetensors into `model` (resume): keys and shapes must match,
+    and each tensor must have the dtype of the model's tensor or one that casts to it
+    losslessly (float16 -> float32); anything else is a ValueError naming the tensor."""
+    from softmoe.models.hub import WEIGHTS_NAME, check_dtypes, load_safetensors, load_weights
+
+    path = Path(checkpoint) / WEIGHTS_NAME
+    expected = {key: value.dtype for key, value in model.state_dict().items()}
+    load_weights(model, check_dtypes(load_safetensors(path), str(path), expected), source=str(path))
+
+
+def read_run_config(path: str | os.PathLike) -> dict:
+    """A work directory's config.json as a dict; unreadable or not an object: ValueError naming it."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); restore it or use another --workdir") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object (the run's config), got {type(doc).__name__}")
+    return doc

@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import typing
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -166,6 +167,11 @@ class TrainConfig:
             v = getattr(self, key)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite number >= 0, got {v}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        if self.num_threads > 4 * (os.cpu_count() or 1):  # more only slows down, 100000 aborts torch
+            raise ValueError(f"num_threads must be <= 4x this machine's {os.cpu_count()} CPUs (0: torch's default), "
+                             f"got {self.num_threads}")
         if self.head_weight_decay is not None and not (self.head_weight_decay >= 0 and math.isfinite(self.head_weight_decay)):
             raise ValueError(f"head_weight_decay must be >= 0 or None, got {self.head_weight_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -183,7 +189,7 @@ class TrainConfig:
             raise ValueError(f"data_image_size must be >= 1 or None, got {self.data_image_size}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0 or None, got {self.crop_padding}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
 
@@ -257,6 +263,8 @@ def available_configs() -> list[str]:
 def load_config(name_or_path: str) -> TrainConfig:
     """Run a config file (a path, or NAME found as NAME.py in `config_search_dirs()`) and
     return its `config()`. Config files are code the user chose to run, like any script."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"config must be a name or a path, got {name_or_path!r}")
     path = Path(name_or_path)
     if not path.is_file():
         candidates = [d / f"{name_or_path}.py" for d in config_search_dirs()] if path.suffix != ".py" else []
@@ -266,6 +274,9 @@ def load_config(name_or_path: str) -> TrainConfig:
             close = difflib.get_close_matches(name_or_path, avail, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise FileNotFoundError(f"config {name_or_path!r} not found: give a .py file or one of {avail}{hint}")
+    if path.suffix != ".py":
+        raise ValueError(f"config {str(path)!r} must be a Python file (.py) defining config() -> TrainConfig; "
+                         f"a run's saved config.json is not a config file (resume with --workdir instead)")
     spec = importlib.util.spec_from_file_location(f"softmoe_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

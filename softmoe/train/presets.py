@@ -24,7 +24,8 @@ def demo_config(model: str = "soft_moe_micro", workdir: str | None = None, steps
     return TrainConfig(
         model=ModelConfig(model, overrides),
         data="digits", augment="none",
-        steps=steps, batch_size=DEMO_BATCH, lr=3e-3, schedule="cosine", warmup_steps=max(1, steps // 10),
+        steps=steps, batch_size=DEMO_BATCH, lr=3e-3, schedule="cosine",
+        warmup_steps=min(max(1, steps // 10), steps - 1),  # 0 for a 1-step run
         weight_decay=1.0, grad_clip=1.0,
         num_threads=1, log_every=20, eval_every=200, routing_metrics_every=50, checkpoint_every=200,
         keep_checkpoints=2, workdir=workdir or f"runs/demo/{model.replace('_micro', '')}",

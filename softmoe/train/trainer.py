@@ -31,6 +31,7 @@ from torch import nn
 
 from softmoe._device import resolve_device
 from softmoe._io import atomic_write_json
+from softmoe._lock import workdir_lock
 from softmoe._tables import text_table
 from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, record_routing, release_buffers,
                             set_buffer_reuse)
@@ -162,16 +163,20 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     progress: None shows a tqdm bar on a TTY and sparse lines otherwise; False prints only the
     start and the summary. Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
     stays on disk), ValueError/FileNotFoundError/PermissionError on bad input before writing
-    anything but the work directory itself. torch's thread count is restored afterwards."""
+    anything but the work directory itself, softmoe._lock.WorkdirLocked (a ValueError) if another
+    run holds the work directory. torch's thread count is restored afterwards."""
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     threads = torch.get_num_threads()
-    try:
-        return _train(cfg, workdir, resume, progress, log)
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as held:  # the work directory's lock, once _setup_run takes it
+        try:
+            return _train(cfg, workdir, resume, progress, log, held)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
-    run = _setup_run(cfg, workdir, resume, log)
+def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.ExitStack) -> dict:
+    run = _setup_run(cfg, workdir, resume, log, held)
     t_run = time.perf_counter()
     writer = logs.MetricsWriter(run.workdir, tensorboard=run.cfg.tensorboard,
                                 purge_step=run.start if run.start else None, notice=log)
@@ -241,7 +246,7 @@ class _Run:
         return path
 
 
-def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
+def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contextlib.ExitStack) -> _Run:
     """Data, config checks, model, optimizer and loader, restored from the newest checkpoint
     of `workdir` when there is one. Every check runs before anything but the work directory
     itself is written; then the resolved config.json is written."""
@@ -266,8 +271,11 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     schedule = make_schedule(cfg, total)  # warmup/cooldown longer than the run: ValueError here
+    if resume and ckpt_mod.latest_checkpoint(workdir) is None:
+        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     prepare_workdir(workdir)
-    latest = _checkpoint_to_resume(workdir, cfg, resume)
+    held.enter_context(workdir_lock(workdir))  # a second run here: WorkdirLocked (exit 2)
+    latest = _checkpoint_to_resume(workdir, cfg)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -283,6 +291,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
                moe=[m for _, m in moe_layers(model)])
     if latest is not None:
         _restore(run, latest, log)
+    logs.truncate_metrics(workdir, run.start)  # what a killed run logged after its checkpoint (or before its first)
     atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
     num_params = sum(p.numel() for p in model.parameters())
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
@@ -291,15 +300,13 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
     return run
 
 
-def _checkpoint_to_resume(workdir: Path, cfg: TrainConfig, resume: bool | None) -> Path | None:
+def _checkpoint_to_resume(workdir: Path, cfg: TrainConfig) -> Path | None:
     """The newest checkpoint of `workdir` (None: start afresh); ValueError if it belongs to
     a run whose non-resumable fields differ from `cfg`."""
     latest = ckpt_mod.latest_checkpoint(workdir)
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     config_path = workdir / "config.json"
     if latest is not None and config_path.is_file():
-        diffs = _config_differences(json.loads(config_path.read_text()), cfg.to_dict())
+        diffs = _config_differences(ckpt_mod.read_run_config(config_path), cfg.to_dict())
         if diffs:
             raise ValueError(f"work directory {str(workdir)!r} holds a checkpoint of a different run "
                              f"({'; '.join(diffs)}); use another --workdir or the same config")
@@ -321,16 +328,13 @@ def _train_batches(cfg: TrainConfig, train_ds, device: torch.device):
 def _restore(run: _Run, checkpoint: Path, log) -> None:
     """Weights, optimizer state, RNG states and the step of `checkpoint`; the metrics logged
     after it are dropped (this session writes them again)."""
-    from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
-
     state = ckpt_mod.load_train_state(checkpoint)
-    run.model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)
+    ckpt_mod.load_model_weights(run.model, checkpoint)  # dtypes checked per tensor
     run.optimizer.load_state_dict(state["optimizer"])
     ckpt_mod.set_rng_state(state["rng"])
     run.start = run.last_ckpt_step = int(state["step"])
     if run.start > run.total:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {run.start}, past this run's {run.total} steps")
-    logs.truncate_metrics(run.workdir, run.start)
     log(f"resuming from {checkpoint} (step {run.start}/{run.total})")
 
 
