@@ -231,7 +231,7 @@ def _launch(procs: int, args, tmp: str) -> list[dict]:
 
 
 def run(args) -> int:
-    from . import write_table
+    from softmoe._tables import write_table
 
     _check_args(args)
     rows = []

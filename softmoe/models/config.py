@@ -123,6 +123,9 @@ class MoEConfig:
     expert_init: str | None = None
     # A ValueError on non-finite input instead of NaN outputs (costs a device sync; off by default).
     check_finite: bool | None = None
+    # "fused" (default: hand-written backward, buffer reuse, CPU kernels) or "reference" (plain
+    # autograd, e.g. for double backward); the same function either way (docs/design.md §7.2).
+    impl: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "MoEConfig")
