@@ -272,7 +272,7 @@ def test_config_json_round_trip_and_unknown_keys():
     (dict(moe={"num_experts": 4}), "num_experts=4 need a MoE layer type"),
     (dict(moe={"type": "soft", "num_experts": 2, "k": 2}), r"MoE option\(s\) \['k'\] do not apply to SoftMoE"),
     (dict(moe={"type": "ec", "num_experts": 2, "batch_priority": True}), r"\['batch_priority'\] do not apply"),
-    (dict(moe={"type": "tc", "num_experts": 2, "capacity_factor": -1.0}), "capacity_factor must be a number > 0"),
+    (dict(moe={"type": "tc", "num_experts": 2, "capacity_factor": -1.0}), "capacity_factor must be a finite number > 0"),
     (dict(moe={"type": "soft", "num_experts": 2, "dispatch": "hard"}), "dispatch"),
     (dict(moe={"type": "soft", "num_experts": 2, "slots_per_expert": "2"}), "'slots_per_expert' must be int or None"),
     (dict(moe={"type": "soft", "num_experts": 2, "slot_per_expert": 1}), "did you mean 'slots_per_expert'"),
