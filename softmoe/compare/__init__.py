@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .family import DEFAULT_MODELS, MODELS, build_family, parse_models
 from .runner import default_jobs, parse_seeds
+from .speed import measure_speed
 from .stats import difference, summarize
 
 __all__ = ["compare", "MODELS", "DEFAULT_MODELS", "build_family", "parse_models", "parse_seeds", "summarize",
@@ -107,7 +108,8 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
         raise ValueError(f"--report-only: no run in {str(out_dir)!r} is complete yet")
     plan["missing_runs"] = [f"{r.key} seed {r.seed}" for r in runs
                             if not any(x["key"] == r.key and x["seed"] == r.seed for x in records)]
-    report = report_mod.write(out_dir, plan, records)
+    speed = measure_speed(specs, cfg.batch_size, threads, cfg.device, log=log)
+    report = report_mod.write(out_dir, plan, records, speed)
     log(report_mod.markdown(report).split("## Routing")[0].split("## Every run")[0].rstrip())
     log(f"\nreport: {out_dir / report_mod.REPORT_MD} (+ {report_mod.REPORT_JSON}, plots)")
     return report

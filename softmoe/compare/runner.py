@@ -81,20 +81,29 @@ def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> li
     return runs
 
 
+# Plan entries a resumed comparison may change: more seeds or models extend it (each run's own
+# config is still checked by `completed`); the rest (data, recipe, matching) must not change.
+EXTENSIBLE = ("seeds", "ablation_seeds", "models")
+
+
 def check_plan(out_dir: Path, plan: dict) -> None:
-    """Write plan.json, or check that the folder's plan is this one (a resumed comparison)."""
+    """Check that the folder's plan (if any) is this one up to EXTENSIBLE entries, then write
+    this plan to plan.json."""
     from softmoe._io import atomic_write_json
 
     path = out_dir / PLAN
+    new = json.loads(json.dumps(plan))
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(plan)):
-            keys = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k))))
+        keys = sorted(k for k in set(old) | set(new) if k not in EXTENSIBLE and old.get(k) != new.get(k))
+        if keys:
             raise ValueError(f"--out {str(out_dir)!r} holds another comparison (its plan differs in: "
-                             f"{', '.join(keys)}); use another --out or the same command")
-        return
+                             f"{', '.join(keys)}); use another --out or the same command (more --seeds or "
+                             f"--models may be added)")
+        if old == new:
+            return
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, plan, sort_keys=True)
+    atomic_write_json(path, new, sort_keys=True)
 
 
 def completed(run: Run) -> dict | None:

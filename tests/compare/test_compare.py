@@ -200,7 +200,13 @@ def test_end_to_end_on_digits_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_another_plan_in_the_same_folder_is_refused(tmp_path):
-    compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense", "seeds": "1", "jobs": 1})
+def test_another_plan_is_refused_but_more_seeds_extend_it(tmp_path):
+    one = {**ARGS, "models": "dense", "seeds": "1", "jobs": 1}
+    compare("digits", tmp_path, log=lambda m: None, **one)
     with pytest.raises(ValueError, match="holds another comparison.*steps"):
-        compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense", "seeds": "1", "steps": 4})
+        compare("digits", tmp_path, log=lambda m: None, **{**one, "steps": 4})
+    lines: list[str] = []
+    rep = compare("digits", tmp_path, log=lines.append, **{**one, "seeds": "2"})
+    assert any("1 of 2 runs already complete; running the other 1" in line for line in lines)
+    assert sorted(r["seed"] for r in rep["runs"]) == [0, 1]
+    assert json.loads((tmp_path / "plan.json").read_text())["seeds"] == [0, 1]
