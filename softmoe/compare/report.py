@@ -187,7 +187,8 @@ def write_plots(out_dir: Path, report: dict) -> list[str]:
 
     plan = report["plan"]
     flops = {x["key"]: x["flops"] for x in report["models"]}
-    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(flops)}
+    palette = [plt.cm.tab10(i) for i in range(10)] + ["black", "gold", "navy", "lime"]
+    colors = {k: palette[i % len(palette)] for i, k in enumerate(flops)}
     written = []
 
     def save(fig, name):
