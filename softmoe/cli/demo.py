@@ -1,7 +1,7 @@
 """`softmoe demo`: a miniature of `softmoe compare` on the embedded 8x8 digits (no download,
 about two minutes on 2 CPU cores): a dense micro ViT and a Soft MoE at matched FLOPs, three
 seeds each, one shared recipe, and the comparison's report table with a verdict that claims only
-what the runs support. `--models dense,soft,tc1` adds Tokens Choice (about a minute more: at 16
+what the runs support. `--models dense,soft,tc1` adds Tokens Choice (about two minutes more: at 16
 tokens per image its capacity rounding doubles its expert FLOPs)."""
 from __future__ import annotations
 
