@@ -20,7 +20,7 @@ matmuls instead of 30 solves. All of it runs in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ class RidgeProbe:
     kernel: bool = field(default=False)  # True when the N x N system was used
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> "RidgeProbe":
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> RidgeProbe:
         """x (N, D) features, y (N,) int labels in [0, num_classes)."""
         if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"few-shot features must be (N, D) with labels (N,), N >= 1; got features "

@@ -14,7 +14,7 @@ import time
 import torch
 
 from softmoe import distributed as smd
-from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss
+from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.models import create_model
 
 TOL = 1e-5  # float32, absolute; every compared value is O(1) or smaller
