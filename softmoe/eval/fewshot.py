@@ -147,8 +147,8 @@ def fewshot_ridge(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     """Fit the few-shot probe on (train_x (N, D), train_y (N,)), evaluate on (test_x (M, D),
     test_y (M,)) for every L2 strength. Returns {"accuracy": best, "l2": its strength (the
     smallest one on ties), "accuracies": [one per strength], "l2_regs": [...]}."""
-    l2_regs = default_l2_regs() if l2_regs is None else [float(l) for l in l2_regs]
-    if not l2_regs or any(not l > 0 for l in l2_regs):
+    l2_regs = default_l2_regs() if l2_regs is None else [float(lam) for lam in l2_regs]
+    if not l2_regs or any(not lam > 0 for lam in l2_regs):
         raise ValueError(f"l2_regs must be a non-empty list of numbers > 0, got {l2_regs!r}")
     if test_x.dim() != 2 or test_x.shape[1] != train_x.shape[1] or test_y.shape != (test_x.shape[0],):
         raise ValueError(f"test features must be (M, {train_x.shape[1]}) with labels (M,); got "

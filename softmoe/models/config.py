@@ -41,7 +41,8 @@ def resolve_moe_type(moe_type: str) -> str:
     """Canonical class name for a MoE type name or alias; ValueError if unknown."""
     name = MOE_ALIASES.get(moe_type, moe_type) if isinstance(moe_type, str) else moe_type
     if name not in MOE_LAYERS:
-        raise ValueError(f"moe_type must be one of {sorted(MOE_LAYERS) + sorted(MOE_ALIASES)} or None, got {moe_type!r}")
+        names = sorted(MOE_LAYERS) + sorted(MOE_ALIASES)
+        raise ValueError(f"moe_type must be one of {names} or None, got {moe_type!r}")
     return name
 
 

@@ -108,7 +108,8 @@ def run_layer_case(build, use_mask, mesh, wrap=None):
 # -- training ------------------------------------------------------------------------------------
 def batches(world: int, steps: int):
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(world * B_LOCAL, 3, 8, 8, generator=gen), torch.randint(0, 5, (world * B_LOCAL,), generator=gen))
+    return [(torch.randn(world * B_LOCAL, 3, 8, 8, generator=gen),
+             torch.randint(0, 5, (world * B_LOCAL,), generator=gen))
             for _ in range(steps)]
 
 
