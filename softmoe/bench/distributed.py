@@ -152,7 +152,7 @@ def _worker(cfg: dict) -> None:
         x = torch.randn(B, N, D, device=device, requires_grad=True)
         g = torch.randn(B, N, D, device=device)
 
-        def step():
+        def step(layer=layer, x=x, g=g):
             layer.zero_grad(set_to_none=True)
             layer(x).backward(g)
             meter._sync()
@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="process counts (default 1 2 4)")
     parser.add_argument("--dim", type=int, default=64, help="D (default 64)")
     parser.add_argument("--tokens", type=int, default=16, help="N tokens per sequence (default 16)")
-    parser.add_argument("--experts", type=int, default=8, help="E = slots (P=1); divisible by every --procs (default 8)")
+    parser.add_argument("--experts", type=int, default=8,
+                        help="E = slots (P=1); divisible by every --procs (default 8)")
     parser.add_argument("--hidden", type=int, default=None, help="expert hidden width H (default 4*dim)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per process (default 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (median; default 10)")

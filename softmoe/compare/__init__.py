@@ -35,10 +35,10 @@ def sparse_group_size(batch_sizes: list[int], limit: int = MAX_GROUP) -> int:
 
 
 def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str | None = None, base: str = "micro",
-            models: str | None = None, seeds="3", ablation_seeds=None, epochs: float = 0.0, steps: int = 0, experts: int | None = None,
-            flops_tolerance: float = 0.05, backbone: dict | None = None, overrides: list[str] | None = None,
-            jobs: int | None = None, threads: int = 1, command: str = "", report_only: bool = False,
-            recipe=None, log=print) -> dict:
+            models: str | None = None, seeds="3", ablation_seeds=None, epochs: float = 0.0, steps: int = 0,
+            experts: int | None = None, flops_tolerance: float = 0.05, backbone: dict | None = None,
+            overrides: list[str] | None = None, jobs: int | None = None, threads: int = 1,
+            command: str = "", report_only: bool = False, recipe=None, log=print) -> dict:
     """Run (or resume) a comparison and write its report; returns the report dict.
 
     The recipe is the `cifar10`-style TrainConfig defaults with `epochs`/`steps` and the

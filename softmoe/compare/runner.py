@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 RUN_RECORD = "compare_run.json"
 PLAN = "plan.json"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 SE_THRESHOLD = 2.0
 

@@ -39,8 +39,9 @@ def split_directory(root: Path, split: str) -> Path:
     for name in alternatives[split]:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(f"ImageFolder {str(root)!r} has no {' or '.join(repr(a + '/') for a in alternatives[split])} "
-                            f"subdirectory (expected {root}/train/<class>/<image> and {root}/test/... or {root}/val/...)")
+    names = " or ".join(repr(a + "/") for a in alternatives[split])
+    raise FileNotFoundError(f"ImageFolder {str(root)!r} has no {names} subdirectory "
+                            f"(expected {root}/train/<class>/<image> and {root}/test/... or {root}/val/...)")
 
 
 def list_classes(directory: Path) -> list[str]:
@@ -160,7 +161,7 @@ def read_image_folder(root: str | Path, split: str = "train", image_size: int | 
                 with np.load(cache_path, allow_pickle=False) as z:
                     return z["images"], z["labels"], [str(c) for c in z["classes"]], int(z["skipped"])
             except (OSError, ValueError, KeyError) as e:
-                warnings.warn(f"ignoring unreadable dataset cache {cache_path}: {e}")
+                warnings.warn(f"ignoring unreadable dataset cache {cache_path}: {e}", stacklevel=2)
 
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     decoded = _decode_all([str(directory / rel) for rel, *_ in files], image_size, workers)
@@ -177,7 +178,8 @@ def read_image_folder(root: str | Path, split: str = "train", image_size: int | 
         raise ValueError(f"cannot read image file {str(directory / rel)!r}: {err}{more}; "
                          f"pass skip_bad=True (config: skip_bad_images=true) to skip unreadable files")
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {directory}, first: {bad[0][0]} ({bad[0][1]})")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {directory}, first: {bad[0][0]} ({bad[0][1]})",
+                      stacklevel=2)
     if not arrays:
         raise ValueError(f"no readable image in {str(directory)!r}")
     shape0 = arrays[0].shape[:2]
@@ -200,5 +202,5 @@ def read_image_folder(root: str | Path, split: str = "train", image_size: int | 
             _write_cache_atomic(cache_path, images=images, labels=labels_arr, classes=np.asarray(classes),
                                 skipped=np.asarray(len(bad)))
         except OSError as e:
-            warnings.warn(f"could not write dataset cache {cache_path}: {e}")
+            warnings.warn(f"could not write dataset cache {cache_path}: {e}", stacklevel=2)
     return images, labels_arr, classes, len(bad)

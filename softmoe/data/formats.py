@@ -124,7 +124,8 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:  # scipy raises several types for corrupt files
         raise ValueError(f"cannot read {path}: {e}") from e
     if "X" not in mat or "y" not in mat:
-        raise ValueError(f"{path}: expected variables 'X' and 'y', found {sorted(k for k in mat if not k.startswith('__'))}")
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{path}: expected variables 'X' and 'y', found {found}")
     x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8))  # (N, 3, 32, 32)
     y = mat["y"].reshape(-1).astype(np.int64) % 10
     return x, y

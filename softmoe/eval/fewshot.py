@@ -20,7 +20,7 @@ matmuls instead of 30 solves. All of it runs in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ class RidgeProbe:
     kernel: bool = field(default=False)  # True when the N x N system was used
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> "RidgeProbe":
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> RidgeProbe:
         """x (N, D) features, y (N,) int labels in [0, num_classes)."""
         if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"few-shot features must be (N, D) with labels (N,), N >= 1; got features "
@@ -147,8 +147,8 @@ def fewshot_ridge(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     """Fit the few-shot probe on (train_x (N, D), train_y (N,)), evaluate on (test_x (M, D),
     test_y (M,)) for every L2 strength. Returns {"accuracy": best, "l2": its strength (the
     smallest one on ties), "accuracies": [one per strength], "l2_regs": [...]}."""
-    l2_regs = default_l2_regs() if l2_regs is None else [float(l) for l in l2_regs]
-    if not l2_regs or any(not l > 0 for l in l2_regs):
+    l2_regs = default_l2_regs() if l2_regs is None else [float(lam) for lam in l2_regs]
+    if not l2_regs or any(not lam > 0 for lam in l2_regs):
         raise ValueError(f"l2_regs must be a non-empty list of numbers > 0, got {l2_regs!r}")
     if test_x.dim() != 2 or test_x.shape[1] != train_x.shape[1] or test_y.shape != (test_x.shape[0],):
         raise ValueError(f"test features must be (M, {train_x.shape[1]}) with labels (M,); got "

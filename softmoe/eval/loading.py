@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ def resolve_data(data: str | None, data_root: str | None, train_cfg: dict | None
 
 def make_prepare(model: nn.Module, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (B, C, H, W) batch -> the model's input (B, in_chans, img, img) in [-1, 1], in the
-    dtype of its patch embedding (a bfloat16 checkpoint gets bfloat16 input). Grayscale data for an RGB model is repeated over 3 channels (the usual convention)."""
+    dtype of its patch embedding (a bfloat16 checkpoint gets bfloat16 input).
+    Grayscale data for an RGB model is repeated over 3 channels (the usual convention)."""
     from softmoe.data import to_model_input
 
     cfg = model.config

@@ -3,7 +3,7 @@ from tensors (no file or dataset I/O here, so it is testable with tiny stand-in 
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -1,6 +1,6 @@
 """MoE layers: router -> dispatch -> experts -> combine, each in its own small file; the
 speed paths behind one seam in `fused` (`impl="fused"` / `"reference"`)."""
-from . import fused  # first: fused.routing imports soft_moe, whose imports import fused back
+from . import fused as fused  # first: fused.routing imports soft_moe, whose imports import fused back
 from .common import MoELayer, collect_aux_loss, collect_metrics, moe_layers, record_routing
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     dtype = torch.float32 if p is None else routing_dtype(p.dtype)
     if not losses:
         return torch.zeros((), dtype=dtype, device=None if p is None else p.device)
-    return torch.stack([l.to(dtype) for l in losses]).sum()
+    return torch.stack([loss.to(dtype) for loss in losses]).sum()
 
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:

@@ -39,7 +39,8 @@ class ExpertsChoiceMoE(SparseMoE):
         self.capacity_factor = capacity_factor
 
     def capacity_for(self, tokens_per_group: int) -> int:
-        c = self.capacity if self.capacity is not None else round(tokens_per_group * self.capacity_factor / self.num_experts)
+        c = (self.capacity if self.capacity is not None
+             else round(tokens_per_group * self.capacity_factor / self.num_experts))
         if not 1 <= c <= tokens_per_group:
             raise ValueError(f"capacity must be in [1, tokens per group = {tokens_per_group}], got {c} "
                              f"(capacity={self.capacity}, capacity_factor={self.capacity_factor}, "

@@ -41,7 +41,8 @@ def resolve_moe_type(moe_type: str) -> str:
     """Canonical class name for a MoE type name or alias; ValueError if unknown."""
     name = MOE_ALIASES.get(moe_type, moe_type) if isinstance(moe_type, str) else moe_type
     if name not in MOE_LAYERS:
-        raise ValueError(f"moe_type must be one of {sorted(MOE_LAYERS) + sorted(MOE_ALIASES)} or None, got {moe_type!r}")
+        names = sorted(MOE_LAYERS) + sorted(MOE_ALIASES)
+        raise ValueError(f"moe_type must be one of {names} or None, got {moe_type!r}")
     return name
 
 
@@ -157,13 +158,13 @@ class MoEConfig:
                 **self.layer_kwargs()}
 
     @classmethod
-    def from_layer_kwargs(cls, moe_type: str, num_experts: int, placement="last_half", **kwargs) -> "MoEConfig":
+    def from_layer_kwargs(cls, moe_type: str, num_experts: int, placement="last_half", **kwargs) -> MoEConfig:
         """The config of a layer given by its constructor arguments (as `upcycle` takes them)."""
         options = options_from_layer_kwargs(kwargs)
         return cls.from_dict({"type": moe_type, "num_experts": num_experts, "placement": placement, **options})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
+    def from_dict(cls, d: dict) -> MoEConfig:
         if not isinstance(d, dict):
             raise ValueError(f"moe must be a dict of MoEConfig fields or None, got {d!r}")
         check_keys(d, cls, "MoEConfig field")
@@ -263,7 +264,7 @@ class ViTConfig:
     def moe_blocks(self) -> tuple[int, ...]:
         return () if self.moe is None else moe_block_indices(self.moe.placement, self.depth)
 
-    def replace(self, **changes) -> "ViTConfig":
+    def replace(self, **changes) -> ViTConfig:
         """A validated copy with `changes` applied: ViTConfig fields, where `moe` takes a
         MoEConfig, None (dense) or a dict of MoEConfig fields to change on the current one;
         the legacy keys of `nest_legacy_keys` work too. Unknown keys -> ValueError."""
@@ -275,7 +276,7 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         """The config of `to_dict()` output, or of a legacy dict (flat moe_type / num_experts /
         moe_placement / moe_kwargs keys, as configs were saved before the MoE section)."""
         if not isinstance(d, dict):

@@ -49,8 +49,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images of shape (B, in_chans={self.in_chans}, {self.img_size}, {self.img_size}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"expected images of shape (B, in_chans={self.in_chans}, {self.img_size}, "
+                             f"{self.img_size}), got {tuple(x.shape)}")
         if x.shape[2] != self.img_size or x.shape[3] != self.img_size:
             raise ValueError(f"expected images of {self.img_size}x{self.img_size} pixels (img_size={self.img_size}), "
                              f"got {x.shape[2]}x{x.shape[3]}; build the model with img_size={x.shape[2]} "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable
+from collections.abc import Callable
 
 from .config import MoEConfig, ViTConfig
 from .vit import VisionTransformer, build_model

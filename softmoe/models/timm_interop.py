@@ -192,7 +192,8 @@ def register_timm_models(pattern: str = "*") -> list[str]:
     for name in list_models(pattern):
         owner = _registry._model_to_module.get(name)
         if owner is not None and owner != __name__.rsplit(".", 1)[-1]:
-            warnings.warn(f"timm already has a model named {name!r} (module {owner}); not registering ours")
+            warnings.warn(f"timm already has a model named {name!r} (module {owner}); not registering ours",
+                          stacklevel=2)
             continue
         if owner is None:
             fn = _entrypoint(name)

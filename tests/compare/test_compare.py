@@ -107,7 +107,8 @@ def test_matching_picks_the_closest_expert_count():
 def test_dense_wide_has_the_soft_moe_parameter_count():
     specs, _ = build_family("micro", ("dense", "soft", "dense_wide"), {"img_size": 32, "num_classes": 10})
     by = {s.key: s for s in specs}
-    per_unit = profile_model("vit_micro", img_size=32, mlp_dim=257).params - profile_model("vit_micro", img_size=32).params
+    per_unit = (profile_model("vit_micro", img_size=32, mlp_dim=257).params
+                - profile_model("vit_micro", img_size=32).params)
     assert abs(by["dense_wide"].params - by["soft"].params) <= per_unit / 2 + 1
 
 

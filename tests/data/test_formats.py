@@ -150,7 +150,10 @@ def test_digits_split():
     # values 0..16 -> round(v * 255 / 16), and the split is a partition of the 1797 images
     all_imgs = torch.cat([train.images, test.images]).reshape(1797, 64).numpy()
     ref = np.round(d.images.reshape(1797, 64) * 255 / 16).astype(np.uint8)
-    as_rows = lambda a: sorted(map(bytes, a))
+
+    def as_rows(a):
+        return sorted(map(bytes, a))
+
     assert as_rows(all_imgs) == as_rows(ref)
     # fixed: loading again gives the same split
     assert torch.equal(load_dataset("digits", "test").images, test.images)

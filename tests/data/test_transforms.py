@@ -91,7 +91,10 @@ def test_inception_crop_box_statistics():
 
 def test_augment_presets():
     x = images()
-    g = lambda: torch.Generator().manual_seed(0)
+
+    def g():
+        return torch.Generator().manual_seed(0)
+
     assert torch.equal(augment(x, "none", 8, g()), to_model_input(x, 8))
     assert augment(x, "crop_flip", 8, g()).shape == (5, 3, 8, 8)
     assert augment(x, "inception_crop", 4, g()).shape == (5, 3, 4, 4)

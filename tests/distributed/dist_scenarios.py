@@ -14,7 +14,7 @@ import time
 import torch
 
 from softmoe import distributed as smd
-from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss
+from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.models import create_model
 
 TOL = 1e-5  # float32, absolute; every compared value is O(1) or smaller
@@ -108,7 +108,8 @@ def run_layer_case(build, use_mask, mesh, wrap=None):
 # -- training ------------------------------------------------------------------------------------
 def batches(world: int, steps: int):
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(world * B_LOCAL, 3, 8, 8, generator=gen), torch.randint(0, 5, (world * B_LOCAL,), generator=gen))
+    return [(torch.randn(world * B_LOCAL, 3, 8, 8, generator=gen),
+             torch.randint(0, 5, (world * B_LOCAL,), generator=gen))
             for _ in range(steps)]
 
 

@@ -191,7 +191,8 @@ def test_pool_hands_out_free_buffers_only():
     assert pool.scratch("r", (30,), like) is None  # too large
     assert pool.empty("r", (20,), like).data_ptr() != c_ptr  # s still lives: the buffer is in use
     a.fill_(1.0)
-    assert pool.nbytes() == 4 * 5 * 4 and pool.empty("other", (3,), torch.empty(0, dtype=torch.float64)).dtype == torch.float64
+    assert pool.nbytes() == 4 * 5 * 4
+    assert pool.empty("other", (3,), torch.empty(0, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_inference_keeps_nothing():

@@ -82,7 +82,8 @@ def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
     assert "FusedSoftRoutingBackward" in grad_fn_names(layer(x.clone().requires_grad_(), mask))
     twin = reference_twin(make, layer)
     plain = run(twin, x, mask, dy)
-    assert not grad_fn_names(twin(x.clone().requires_grad_(), mask)) & {"FusedSoftRoutingBackward", "ExpertsMLPBackward"}
+    names = grad_fn_names(twin(x.clone().requires_grad_(), mask))
+    assert not names & {"FusedSoftRoutingBackward", "ExpertsMLPBackward"}
     for got, want in zip(fused, plain):
         assert torch.isfinite(got).all()
         assert_close64(got, want)
@@ -103,7 +104,8 @@ def test_plain_autograd_path_where_fusion_does_not_apply():
     assert not grad_fn_names(SoftMoE(6, 3, hidden_dim=5, impl="reference")(x)) & FUSED_NODES
     for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5), ExpertsChoiceMoE(6, 3, hidden_dim=5)):
         assert "ExpertsMLPBackward" in grad_fn_names(sparse(x))
-    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5, impl="reference"), ExpertsChoiceMoE(6, 3, hidden_dim=5, impl="reference")):
+    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5, impl="reference"),
+                   ExpertsChoiceMoE(6, 3, hidden_dim=5, impl="reference")):
         assert sparse.experts.impl == "reference" and "ExpertsMLPBackward" not in grad_fn_names(sparse(x))
 
 
@@ -124,14 +126,14 @@ def test_experts_fused_equals_autograd_float64(frozen):
     x = 3 * torch.randn(3, 5, 4, dtype=torch.float64)  # large pre-activations: all of the GELU curve
     dy = torch.randn(3, 5, 4, dtype=torch.float64)
     results = []
-    for ex in (ex, reference_twin(lambda impl: Experts(3, 4, 6, expert_init="distinct", impl=impl), ex)):
-        ex.zero_grad(set_to_none=True)
-        for name, p in ex.named_parameters():
+    for module in (ex, reference_twin(lambda impl: Experts(3, 4, 6, expert_init="distinct", impl=impl), ex)):
+        module.zero_grad(set_to_none=True)
+        for name, p in module.named_parameters():
             p.requires_grad_(name not in frozen)
         xi = x.clone().requires_grad_("x" not in frozen)
-        y = ex(xi)
+        y = module(xi)
         y.backward(dy)
-        results.append([y.detach(), xi.grad] + [p.grad for p in ex.parameters()])
+        results.append([y.detach(), xi.grad] + [p.grad for p in module.parameters()])
     for got, want in zip(*results):
         if want is None:
             assert got is None
@@ -153,7 +155,8 @@ def test_double_backward_needs_the_reference_impl():
 
 def test_fresh_buffer_advises_the_aligned_interior(monkeypatch):
     calls = []
-    monkeypatch.setattr(experts_mod, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    monkeypatch.setattr(experts_mod, "_madvise",
+                        lambda: lambda start, length, advice: calls.append((start, length, advice)))
     like = torch.empty(0)
     small = fresh_buffer((7, 1 << 20), like)  # 28 MiB
     assert small.shape == (7, 1 << 20) and not calls  # under 32 MiB: left to glibc's heap

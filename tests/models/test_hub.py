@@ -202,7 +202,8 @@ def test_override_changing_other_shapes_is_an_error(tmp_path):
     save_pretrained(_model(), tmp_path)
     with pytest.raises(ValueError, match=r"'blocks.1.mlp.experts.w1' has shape \(4, 32, 48\), expected \(6, 32, 48\)"):
         from_pretrained(tmp_path, num_experts=6)
-    with pytest.raises(ValueError, match=r"'patch_embed.proj.weight' has shape \(32, 3, 4, 4\), expected \(32, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"'patch_embed.proj.weight' has shape \(32, 3, 4, 4\), "
+                                         r"expected \(32, 3, 8, 8\)"):
         from_pretrained(tmp_path, patch_size=8)
     with pytest.raises(ValueError, match="missing tensors.*cls_token"):
         from_pretrained(tmp_path, pool="token")
@@ -215,7 +216,8 @@ def test_missing_and_unexpected_keys(tmp_path):
     state = model.state_dict()
     del state["norm.weight"]
     state["extra"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"mine does not match the model .*missing tensors \['norm.weight'\]; unexpected tensors \['extra'\]"):
+    with pytest.raises(ValueError, match=r"mine does not match the model .*missing tensors \['norm.weight'\]; "
+                                         r"unexpected tensors \['extra'\]"):
         load_weights(model, state, source="mine")
 
 

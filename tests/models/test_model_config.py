@@ -10,7 +10,7 @@ import pytest
 from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.models import MoEConfig, ViTConfig, create_model, get_config
 from softmoe.models.config import (DERIVED_LAYER_ARGS, OPTION_FIELDS, check_overrides, layer_options,
-                                   parse_override, parse_overrides)
+                                   parse_overrides)
 
 LAYERS = (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE)
 

@@ -96,7 +96,8 @@ def test_forward_matches_float64_reference(pool, moe):
     n_tok = 16 + (pool == "token")
     assert model.forward_features(x).shape == (3, n_tok, 32)
     torch.testing.assert_close(model.forward_features(x), tokens, rtol=0, atol=1e-10)
-    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), pooled, rtol=0, atol=1e-10)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), pooled,
+                               rtol=0, atol=1e-10)
     torch.testing.assert_close(model(x), logits, rtol=0, atol=1e-10)
 
 
@@ -112,8 +113,8 @@ def test_map_head_matches_reference():
     a = torch.softmax(torch.einsum("qhd,bmhd->bhm", q, k) / math.sqrt(D // h), -1)
     y = torch.einsum("bhm,bmhd->bhd", a, v).reshape(2, D) @ P["attn_pool.proj.weight"].T + P["attn_pool.proj.bias"]
     z = _ln(y, P["attn_pool.norm.weight"], P["attn_pool.norm.bias"])
-    y = y + _gelu_tanh(z @ P["attn_pool.mlp.fc1.weight"].T + P["attn_pool.mlp.fc1.bias"]) @ P["attn_pool.mlp.fc2.weight"].T \
-        + P["attn_pool.mlp.fc2.bias"]
+    hid = _gelu_tanh(z @ P["attn_pool.mlp.fc1.weight"].T + P["attn_pool.mlp.fc1.bias"])
+    y = y + hid @ P["attn_pool.mlp.fc2.weight"].T + P["attn_pool.mlp.fc2.bias"]
     torch.testing.assert_close(model.forward_head(t, pre_logits=True), y, rtol=0, atol=1e-10)
     assert model(x).shape == (2, 7)
 
@@ -272,7 +273,8 @@ def test_config_json_round_trip_and_unknown_keys():
     (dict(moe={"num_experts": 4}), "num_experts=4 need a MoE layer type"),
     (dict(moe={"type": "soft", "num_experts": 2, "k": 2}), r"MoE option\(s\) \['k'\] do not apply to SoftMoE"),
     (dict(moe={"type": "ec", "num_experts": 2, "batch_priority": True}), r"\['batch_priority'\] do not apply"),
-    (dict(moe={"type": "tc", "num_experts": 2, "capacity_factor": -1.0}), "capacity_factor must be a finite number > 0"),
+    (dict(moe={"type": "tc", "num_experts": 2, "capacity_factor": -1.0}),
+     "capacity_factor must be a finite number > 0"),
     (dict(moe={"type": "soft", "num_experts": 2, "dispatch": "hard"}), "dispatch"),
     (dict(moe={"type": "soft", "num_experts": 2, "slots_per_expert": "2"}), "'slots_per_expert' must be int or None"),
     (dict(moe={"type": "soft", "num_experts": 2, "slot_per_expert": 1}), "did you mean 'slots_per_expert'"),

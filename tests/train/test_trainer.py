@@ -33,7 +33,7 @@ def test_run_writes_the_documented_workdir(tmp_path):
     assert cfg["model"]["name"] == "soft_moe_micro" and cfg["data"] == "digits" and "data_root" in cfg
     over = cfg["model"]["overrides"]
     assert cfg["img_size"] == 8 and over["in_chans"] == 1 and over["num_classes"] == 10 and over["img_size"] == 8
-    records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     assert kinds == {"train", "eval", "routing"}
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
@@ -80,15 +80,15 @@ def test_resume_is_exact_in_process(tmp_path):
             shutil.rmtree(d)
     logs = []
     train(tiny_config(), part, log=logs.append)
-    assert any("resuming from" in l and "step 4/12" in l for l in logs)
+    assert any("resuming from" in msg and "step 4/12" in msg for msg in logs)
     a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = load_train_state(latest_checkpoint(full)), load_train_state(latest_checkpoint(part))
-    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+    for (_ka, va), (_kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
         assert all(torch.equal(va[n], vb[n]) for n in va)
     # metrics after the checkpoint were rewritten, not duplicated
-    steps = [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
@@ -116,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"diverged at step 7: the loss is nan.*step_00000004"):
         train(tiny_config(), wd, log=quiet)
     assert [s for s, _ in list_checkpoints(wd)] == [4]
-    records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     # found at step 8 (the next log line) without a sync per step, reported for step 7; nothing after it
     assert records[-1]["kind"] == "diverged" and records[-1]["step"] == 7 and math.isnan(records[-1]["loss"])
     assert records[-1]["lr"] == trainer_mod.make_schedule(tiny_config(), 12)(6)
@@ -169,7 +169,8 @@ def test_cli_train_and_errors(tmp_path, capsys):
 
     wd = tmp_path / "cli"
     code = main(["train", "--config", "debug", "--set", "steps=4", "--set", "checkpoint_every=2",
-                 "--set", "model.depth=2", "--set", "model.moe.num_experts=4", "--set", "plots=false", "--workdir", str(wd), "--no-progress"])
+                 "--set", "model.depth=2", "--set", "model.moe.num_experts=4", "--set", "plots=false",
+                 "--workdir", str(wd), "--no-progress"])
     assert code == 0 and latest_checkpoint(wd).name == "step_00000004"
     saved = json.loads((wd / "config.json").read_text())
     assert saved["workdir"] == str(wd) and saved["model"]["overrides"]["moe"] == {"num_experts": 4}
@@ -195,8 +196,8 @@ def test_epochs_bf16_sigmoid_and_inception_options(tmp_path):
     assert s["bf16"] is True and 0 <= s["test_accuracy"] <= 1
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
     assert cfg["model"]["overrides"]["img_size"] == 12
-    lrs = [json.loads(l)["lr"] for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()
-           if json.loads(l)["kind"] == "train"]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
     assert lrs[-1] < lrs[-3]  # linear cooldown to zero at the end
 
 
@@ -269,7 +270,7 @@ def test_old_format_workdir_resumes_exactly(tmp_path):
     assert train_cfg["model"] == "soft_moe_micro" and model.config.moe.num_experts == 4
     logs = []
     train(tiny_config(), part, log=logs.append)
-    assert any("resuming from" in l and "step 4/12" in l for l in logs)
+    assert any("resuming from" in msg and "step 4/12" in msg for msg in logs)
     a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((part / "config.json").read_text())["model"]["name"] == "soft_moe_micro"  # rewritten new
@@ -280,8 +281,8 @@ def test_old_format_workdir_resumes_exactly(tmp_path):
 
 def _metrics(workdir):
     timing = {"images_per_s", "data_ms", "step_ms"}
-    return [{k: v for k, v in json.loads(l).items() if k not in timing}
-            for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_aux_loss_as_none_or_zero_tensor_gives_the_same_run(tmp_path, monkeypatch):
