@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset, 800)")
     p.add_argument("--seeds", default="3", help="seeds per model: a count or a list (default: 3)")
-    p.add_argument("--models", default="dense,soft", help="models to compare (default: dense,soft; e.g. dense,soft,tc1)")
+    p.add_argument("--models", default="dense,soft", help="models to compare (default: dense,soft; or dense,soft,tc1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1, fastest at this size)")
     p.set_defaults(func=run)
 

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
                     "model.patch_size=2, model.moe.num_experts=16; model_kwargs.KEY=VALUE is the old spelling). "
                     "A work directory that holds a checkpoint is resumed automatically.")
     p.add_argument("--config", default="debug", metavar="NAME_OR_PATH",
-                   help="a config name from configs/ (e.g. demo, debug, cifar10, paper_s16) or a .py file (default: debug)")
+                   help="a config name from configs/ (e.g. demo, debug, cifar10, paper_s16) or a .py file "
+                        "(default: debug)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lr=3e-4 --set model.moe.num_experts=16 (repeatable)")
     p.add_argument("--workdir", default=None, help="work directory (default: the config's workdir)")

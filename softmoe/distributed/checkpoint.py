@@ -108,7 +108,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             continue
         file = f"{kind}-rank{mesh.rank:05d}.safetensors"
         data = {k: t.contiguous().cpu() for k, (t, *_) in owned.items()}
-        atomic_write(path / file, lambda tmp: save_file(data, tmp))
+        atomic_write(path / file, lambda tmp, data=data: save_file(data, tmp))
         for k, (t, start, stop, shape) in owned.items():
             listing[f"{kind}:{k}"] = {"file": file, "start": start, "stop": stop, "shape": shape,
                                       "dtype": str(t.dtype).removeprefix("torch.")}

@@ -77,7 +77,7 @@ class Mesh:
         return self.rank // self.ep_size
 
     @staticmethod
-    def single() -> "Mesh":
+    def single() -> Mesh:
         """The mesh of an unparallelised, single-process run."""
         return Mesh(world_size=1, rank=0, ep_size=1)
 

@@ -16,7 +16,7 @@ Both are one bucketed all-reduce (SUM) and a division by W, done by `sync_gradie
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist

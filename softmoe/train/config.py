@@ -129,7 +129,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """The validated config of a `to_dict()` dict, or of one saved in the old format
         (`"model": NAME` plus `"model_kwargs": {...}`)."""
         if not isinstance(d, dict):
@@ -144,7 +144,7 @@ class TrainConfig:
                              f"got {model!r}")
         return cls(**{**d, "model": model}).validate()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every field; ValueError naming the field and what it accepts."""
         check_fields(self, "TrainConfig")
         choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
@@ -154,7 +154,8 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if (self.steps > 0) == (self.epochs > 0):
-            raise ValueError(f"set exactly one of steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
+            raise ValueError(f"set exactly one of steps > 0 or epochs > 0, got steps={self.steps}, "
+                             f"epochs={self.epochs}")
         if self.steps < 0 or self.epochs < 0:
             raise ValueError(f"steps and epochs must be >= 0, got steps={self.steps}, epochs={self.epochs}")
         positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale"]
@@ -172,7 +173,8 @@ class TrainConfig:
         if self.num_threads > 4 * (os.cpu_count() or 1):  # more only slows down, 100000 aborts torch
             raise ValueError(f"num_threads must be <= 4x this machine's {os.cpu_count()} CPUs (0: torch's default), "
                              f"got {self.num_threads}")
-        if self.head_weight_decay is not None and not (self.head_weight_decay >= 0 and math.isfinite(self.head_weight_decay)):
+        hwd = self.head_weight_decay
+        if hwd is not None and not (hwd >= 0 and math.isfinite(hwd)):
             raise ValueError(f"head_weight_decay must be >= 0 or None, got {self.head_weight_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")

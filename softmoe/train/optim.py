@@ -10,7 +10,7 @@ Schedules are pure functions of the step, so resuming needs only the step number
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -507,13 +507,14 @@ def summary_table(s: dict) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
+    data_pct = 100 * s["data_time_fraction"] if s["data_time_fraction"] is not None else None
     rows = [("model", f"{s['model']} ({s['params'] / 1e6:.2f}M params)"), ("data", s["data"]),
             ("steps", f"{s['steps']}" + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else "")),
             ("final train loss", fmt(s["train_loss"], ".4f")),
             ("test accuracy", f"{100 * s['test_accuracy']:.2f}%"), ("test loss", fmt(s["test_loss"], ".4f")),
             ("images/s (train)", fmt(s["images_per_s"], ".0f")),
             ("data / step time", f"{fmt(s['data_ms_per_step'], '.2f')} ms / {fmt(s['step_ms_per_step'], '.2f')} ms "
-                                 f"per step ({fmt(100 * s['data_time_fraction'] if s['data_time_fraction'] is not None else None, '.1f')}% data)"),
+                                 f"per step ({fmt(data_pct, '.1f')}% data)"),
             ("wall time", f"{s['wall_s']:.1f} s on {s['device']} ({s['threads']} threads)"),
             ("checkpoint", s["checkpoint"]), ("metrics", str(Path(s["workdir"]) / logs.METRICS)),
             ("plots", str(Path(s["workdir"]) / "plots") if s["plots"] else "-")]
