@@ -1,4 +1,4 @@
-"""`softmoe eval`: top-1/top-5 accuracy on a split and few-shot linear probes (SPEC §5)."""
+"""`softmoe eval`: top-1/top-5 accuracy on a split and few-shot linear probes (docs/design.md §5)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="top-1/top-5 and few-shot linear-probe accuracy of a checkpoint",
         description="Evaluate a checkpoint: top-1/top-5 accuracy on a split and few-shot ridge-regression "
-                    "probes on the pre-logits (SPEC §5: best accuracy over L2 in 2^-10..2^19).")
+                    "probes on the pre-logits (docs/design.md §5: best accuracy over L2 in 2^-10..2^19).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training workdir (latest checkpoint), checkpoints/step_* dir or save_pretrained dir")
     p.add_argument("--data", default=None, metavar="NAME",

@@ -1,4 +1,4 @@
-"""Evaluation: top-1/top-5 accuracy, the few-shot linear probe (SPEC §5) and routing analysis.
+"""Evaluation: top-1/top-5 accuracy, the few-shot linear probe (docs/design.md §5) and routing analysis.
 
     from softmoe.eval import evaluate_model, fewshot_ridge, routing_statistics
 """

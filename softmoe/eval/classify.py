@@ -2,7 +2,7 @@
 and top-k accuracy.
 
 The model surface used is the zoo's: `forward_features(x (B,C,H,W)) -> (B,N,D)` then
-`forward_head(tokens, pre_logits=True) -> (B,D)` (the few-shot features, SPEC §5) and
+`forward_head(tokens, pre_logits=True) -> (B,D)` (the few-shot features, docs/design.md §5) and
 `forward_head(tokens) -> (B,num_classes)` (the logits). One feature pass gives both.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from softmoe._device import resolve_device
 
 def _autocast(device: torch.device, bf16: bool):
     # bf16 autocast only where it is fast and supported; the routing inside the MoE layers
-    # stays float32 by construction (SPEC §1, Precision).
+    # stays float32 by construction (docs/design.md §1, Precision).
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Few-shot linear evaluation on frozen features (SPEC.md §5; big_vision/vmoe `fewshot.py`).
+"""Few-shot linear evaluation on frozen features (docs/design.md §5; big_vision/vmoe `fewshot.py`).
 
 Protocol: take `shots` random train images per class; standardise the features with the
 few-shot set's mean and (population) std + 1e-5; append a constant bias feature of 100 (so
@@ -30,7 +30,7 @@ DEFAULT_SHOTS = (1, 5, 10, 25)
 
 
 def default_l2_regs() -> list[float]:
-    """The SPEC grid: 2**i for i in [-10, 20), 30 values, increasing."""
+    """The design grid (docs/design.md §5): 2**i for i in [-10, 20), 30 values, increasing."""
     return [2.0**i for i in range(-10, 20)]
 
 

@@ -1,4 +1,4 @@
-"""The ViT building blocks of vmoe's `vit_moe.py` (SPEC.md §3), with Flax's initialisers.
+"""The ViT building blocks of vmoe's `vit_moe.py` (docs/design.md §3), with Flax's initialisers.
 
 Letters: B batch, C channels, N tokens, D width, h heads, d = D/h head width, H MLP width.
 

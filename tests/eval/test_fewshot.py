@@ -1,4 +1,4 @@
-"""Few-shot ridge probe (SPEC §5) against a direct float64 numpy.linalg.solve reference."""
+"""Few-shot ridge probe (docs/design.md §5) against a direct float64 numpy.linalg.solve reference."""
 import numpy as np
 import pytest
 import torch

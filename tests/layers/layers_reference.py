@@ -1,4 +1,4 @@
-"""Float64 references for the layer tests, written from the formulas in SPEC.md §1-2 and
+"""Float64 references for the layer tests, written from the formulas in docs/design.md §1-2 and
 deliberately independent of softmoe's helpers (no router/experts/softmax code reused):
 explicit exp/sum softmaxes, an explicit tanh-GELU, Python loops over sequences/tokens.
 

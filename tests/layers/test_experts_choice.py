@@ -1,4 +1,4 @@
-"""ExpertsChoiceMoE (SPEC.md §2): every expert takes exactly its top-C tokens of the group."""
+"""ExpertsChoiceMoE (docs/design.md §2): every expert takes exactly its top-C tokens of the group."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""SoftMoE against the paper's Algorithm 1 (SPEC.md §1) and its promised properties."""
+"""SoftMoE against the paper's Algorithm 1 (docs/design.md §1) and its promised properties."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""TokensChoiceMoE (V-MoE top-K + BPR, SPEC.md §2): dense equivalence, priority, capacity,
+"""TokensChoiceMoE (V-MoE top-K + BPR, docs/design.md §2): dense equivalence, priority, capacity,
 groups, masks and the auxiliary losses against hand-computed values."""
 
 import numpy as np
