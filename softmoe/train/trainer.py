@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe import distributed as smd
 from softmoe._device import resolve_device
 from softmoe._io import atomic_write_json
 from softmoe._tables import text_table
@@ -37,10 +38,15 @@ from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, recor
 
 from . import checkpoint as ckpt_mod
 from . import logs
+from . import parallel
 from .config import TrainConfig, resumable_fields
 from .optim import build_optimizer, make_schedule, set_lr
 
 GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log function of ranks other than 0."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -173,8 +179,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
 def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
     run = _setup_run(cfg, workdir, resume, log)
     t_run = time.perf_counter()
+    if not run.is_main:
+        log, progress = _quiet, False
     writer = logs.MetricsWriter(run.workdir, tensorboard=run.cfg.tensorboard,
-                                purge_step=run.start if run.start else None, notice=log)
+                                purge_step=run.start if run.start else None, notice=log) \
+        if run.is_main else parallel.NullWriter()
     bar = _Progress(run.total, run.start, progress, log)
     try:
         tally = _train_loop(run, writer, bar)
@@ -190,7 +199,8 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log) -> dict:
         writer.close()
         release_buffers(run.model)  # what the MoE layers kept between steps
     summary = _summary(run, tally, last_eval, final_ckpt, eval_s, time.perf_counter() - t_run, log)
-    atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
+    if run.is_main:
+        atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
     log(summary_table(summary))
     return summary
 
@@ -215,6 +225,12 @@ class _Run:
     last_ckpt_step: int | None = None  # the step of the newest checkpoint on disk
     params: list = dataclasses.field(default_factory=list)  # what the gradient is clipped over
     moe: list = dataclasses.field(default_factory=list)  # the model's MoE layers
+    mesh: object = None  # softmoe.distributed.Mesh under torchrun (world > 1), else None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, or a single process: the one that prints, logs and writes shared files."""
+        return self.mesh is None or self.mesh.rank == 0
 
     @property
     def resolved(self) -> dict:
@@ -235,8 +251,13 @@ class _Run:
                  "data": {"seed": self.cfg.seed, "step": step, "epoch": step // self.steps_per_epoch,
                           "steps_per_epoch": self.steps_per_epoch},
                  "train_config": json.dumps(self.resolved)}
-        path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
-                                        keep=self.cfg.keep_checkpoints)
+        if self.mesh is not None:
+            del state["optimizer"]  # sharded with the weights
+            path = parallel.save_sharded(ckpt_mod.checkpoint_dir(self.workdir, step), self.model, self.optimizer,
+                                         state, self.resolved, self.cfg.model.build, self.cfg.keep_checkpoints)
+        else:
+            path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
+                                            keep=self.cfg.keep_checkpoints)
         self.last_ckpt_step = step
         return path
 
@@ -249,6 +270,9 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
+    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s)
+    if mesh is not None and mesh.rank != 0:
+        log = _quiet
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -274,16 +298,19 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
     random.seed(cfg.seed)
     model = cfg.model.build().to(device)
     model.train()
+    if mesh is not None:
+        smd.parallelize(model, mesh)  # after the seeded init: every rank holds its slice of the same model
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
                model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
-               moe=[m for _, m in moe_layers(model)])
+               moe=[m for _, m in moe_layers(model)], mesh=mesh)
     if latest is not None:
         _restore(run, latest, log)
-    atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
+    if run.is_main:
+        atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
     num_params = sum(p.numel() for p in model.parameters())
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
@@ -324,13 +351,17 @@ def _restore(run: _Run, checkpoint: Path, log) -> None:
     from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
 
     state = ckpt_mod.load_train_state(checkpoint)
-    run.model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.mesh is not None or "optimizer" not in state:  # a parallel run, or a parallel run's checkpoint
+        parallel.load_sharded_or_full(checkpoint, run.model, run.optimizer, state)
+    else:
+        run.model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)
+        run.optimizer.load_state_dict(state["optimizer"])
     ckpt_mod.set_rng_state(state["rng"])
     run.start = run.last_ckpt_step = int(state["step"])
     if run.start > run.total:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {run.start}, past this run's {run.total} steps")
-    logs.truncate_metrics(run.workdir, run.start)
+    if run.is_main:
+        logs.truncate_metrics(run.workdir, run.start)
     log(f"resuming from {checkpoint} (step {run.start}/{run.total})")
 
 
@@ -349,6 +380,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
     y (B,), at learning rate `lr`, without a host sync."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    if run.mesh is not None:
+        x, y = parallel.shard(run.mesh, x, y)  # (B / world, ...): this rank's rows of the global batch
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
         logits = model(x)  # (B, num_classes)
@@ -363,7 +396,10 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
         aux = None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    if run.mesh is not None:
+        return parallel.finish_step(run, loss, logits, y, aux, max_norm, _StepResult)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     optimizer.step()
     correct = (logits.detach().argmax(-1) == y).sum()
     return _StepResult(loss.detach(), grad_norm.detach(), correct, len(y), None if aux is None else aux.detach())
@@ -484,7 +520,7 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
     cfg = run.cfg
     busy = tally.data_s + tally.step_s
     n = tally.steps
-    plots = logs.write_plots(run.workdir, notice=log) if cfg.plots else []
+    plots = logs.write_plots(run.workdir, notice=log) if cfg.plots and run.is_main else []
     return {
         "model": cfg.model.name, "params": sum(p.numel() for p in run.model.parameters()), "data": cfg.data,
         "steps": run.total, "resumed_from": run.start or None, "steps_this_session": n,
