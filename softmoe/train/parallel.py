@@ -60,6 +60,13 @@ def shard(mesh, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return smd.shard_batch(x, mesh), smd.shard_batch(y, mesh)
 
 
+def num_params(model: nn.Module) -> int:
+    """Parameters of the whole model (an expert shard counts ep_size times)."""
+    ep = smd.mesh_of(model).ep_size
+    expert = {id(p) for _, p in smd.expert_parameters(model)}
+    return sum(p.numel() * (ep if id(p) in expert else 1) for p in model.parameters())
+
+
 def clip_grad_norm(model: nn.Module, params: list, max_norm: float) -> torch.Tensor:
     """`clip_grad_norm_` over the whole (unsharded) model: the squared norms of the expert shards
     are summed over the ep group; replicated gradients are equal on every rank after the sync."""

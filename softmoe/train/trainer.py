@@ -311,7 +311,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log) -> _Run:
         _restore(run, latest, log)
     if run.is_main:
         atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = parallel.num_params(model)
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
         f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
@@ -522,7 +522,7 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
     n = tally.steps
     plots = logs.write_plots(run.workdir, notice=log) if cfg.plots and run.is_main else []
     return {
-        "model": cfg.model.name, "params": sum(p.numel() for p in run.model.parameters()), "data": cfg.data,
+        "model": cfg.model.name, "params": parallel.num_params(run.model), "data": cfg.data,
         "steps": run.total, "resumed_from": run.start or None, "steps_this_session": n,
         "train_loss": float(tally.last.loss) if n else None,  # None, not NaN (invalid JSON), when nothing ran
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
