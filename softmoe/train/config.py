@@ -107,6 +107,10 @@ class TrainConfig:
     # CPU: MoE layers reuse last step's weight-gradient and activation buffers (no page faults
     # per step; the model's peak can grow by up to the experts' weight size). False: fresh buffers.
     reuse_buffers: bool = _resumable(True)
+    # parallelism under torchrun (softmoe/train/parallel.py): experts sharded over ep_size ranks,
+    # data over world / ep_size; a checkpoint resumes at any layout
+    ep_size: int = _resumable(1)
+    dist_timeout_s: float = _resumable(300.0)  # a collective waiting longer (a dead rank) raises
     # logging, evaluation, checkpoints (resumable: they change what is logged or saved, never the weights)
     log_every: int = _resumable(10)
     eval_every: int = _resumable(0)  # test accuracy every N steps (0: only at the end)
@@ -158,7 +162,8 @@ class TrainConfig:
                              f"epochs={self.epochs}")
         if self.steps < 0 or self.epochs < 0:
             raise ValueError(f"steps and epochs must be >= 0, got steps={self.steps}, epochs={self.epochs}")
-        positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale"]
+        positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale", "ep_size",
+                    "dist_timeout_s"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softmoe import distributed as smd
 from softmoe._device import resolve_device
 from softmoe._io import atomic_write_json
 from softmoe._lock import workdir_lock
@@ -38,10 +39,15 @@ from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, recor
 
 from . import checkpoint as ckpt_mod
 from . import logs
+from . import parallel
 from .config import TrainConfig, resumable_fields
 from .optim import build_optimizer, make_schedule, set_lr
 
 GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log function of ranks other than 0."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,8 +184,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
 def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.ExitStack) -> dict:
     run = _setup_run(cfg, workdir, resume, log, held)
     t_run = time.perf_counter()
+    if not run.is_main:
+        log, progress = _quiet, False
     writer = logs.MetricsWriter(run.workdir, tensorboard=run.cfg.tensorboard,
-                                purge_step=run.start if run.start else None, notice=log)
+                                purge_step=run.start if run.start else None, notice=log) \
+        if run.is_main else parallel.NullWriter()
     bar = _Progress(run.total, run.start, progress, log)
     try:
         tally = _train_loop(run, writer, bar)
@@ -195,7 +204,8 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
         writer.close()
         release_buffers(run.model)  # what the MoE layers kept between steps
     summary = _summary(run, tally, last_eval, final_ckpt, eval_s, time.perf_counter() - t_run, log)
-    atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
+    if run.is_main:
+        atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
     log(summary_table(summary))
     return summary
 
@@ -220,6 +230,12 @@ class _Run:
     last_ckpt_step: int | None = None  # the step of the newest checkpoint on disk
     params: list = dataclasses.field(default_factory=list)  # what the gradient is clipped over
     moe: list = dataclasses.field(default_factory=list)  # the model's MoE layers
+    mesh: object = None  # softmoe.distributed.Mesh under torchrun (world > 1), else None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, or a single process: the one that prints, logs and writes shared files."""
+        return self.mesh is None or self.mesh.rank == 0
 
     @property
     def resolved(self) -> dict:
@@ -240,8 +256,13 @@ class _Run:
                  "data": {"seed": self.cfg.seed, "step": step, "epoch": step // self.steps_per_epoch,
                           "steps_per_epoch": self.steps_per_epoch},
                  "train_config": json.dumps(self.resolved)}
-        path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
-                                        keep=self.cfg.keep_checkpoints)
+        if self.mesh is not None:
+            del state["optimizer"]  # sharded with the weights
+            path = parallel.save_sharded(ckpt_mod.checkpoint_dir(self.workdir, step), self.model, self.optimizer,
+                                         state, self.resolved, self.cfg.model.build, self.cfg.keep_checkpoints)
+        else:
+            path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
+                                            keep=self.cfg.keep_checkpoints)
         self.last_ckpt_step = step
         return path
 
@@ -254,6 +275,9 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
+    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s)
+    if mesh is not None and mesh.rank != 0:
+        log = _quiet
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -274,7 +298,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     if resume and ckpt_mod.latest_checkpoint(workdir) is None:
         raise FileNotFoundError(f"--resume: work directory {str(workdir)!r} holds no checkpoint to resume")
     prepare_workdir(workdir)
-    held.enter_context(workdir_lock(workdir))  # a second run here: WorkdirLocked (exit 2)
+    _lock_workdir(workdir, mesh, held)
     latest = _checkpoint_to_resume(workdir, cfg)
 
     torch.manual_seed(cfg.seed)
@@ -282,22 +306,43 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     random.seed(cfg.seed)
     model = cfg.model.build().to(device)
     model.train()
+    if mesh is not None:
+        smd.parallelize(model, mesh)  # after the seeded init: every rank holds its slice of the same model
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
                model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
-               moe=[m for _, m in moe_layers(model)])
+               moe=[m for _, m in moe_layers(model)], mesh=mesh)
     if latest is not None:
         _restore(run, latest, log)
-    logs.truncate_metrics(workdir, run.start)  # what a killed run logged after its checkpoint (or before its first)
-    atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
-    num_params = sum(p.numel() for p in model.parameters())
+    if run.is_main:
+        logs.truncate_metrics(workdir, run.start)  # what a killed run logged after its checkpoint (or before its first)
+        atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
+    num_params = parallel.num_params(model)
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
         f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
     return run
+
+
+def _lock_workdir(workdir: Path, mesh, held: contextlib.ExitStack) -> None:
+    """Hold the work directory for this run (a second run here: WorkdirLocked, exit 2). Under
+    torchrun rank 0 holds it for all ranks, and every rank learns whether it got it, so that
+    all of them stop at once instead of waiting on a collective that rank 0 never joins."""
+    if mesh is None:
+        held.enter_context(workdir_lock(workdir))
+        return
+    error = None
+    if mesh.rank == 0:
+        try:
+            held.enter_context(workdir_lock(workdir))
+        except ValueError as e:
+            error = e
+    if not parallel.all_ranks_agree(error is None):
+        raise error or ValueError(f"work directory {str(workdir)!r} is held by another run (rank 0 could not lock "
+                                  f"it; see rank 0's message)")
 
 
 def _checkpoint_to_resume(workdir: Path, cfg: TrainConfig) -> Path | None:
@@ -329,8 +374,11 @@ def _restore(run: _Run, checkpoint: Path, log) -> None:
     """Weights, optimizer state, RNG states and the step of `checkpoint`; the metrics logged
     after it are dropped (this session writes them again)."""
     state = ckpt_mod.load_train_state(checkpoint)
-    ckpt_mod.load_model_weights(run.model, checkpoint)  # dtypes checked per tensor
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.mesh is not None or "optimizer" not in state:  # a parallel run, or a parallel run's checkpoint
+        parallel.load_sharded_or_full(checkpoint, run.model, run.optimizer, state)
+    else:
+        ckpt_mod.load_model_weights(run.model, checkpoint)  # dtypes checked per tensor
+        run.optimizer.load_state_dict(state["optimizer"])
     ckpt_mod.set_rng_state(state["rng"])
     run.start = run.last_ckpt_step = int(state["step"])
     if run.start > run.total:
@@ -353,6 +401,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
     y (B,), at learning rate `lr`, without a host sync."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    if run.mesh is not None:
+        x, y = parallel.shard(run.mesh, x, y)  # (B / world, ...): this rank's rows of the global batch
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
         logits = model(x)  # (B, num_classes)
@@ -367,7 +417,10 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
         aux = None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    if run.mesh is not None:
+        return parallel.finish_step(run, loss, logits, y, aux, max_norm, _StepResult)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     optimizer.step()
     correct = (logits.detach().argmax(-1) == y).sum()
     return _StepResult(loss.detach(), grad_norm.detach(), correct, len(y), None if aux is None else aux.detach())
@@ -488,9 +541,9 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
     cfg = run.cfg
     busy = tally.data_s + tally.step_s
     n = tally.steps
-    plots = logs.write_plots(run.workdir, notice=log) if cfg.plots else []
+    plots = logs.write_plots(run.workdir, notice=log) if cfg.plots and run.is_main else []
     return {
-        "model": cfg.model.name, "params": sum(p.numel() for p in run.model.parameters()), "data": cfg.data,
+        "model": cfg.model.name, "params": parallel.num_params(run.model), "data": cfg.data,
         "steps": run.total, "resumed_from": run.start or None, "steps_this_session": n,
         "train_loss": float(tally.last.loss) if n else None,  # None, not NaN (invalid JSON), when nothing ran
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],

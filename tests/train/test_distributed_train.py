@@ -1,0 +1,182 @@
+"""`softmoe train` under torchrun (softmoe/train/parallel.py, docs/distributed.md): EP and DP x EP
+runs equal the single-process run, checkpoints move between layouts, a dead rank stops the others,
+bad launches exit 2 with a clear message. gloo on CPU, one thread per process, a few steps."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["--set", "batch_size=16", "--set", "num_threads=1", "--set", "tensorboard=false", "--set", "plots=false",
+          "--set", "log_every=2", "--set", "routing_metrics_every=0", "--set", "dist_timeout_s=20", "--no-progress"]
+TOL = 1e-5  # float reduction order (all-to-all, gradient all-reduce) only
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(workdir: Path, steps: int, nproc: int = 1, ep: int = 1, extra=(), timeout_s: float = 120):
+    """`softmoe train` (under torchrun when nproc > 1); returns (returncode, output)."""
+    args = ["-m", "softmoe", "train", "--workdir", str(workdir), "--set", f"steps={steps}",
+            "--set", f"ep_size={ep}", *COMMON, *extra]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                "--master-port", str(_port()), *args]
+    p = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=timeout_s)
+    return p.returncode, p.stdout + p.stderr
+
+
+def ok(result):
+    rc, out = result
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def weights(workdir: Path, step: int) -> dict:
+    return load_file(str(workdir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process reference: 6 steps, a checkpoint every 2."""
+    wd = tmp_path_factory.mktemp("single")
+    ok(train(wd, 6, extra=["--set", "checkpoint_every=2", "--set", "keep_checkpoints=5"]))
+    return wd
+
+
+@pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 2)])
+def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep):
+    out = ok(train(tmp_path, 6, nproc, ep))
+    assert out.count("summary:") == 1  # rank 0 alone prints
+    diff = max_diff(weights(tmp_path, 6), weights(single, 6))
+    assert diff < TOL, diff
+    assert diff > 0 or nproc == 1  # a real parallel run, not the single-process path
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))  # one writer
+
+
+def rewind(workdir: Path, step: int) -> None:
+    """Delete the checkpoints after `step`: the next `softmoe train` resumes at `step`."""
+    for d in (workdir / "checkpoints").glob("step_*"):
+        if int(d.name[5:]) > step:
+            shutil.rmtree(d)
+
+
+EVERY2 = ["--set", "checkpoint_every=2", "--set", "keep_checkpoints=5"]
+
+
+def test_checkpoint_moves_between_layouts(single, tmp_path):
+    """EP=4 (4 ranks) -> EP=2 (2 ranks) -> one process, and one process -> DP=2: each session
+    resumes the previous one's checkpoint and ends at the single-process weights."""
+    wd = tmp_path / "down"
+    ok(train(wd, 6, 4, 4, extra=EVERY2))
+    assert (wd / "checkpoints" / "step_00000002" / "sharded" / "COMPLETE").is_file()
+    assert max_diff(weights(wd, 2), weights(single, 2)) < TOL
+    rewind(wd, 2)
+    assert "resuming from" in ok(train(wd, 6, 2, 2, extra=EVERY2))
+    assert max_diff(weights(wd, 6), weights(single, 6)) < TOL
+    rewind(wd, 4)
+    assert "resuming from" in ok(train(wd, 6, extra=EVERY2))
+    assert max_diff(weights(wd, 6), weights(single, 6)) < TOL
+    up = tmp_path / "up"
+    shutil.copytree(single, up)
+    rewind(up, 2)
+    assert "resuming from" in ok(train(up, 6, 2, 1, extra=EVERY2))
+    assert max_diff(weights(up, 6), weights(single, 6)) < TOL
+    from softmoe.models.hub import load_model  # what softmoe eval reads: a parallel run's checkpoint
+    model, cfg = load_model(wd)
+    ref, _ = load_model(single)
+    got, want = model.state_dict(), ref.state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < TOL
+
+
+def test_single_process_checkpoint_to_expert_parallel_is_a_clear_error(single, tmp_path):
+    wd = tmp_path / "w"
+    shutil.copytree(single, wd)
+    rewind(wd, 2)
+    rc, out = train(wd, 6, 2, 2, extra=EVERY2)
+    assert rc != 0 and "resume it with ep_size=1" in out
+
+
+def _launch_ranks(workdir: Path, steps: int, world: int, ep: int, log_dir: Path):
+    port = _port()
+    procs = []
+    for r in range(world):
+        env = _env(WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        cmd = [sys.executable, "-m", "softmoe", "train", "--workdir", str(workdir), "--set", f"steps={steps}",
+               "--set", f"ep_size={ep}", "--set", "checkpoint_every=1", *COMMON]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=open(log_dir / f"rank{r}.log", "w"),
+                                      stderr=subprocess.STDOUT))
+    return procs
+
+
+def test_sigkill_of_one_rank_stops_the_other_then_resume_is_bitwise(tmp_path):
+    ref = tmp_path / "ref"
+    ok(train(ref, 8, 2, 2))
+    wd = tmp_path / "killed"
+    procs = _launch_ranks(wd, 8, 2, 2, tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while not (wd / "checkpoints" / "step_00000003").is_dir() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        rc0 = procs[0].wait(timeout=60)  # the collective timeout (20 s) bounds the wait
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert rc0 != 0, (tmp_path / "rank0.log").read_text()
+    assert not list((wd / "checkpoints").glob("step_00000008"))
+    out = ok(train(wd, 8, 2, 2))
+    assert "resuming from" in out
+    a, b = weights(wd, 8), weights(ref, 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("env,sets,message", [
+    ({}, ["ep_size=2"], "WORLD_SIZE is not set"),
+    ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=2"], "must divide the world size 3"),
+    ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=1"], "batch_size=16 must be divisible by the world size 3"),
+])
+def test_bad_launch_exits_2_before_any_process_group(tmp_path, env, sets, message):
+    cmd = [sys.executable, "-m", "softmoe", "train", "--workdir", str(tmp_path / "w"), "--set", "steps=2", *COMMON]
+    for s in sets:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr + p.stdout
+
+
+def test_experts_not_divisible_by_ep_size_exits_2(tmp_path):
+    rc, out = train(tmp_path, 4, 2, 2, extra=["--set", "model.moe.num_experts=3"])
+    assert rc != 0 and "ep_size=2 must divide num_experts=3" in out
+    assert "exitcode  : 2" in out  # every rank: the CLI's bad-input status
