@@ -55,6 +55,17 @@ def setup_parallel(ep_size: int, batch_size: int, timeout_s: float):
     return smd.init_mesh(ep_size, timeout_s=timeout_s)
 
 
+def has_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if one exists (its gloo/NCCL threads would otherwise
+    abort the process at exit, turning a clean exit status into SIGABRT)."""
+    if has_process_group():
+        dist.destroy_process_group()
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True when `flag` is True on every rank (a MIN all-reduce; every rank must call it)."""
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

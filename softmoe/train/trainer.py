@@ -170,15 +170,19 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     start and the summary. Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
     stays on disk), ValueError/FileNotFoundError/PermissionError on bad input before writing
     anything but the work directory itself, softmoe._lock.WorkdirLocked (a ValueError) if another
-    run holds the work directory. torch's thread count is restored afterwards."""
+    run holds the work directory. torch's thread count is restored afterwards, and a process
+    group this run created (under torchrun) is destroyed, on success or error."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     threads = torch.get_num_threads()
+    had_group = parallel.has_process_group()
     with contextlib.ExitStack() as held:  # the work directory's lock, once _setup_run takes it
         try:
             return _train(cfg, workdir, resume, progress, log, held)
         finally:
             torch.set_num_threads(threads)
+            if not had_group:
+                parallel.close_process_group()
 
 
 def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.ExitStack) -> dict:

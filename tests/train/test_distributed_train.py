@@ -180,3 +180,18 @@ def test_experts_not_divisible_by_ep_size_exits_2(tmp_path):
     rc, out = train(tmp_path, 4, 2, 2, extra=["--set", "model.moe.num_experts=3"])
     assert rc != 0 and "ep_size=2 must divide num_experts=3" in out
     assert "exitcode  : 2" in out  # every rank: the CLI's bad-input status
+
+
+def test_a_held_work_directory_stops_every_rank_at_once(tmp_path):
+    # Rank 0 holds the work directory's lock for the whole run; when another run holds it, every
+    # rank exits 2 at once (none waits for a collective that rank 0 never joins).
+    from softmoe._lock import workdir_lock
+
+    with workdir_lock(tmp_path):  # this test process plays the other run
+        t0 = time.monotonic()
+        rc, out = train(tmp_path, 4, 2, 2, timeout_s=60)
+        elapsed = time.monotonic() - t0
+    assert rc != 0 and "is in use by another run" in out and "held by another run" in out, out[-3000:]
+    assert out.count("exitcode  : 2") == 2, out[-3000:]  # both ranks: the CLI's bad-input status
+    assert elapsed < 45  # far below the process-group timeout (300 s)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
