@@ -160,17 +160,36 @@ def save_sharded(final: Path, model: nn.Module, optimizer, train_state: dict, tr
 
 def load_sharded_or_full(checkpoint: Path, model: nn.Module, optimizer, train_state: dict) -> None:
     """Weights and optimizer state of `checkpoint` into `model` at any layout: the sharded
-    format of a parallel run, or the single-file one (ep_size 1 only: its optimizer state is whole)."""
+    format of a parallel run, or the single-file one of a single-process run (whole tensors;
+    each expert shard keeps its rows of the weights and of their optimizer state)."""
     from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
 
     if (checkpoint / SHARDED).is_dir():
         smd.load_checkpoint(checkpoint / SHARDED, model, optimizer)
         return
-    if smd.mesh_of(model).ep_size > 1:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} was written by a single-process run: resume it with "
-                         f"ep_size=1 (any number of processes), save once, then change ep_size")
-    model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)
-    optimizer.load_state_dict(train_state["optimizer"])
+    model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)  # shards slice full tensors
+    optimizer.load_state_dict(_shard_optimizer_state(model, optimizer, train_state["optimizer"]))
+
+
+def _shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
+    """A single-process optimizer state_dict with every expert parameter's state tensors
+    (Adam's moments, (E, ...)) cut to this rank's experts; the rest unchanged. The optimizer
+    was built from the parallelised model the same way, so parameter i is the same tensor."""
+    rows = {}
+    for module in model.modules():
+        if isinstance(module, smd.ExpertParallel):
+            lo = module.expert_offset
+            for p in module._parameters.values():
+                rows[id(p)] = (lo, lo + module.num_local_experts, module.num_experts)
+    if not rows:
+        return state
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        lo, hi, experts = rows.get(id(params[int(index)]), (None, None, None))
+        out["state"][index] = {k: (v[lo:hi].clone() if lo is not None and torch.is_tensor(v) and v.dim()
+                                   and v.shape[0] == experts else v) for k, v in entry.items()}
+    return out
 
 
 def finish_step(run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, aux, max_norm: float, result):

@@ -116,12 +116,34 @@ def test_checkpoint_moves_between_layouts(single, tmp_path):
     assert max((got[k] - want[k]).abs().max().item() for k in want) < TOL
 
 
-def test_single_process_checkpoint_to_expert_parallel_is_a_clear_error(single, tmp_path):
+@pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 4)])
+def test_single_process_checkpoint_resumes_expert_parallel(single, tmp_path, nproc, ep):
+    """One process -> EP=2 / EP=4: the single-file checkpoint's weights and Adam moments are cut
+    to each rank's experts, and the run ends at the single-process weights and optimizer state."""
+    import softmoe.distributed as smd
+    from softmoe.models.hub import load_model
+    from softmoe.train import TrainConfig
+    from softmoe.train.checkpoint import load_train_state, read_run_config
+    from softmoe.train.optim import build_optimizer
+
     wd = tmp_path / "w"
     shutil.copytree(single, wd)
-    rewind(wd, 2)
-    rc, out = train(wd, 6, 2, 2, extra=EVERY2)
-    assert rc != 0 and "resume it with ep_size=1" in out
+    rewind(wd, 4)  # by step 4 the experts' Adam moments are non-zero and differ between experts
+    assert "resuming from" in ok(train(wd, 6, nproc, ep, extra=EVERY2))
+    assert max_diff(weights(wd, 6), weights(single, 6)) < TOL
+    # The sharded step-6 optimizer state, read back in one process, is the single-process run's.
+    step6 = wd / "checkpoints" / "step_00000006"
+    model, _ = load_model(step6)
+    opt = build_optimizer(model, TrainConfig.from_dict(read_run_config(wd / "config.json")))
+    smd.load_checkpoint(step6 / "sharded", model, opt)
+    want = load_train_state(single / "checkpoints" / "step_00000006")["optimizer"]["state"]
+    got = opt.state_dict()["state"]
+    assert got.keys() == want.keys()
+    for i in want:
+        for k, w in want[i].items():
+            if torch.is_tensor(w) and w.dim():  # relative: the moments are ~1e-6 here
+                err = (got[i][k].double() - w.double()).abs().max().item()
+                assert err <= 1e-3 * w.abs().max().item() + 1e-12, (i, k, err, w.abs().max().item())
 
 
 def _launch_ranks(workdir: Path, steps: int, world: int, ep: int, log_dir: Path):
