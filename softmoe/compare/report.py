@@ -13,11 +13,10 @@ REPORT_MD, REPORT_JSON = "report.md", "report.json"
 PLOTS = ("accuracy_vs_flops.png", "accuracy_vs_wallclock.png", "learning_curves.png")
 
 
-def build(plan: dict, records: list[dict], speed: dict | None = None) -> dict:
+def build(plan: dict, records: list[dict], speed: dict) -> dict:
     """The report's data: per-model summaries, differences to dense, every run. `speed`:
     {model key: {"train_images_per_s", "infer_images_per_s"}} measured side by side
-    (softmoe.compare.speed); without it, the medians of the runs' own figures."""
-    speed = speed or {}
+    (softmoe.compare.speed)."""
     specs = {s["key"]: s for s in plan["models"]}
     by_model: dict[str, list[dict]] = {k: [] for k in specs}
     for r in records:
@@ -36,10 +35,7 @@ def build(plan: dict, records: list[dict], speed: dict | None = None) -> dict:
         row = {
             "key": key, "description": spec["description"], "model": spec["model"], "params": spec["params"],
             "flops": spec["flops"], "flops_vs_dense": spec["flops"] / plan["matching"]["dense_flops"],
-            "train_images_per_s": speed.get(key, {}).get("train_images_per_s",
-                                                         _median([r["summary"]["images_per_s"] for r in rs])),
-            "infer_images_per_s": speed.get(key, {}).get("infer_images_per_s",
-                                                         _median([r["infer_images_per_s"] for r in rs])),
+            **speed[key],
             "test_accuracy": s.to_dict(), "train_loss": loss.to_dict() if loss else None,
             "train_test_gap": gap.to_dict(), "wall_s": _median([r["summary"]["wall_s"] for r in rs]),
             "routing": _mean_routing(rs),
@@ -51,11 +47,11 @@ def build(plan: dict, records: list[dict], speed: dict | None = None) -> dict:
     runs = [{"key": r["key"], "seed": r["seed"], "test_accuracy": r["summary"]["test_accuracy"],
              "train_accuracy": r["train_accuracy"], "train_loss": r["summary"]["train_loss"],
              "test_loss": r["summary"]["test_loss"], "wall_s": r["summary"]["wall_s"],
-             "train_images_per_s": r["summary"]["images_per_s"], "infer_images_per_s": r["infer_images_per_s"],
+             "run_train_images_per_s": r["summary"]["images_per_s"],
              "workdir": r["summary"]["workdir"], "routing": r["routing"]} for r in records]
     ranking = sorted(models, key=lambda m: -m["test_accuracy"]["mean"])
     return {"plan": plan, "models": models, "runs": runs, "ranking": [m["key"] for m in ranking],
-            "statistics": STATS_RULE, "speed_measured_side_by_side": bool(speed)}
+            "statistics": STATS_RULE}
 
 
 STATS_RULE = (f"mean ± sample std over seeds; Δ vs dense = difference of means with the Welch standard error "
@@ -104,13 +100,10 @@ def markdown(report: dict) -> str:
              + f". Statistics: {report['statistics']}.",
              *([f"- **Incomplete**: missing runs {', '.join(plan['missing_runs'])} (report written with "
                 f"--report-only)."] if plan.get("missing_runs") else []),
-             ("- Throughput (train: forward + backward + AdamW step; inference: forward): every model timed "
-              f"side by side in one process after the runs, round-robin, {plan['threads']} thread(s), a batch "
-              "of the recipe's size, medians of 5 rounds. The runs' own images/s (in report.json) are not "
-              "comparable: they ran in parallel on a machine whose load changed."
-              if report.get("speed_measured_side_by_side") else
-              f"- Throughput: median over seeds of the runs' own figures; runs went {plan['jobs']} at a time "
-              f"with {plan['threads']} thread(s) each and shared the machine."), ""]
+             "- Throughput (train: forward + backward + AdamW step; inference: forward): every model timed "
+             f"side by side in one process after the runs, round-robin, {plan['threads']} thread(s), a batch "
+             "of the recipe's size, medians of 5 rounds. The runs' own images/s (in report.json) are not "
+             "comparable: they ran in parallel on a machine whose load changed.", ""]
     rows = []
     for x in report["models"]:
         vs = x.get("vs_dense")
@@ -161,7 +154,7 @@ def _fmt(v, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write(out_dir: Path, plan: dict, records: list[dict], speed: dict | None = None) -> dict:
+def write(out_dir: Path, plan: dict, records: list[dict], speed: dict) -> dict:
     """Write report.md, report.json and the plots into out_dir; return the report dict."""
     from softmoe._io import atomic_write_json, atomic_write_text
 

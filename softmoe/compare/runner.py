@@ -18,7 +18,6 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,12 @@ from collections.abc import Callable
 
 RUN_RECORD = "compare_run.json"
 PLAN = "plan.json"
-# Images for the routing diagnostics and the inference timing, and for the train-split
+# Images for the routing diagnostics, and for the train-split
 # accuracy (the train-test gap): a fixed random subset of each split (seed 0, the same for
 # every run; image folders are sorted by class, so the first images would be one or two
 # classes), without augmentation.
 DIAG_IMAGES = 256
 TRAIN_EVAL_IMAGES = 10_000
-INFER_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -147,8 +145,9 @@ def execute(run: Run) -> dict:
 
 
 def measure(workdir: str, cfg, threads: int) -> dict:
-    """Train-split accuracy (for the train-test gap), inference images/s and routing
-    diagnostics of the run's final model, each on the first images of a split."""
+    """Train-split accuracy (for the train-test gap) and routing diagnostics of the run's final
+    model, each on a fixed random subset of a split. (Speed is measured side by side for all
+    models at once afterwards: softmoe.compare.speed.)"""
     import torch
 
     from softmoe.data import load_dataset
@@ -164,11 +163,10 @@ def measure(workdir: str, cfg, threads: int) -> dict:
         prepare = make_prepare(model, train_ds.channels)
         train_acc = _accuracy(model, train_ds, prepare, TRAIN_EVAL_IMAGES, cfg.eval_batch_size)
         x = prepare(test_ds.images[subset(len(test_ds), DIAG_IMAGES)])
-        infer = _images_per_s(model, x)
         routing = routing_diagnostics(model, x)
     finally:
         torch.set_num_threads(prev)
-    return {"train_accuracy": train_acc, "infer_images_per_s": infer, "routing": routing}
+    return {"train_accuracy": train_acc, "routing": routing}
 
 
 def subset(n: int, k: int):
@@ -207,21 +205,6 @@ def _accuracy(model, ds, prepare, limit: int, batch: int) -> float:
             correct += int((logits.argmax(-1) == ds.labels[i]).sum())
             total += b - a
     return correct / total if total else float("nan")
-
-
-def _images_per_s(model, x) -> float:
-    import torch
-
-    group = _group(model)
-    x = x[: len(x) - len(x) % group]
-    times = []
-    with torch.no_grad():
-        model(x)  # warm-up
-        for _ in range(INFER_REPEATS):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return len(x) / statistics.median(times)
 
 
 def routing_diagnostics(model, x) -> dict:

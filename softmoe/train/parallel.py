@@ -3,7 +3,7 @@ docs/design.md §6). The trainer calls these few hooks; a run without torchrun n
 
     setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
     shard            this rank's slice of the global batch the single-process run would draw
-    reduce_step      gradients averaged over the global batch, the logged loss/accuracy made global
+    finish_step      gradients averaged over the global batch, the logged loss/accuracy made global
     clip_grad_norm   the global gradient norm (expert shards summed over the ep group), then clip
     save_sharded     a checkpoint directory every layout (and `softmoe eval`) can load
 

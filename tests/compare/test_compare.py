@@ -51,7 +51,6 @@ def test_verdict_needs_two_standard_errors():
 
 
 def test_verdict_needs_every_seed_to_agree():
-    dense = {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.50}
     model = {0: 0.60, 1: 0.61, 2: 0.62, 3: 0.49}  # mean +0.08 but seed 3 points the other way
     dense = {0: 0.500, 1: 0.501, 2: 0.499, 3: 0.500}
     d = difference(model, dense)
