@@ -412,13 +412,11 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
         logits = model(x)  # (B, num_classes)
     logits = logits.float()
     loss = classification_loss(logits, y, cfg.loss, cfg.label_smoothing)
-    aux = collect_aux_loss(model)
-    # collect_aux_loss may return a zero tensor instead of None when no layer has an aux loss:
-    # the layers themselves say whether one exists (Soft MoE and Experts Choice have none).
-    if aux is not None and any(m.aux_loss is not None for m in run.moe):
+    # Logged only for layers that have one (Soft MoE and Experts Choice have none; then
+    # collect_aux_loss would be a constant zero).
+    aux = collect_aux_loss(model) if any(m.aux_loss is not None for m in run.moe) else None
+    if aux is not None:
         loss = loss + cfg.aux_loss_weight * aux
-    else:
-        aux = None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
