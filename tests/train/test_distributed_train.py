@@ -214,6 +214,8 @@ def test_a_held_work_directory_stops_every_rank_at_once(tmp_path):
         rc, out = train(tmp_path, 4, 2, 2, timeout_s=60)
         elapsed = time.monotonic() - t0
     assert rc != 0 and "is in use by another run" in out and "held by another run" in out, out[-3000:]
-    assert out.count("exitcode  : 2") == 2, out[-3000:]  # both ranks: the CLI's bad-input status
+    # Both ranks stopped on their own error (each printed it above); torchrun's summary lists the
+    # first failure, with the CLI's bad-input status, and may stop the other rank before it exits.
+    assert "exitcode  : 2" in out, out[-3000:]
     assert elapsed < 45  # far below the process-group timeout (300 s)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
