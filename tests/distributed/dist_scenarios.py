@@ -8,6 +8,7 @@ run with it; any mismatch raises, and the process exits non-zero.
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import time
 
@@ -347,6 +348,9 @@ def main(argv):
     smd.init_process_group("gloo", timeout_s=float(timeout_s), init_method=f"file://{store}",
                            rank=int(rank), world_size=int(world))
     globals()[f"scenario_{scenario}"](int(rank), int(world), tmp)
+    # DDP's reducer sits in reference cycles that still hold the process group: collect them
+    # first, or gloo's threads may outlive the group and abort the interpreter at exit.
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
