@@ -7,15 +7,18 @@ TORCHVISION_FOR_TORCH = import torch; print("0.%d.*" % (int(torch.__version__.sp
 
 .PHONY: install demo test lint bench
 
-# 1. A CPU build of torch if none is installed (a bare `torch` requirement would otherwise
-#    pull a multi-GB CUDA build); whatever torch the user already has is kept.
+# 1. torch 2.14.1 with its torchvision 0.29.1 if no torch is installed (both from the pinned
+#    wheels; a bare `torch` requirement would pull whatever is newest). torchvision must be the
+#    release built for that torch: timm's feature extraction and FX tests import it, and PyPI's
+#    torchvision cannot load its ops beside the CPU-only torch 2.13 wheel. Whatever torch the
+#    user already has is kept.
 # 2. The package with its dev extras (pytest, ruff, ...).
 # 3. Optional parts the tests and benchmarks exercise, with --no-deps so pip never swaps
 #    torch: timm (interop tests), the torchvision release built for the installed torch
-#    (timm needs it; 0.28 <-> torch 2.13), and the two PyPI Soft MoE ports that
+#    (timm needs it; 0.29 <-> torch 2.14, 0.28 <-> 2.13), and the two PyPI Soft MoE ports that
 #    `softmoe bench layer` compares against.
 install:
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) -e ".[dev]"
 	@$(PY) -c '$(HAVE_OPTIONAL)' || $(PIP) --no-deps timm==1.0.31 soft-moe-pytorch==0.1.9 soft-moe==0.0.1 \
 	  "torchvision==$$($(PY) -c '$(TORCHVISION_FOR_TORCH)')"
