@@ -63,6 +63,8 @@ def shard_experts(experts: nn.Module, lo: int, hi: int) -> nn.Module:
         if not key.startswith("_") and key not in ("num_experts", "training") and not isinstance(
                 value, (nn.Module, torch.Tensor)):
             setattr(local, key, value)
+    for name, child in experts.named_children():  # the activation and dropouts: shared modules
+        local._modules[name] = child
     for name, p in experts.named_parameters(recurse=False):
         local._parameters[name] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
     local.train(experts.training)

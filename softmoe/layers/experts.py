@@ -8,36 +8,47 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import fused
 from .common import check_choice, check_positive_int
+from .functional import expert_mlp
+from .fused.buffers import pool_of
+from .fused.experts import experts_forward
 
 EXPERT_INITS = ("identical", "distinct")
 
 
 class Experts(nn.Module):
-    """`y[e] = W2_e gelu_tanh(W1_e x[e] + b1_e) + b2_e` for every expert e at once.
+    """`y[e] = drop2(W2_e drop1(act(W1_e x[e] + b1_e)) + b2_e)` for every expert e at once;
+    by default act = GELU, tanh approximation (Flax's), and no dropout.
 
     Parameters (named as the official checkpoints' layout, transposed to (in, out)):
       w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D).
 
-    forward(x: (E, M, D)) -> (E, M, D). Expert parallelism wraps or replaces this module;
-    routing code never looks inside it.
+    forward(x: (E, M, D)) -> (E, M, D). The layers only ever call this module: expert
+    parallelism shards it from outside, and a subclass or another module with this contract
+    can take its place.
+
+    act_layer: the hidden activation, an `nn.Module` class (instantiated with no arguments) or
+      instance (e.g. the activation of a timm MLP being converted); None: `nn.GELU("tanh")`.
+    drop1, drop2: dropout modules after the activation and after the second matmul (None:
+      none), as timm's `Mlp` has them.
 
     expert_init:
       "identical" (vmoe's default, `split_rngs=False`): every expert starts from the same
         xavier-uniform kernels; routing differences break the symmetry during training.
       "distinct": each expert's kernels drawn independently.
 
-    impl: "fused" (default): the same function, faster, through `softmoe.layers.fused`
-      wherever that applies (first-order gradients only; see there), else the code below;
-      "reference": always the code below (plain autograd; double backward works).
+    impl: "fused" (default): the same function, faster, through `softmoe.layers.fused.experts`
+      wherever that applies (a GELU activation, no active dropout, first-order gradients
+      only; see `fused_applies`), else `functional.expert_mlp`; "reference": always
+      `functional.expert_mlp` (plain autograd; double backward works).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, expert_init: str = "identical",
-                 bias_init_std: float = 1e-6, impl: str = "fused") -> None:
+                 bias_init_std: float = 1e-6, impl: str = "fused", act_layer=None,
+                 drop1: nn.Module | None = None, drop2: nn.Module | None = None) -> None:
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.dim = check_positive_int("dim", dim)
@@ -45,6 +56,16 @@ class Experts(nn.Module):
         self.expert_init = check_choice("expert_init", expert_init, EXPERT_INITS)
         self.bias_init_std = bias_init_std
         self.impl = fused.check_impl(impl)
+        if act_layer is None:
+            act_layer = nn.GELU(approximate="tanh")
+        elif isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
+            act_layer = act_layer()
+        if not isinstance(act_layer, nn.Module):
+            raise ValueError(f"act_layer must be an nn.Module class or instance (or None for GELU tanh), "
+                             f"got {act_layer!r}")
+        self.act = act_layer
+        self.drop1 = drop1 if drop1 is not None else nn.Identity()
+        self.drop2 = drop2 if drop2 is not None else nn.Identity()
         E, D, H = num_experts, dim, hidden_dim
         self.w1 = nn.Parameter(torch.empty(E, D, H))
         self.b1 = nn.Parameter(torch.empty(E, H))
@@ -68,12 +89,23 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (E, M, D) -> (E, M, D)."""
-        if fused.applies(self, x):
-            return fused.experts_module_forward(self, x)
-        h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)  # (E, M, H)
-        h = F.gelu(h, approximate="tanh")
-        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (E, M, D)
+        w = (self.w1, self.b1, self.w2, self.b2)
+        if self.fused_applies(x):
+            train = fused.records_graph(x, self)
+            return experts_forward(x, *w, self.act.approximate, pool_of(self) if train else None, train)
+        return expert_mlp(x, *w, self.act, self.drop1, self.drop2)  # (E, M, D)
 
-    def extra_repr(self) -> str:
+    def fused_applies(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes the fused path: `fused.applies` (impl, dtype, device,
+        autocast, compile), a GELU activation (exact or tanh) and no dropout that is active."""
+        return (isinstance(self.act, nn.GELU) and not (self.training and (_active(self.drop1) or _active(self.drop2)))
+                and fused.applies(self, x))
+
+    def extra_repr(self) -> str:  # act, drop1, drop2 print as children
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
                 f"expert_init={self.expert_init!r}, impl={self.impl!r}")
+
+
+def _active(drop: nn.Module) -> bool:
+    """Whether a dropout module changes its input in training (anything but Identity or p=0)."""
+    return not isinstance(drop, nn.Identity) and getattr(drop, "p", None) != 0

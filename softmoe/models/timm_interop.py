@@ -46,19 +46,15 @@ def import_timm():
 class MlpExperts(Experts):
     """`Experts` whose hidden activation and dropouts are modules taken from the MLP they
     replace (timm uses exact GELU, our ViT the tanh approximation):
-    `y[e] = drop2(W2_e drop1(act(W1_e x[e] + b1_e)) + b2_e)`. forward (E, M, D) -> (E, M, D)."""
+    `y[e] = drop2(W2_e drop1(act(W1_e x[e] + b1_e)) + b2_e)`. forward (E, M, D) -> (E, M, D).
+    The same module as `Experts(..., act_layer=act, drop1=drop1, drop2=drop2)` (a GELU keeps
+    the fused path), kept under this name for the checkpoints' and users' code."""
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, act: nn.Module, drop1: nn.Module | None = None,
-                 drop2: nn.Module | None = None, expert_init: str = "identical") -> None:
-        super().__init__(num_experts, dim, hidden_dim, expert_init=expert_init)
-        self.act = act
-        self.drop1 = drop1 if drop1 is not None else nn.Identity()
-        self.drop2 = drop2 if drop2 is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (E, M, D)
-        h = self.drop1(self.act(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)))  # (E, M, H)
-        return self.drop2(torch.baddbmm(self.b2.unsqueeze(1), h, self.w2))  # (E, M, D)
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, act: nn.Module | None = None,
+                 drop1: nn.Module | None = None, drop2: nn.Module | None = None, expert_init: str = "identical",
+                 **kwargs) -> None:
+        super().__init__(num_experts, dim, hidden_dim, expert_init=expert_init, act_layer=act, drop1=drop1,
+                         drop2=drop2, **kwargs)
 
 
 def _check_timm_mlp(mlp: nn.Module, where: str) -> tuple[int, int]:

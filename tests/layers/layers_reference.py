@@ -19,10 +19,15 @@ def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
     return 0.5 * h * (1.0 + torch.tanh(SQRT_2_OVER_PI * (h + 0.044715 * h**3)))
 
 
-def expert_mlp(v: torch.Tensor, params: dict, e: int) -> torch.Tensor:
-    """Expert e applied to v (..., D): W2_e gelu(W1_e v + b1_e) + b2_e."""
+def gelu_exact(h: torch.Tensor) -> torch.Tensor:
+    """Exact GELU (timm's default), written out: h * Phi(h)."""
+    return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+
+
+def expert_mlp(v: torch.Tensor, params: dict, e: int, act=gelu_tanh) -> torch.Tensor:
+    """Expert e applied to v (..., D): W2_e act(W1_e v + b1_e) + b2_e (act: tanh GELU)."""
     h = v @ params["w1"][e] + params["b1"][e]
-    return gelu_tanh(h) @ params["w2"][e] + params["b2"][e]
+    return act(h) @ params["w2"][e] + params["b2"][e]
 
 
 def expert_params(experts) -> dict:
@@ -36,12 +41,13 @@ def softmax_explicit(z: torch.Tensor, dim) -> torch.Tensor:
 
 
 def soft_moe_reference(layer, x: torch.Tensor, mask: torch.Tensor | None = None,
-                       dispatch_normalized: bool = False) -> torch.Tensor:
+                       dispatch_normalized: bool = False, act=gelu_tanh) -> torch.Tensor:
     """Algorithm 1 of the paper with vmoe's l2 normalisation, one sequence at a time.
 
     Masked tokens are simply removed from their sequence (the semantics the layer promises)
     and get a zero output. `dispatch_normalized=True` builds the slots from the normalised
     tokens (the bug of the popular ports), to show the tests can tell the difference.
+    `act`: the experts' activation (the tanh GELU of the paper by default).
     """
     x = x.detach().double()
     phi = layer.router.phi.detach().double()  # (D, E, P)
@@ -64,7 +70,7 @@ def soft_moe_reference(layer, x: torch.Tensor, mask: torch.Tensor | None = None,
         dw = softmax_explicit(logits, dim=0)  # over tokens, per slot
         cw = softmax_explicit(logits.reshape(-1, E * P), dim=1).reshape(-1, E, P)  # over all slots, per token
         slots = torch.einsum("nep,nd->epd", dw, xn if dispatch_normalized else xr)  # (E, P, D)
-        ys = torch.stack([expert_mlp(slots[e], params, e) for e in range(E)])  # (E, P, D)
+        ys = torch.stack([expert_mlp(slots[e], params, e, act) for e in range(E)])  # (E, P, D)
         out[b, real] = torch.einsum("nep,epd->nd", cw, ys)
     return out
 

@@ -131,10 +131,11 @@ def test_retained_roles_and_release():
     step(layer, *data(0, dtype=torch.float32))
     layer.zero_grad(set_to_none=True)
     # What a layer keeps between steps (each role is justified in softmoe/layers/fused/buffers.py);
-    # a new role must be added here deliberately. dx lives in the "h" buffer. One pool, the
-    # layer's own: its experts run with it and have none of their own.
-    assert set(pool_of(layer)._storages) == {"w1_grad", "w2_grad", "h", "a", "slots", "y", "g_ys"}
-    assert pool_of(layer.experts)._storages == {}
+    # a new role must be added here deliberately. Each component owns its pool: the router its
+    # routing buffers, the experts theirs; the layer itself keeps nothing.
+    assert set(pool_of(layer.router)._storages) == {"slots", "y", "g_ys", "dx"}
+    assert set(pool_of(layer.experts)._storages) == {"w1_grad", "w2_grad", "h", "a"}
+    assert pool_of(layer)._storages == {}
     grads = 2 * E * D * H * 4
     held = pooled_bytes(layer)
     assert held >= grads

@@ -7,6 +7,7 @@ from torch.func import functional_call
 
 from layers_reference import assert_close64, expert_mlp, expert_params, randomize_, soft_moe_reference
 from softmoe import SoftMoE
+from softmoe.layers.functional import combine_slots, dispatch_tokens
 
 
 def make_layer(D=6, E=3, P=1, H=5, seed=0, **kw) -> SoftMoE:
@@ -47,19 +48,19 @@ def test_dispatches_unnormalised_tokens():
 def test_separable_steps_compose_to_forward():
     layer = make_layer(P=2)
     x = tokens(2, 5, 6)
-    dispatch, combine = layer.routing_weights_for(x)
-    slots = layer.dispatch_tokens(x, dispatch)
+    dispatch, combine = layer.router.weights(x)
+    slots = dispatch_tokens(x, dispatch, layer.num_experts)
     assert slots.shape == (3, 2 * 2, 6)  # (E, P*B, D)
-    y = layer.combine_slots(layer.experts(slots), combine)
+    y = combine_slots(layer.experts(slots), combine)
     assert torch.equal(y, layer(x))
 
 
 def test_slot_count_does_not_depend_on_tokens():
     layer = make_layer(E=4, P=2)
     for N in (3, 8, 20):
-        dispatch, _ = layer.routing_weights_for(tokens(2, N, 6))
+        dispatch, _ = layer.router.weights(tokens(2, N, 6))
         assert dispatch.shape == (2, N, 8)
-        assert layer.dispatch_tokens(tokens(2, N, 6), dispatch).shape == (4, 2 * 2, 6)
+        assert dispatch_tokens(tokens(2, N, 6), dispatch, layer.num_experts).shape == (4, 2 * 2, 6)
 
 
 # -- softmax axes ---------------------------------------------------------------------------
@@ -248,12 +249,12 @@ def test_noise_only_in_training():
 def test_uniform_dispatch_every_slot_is_the_mean_token():
     layer = make_layer(E=3, P=2, dispatch="uniform")
     x = tokens(2, 5, 6)
-    dispatch, _ = layer.routing_weights_for(x)
-    slots = layer.dispatch_tokens(x, dispatch)  # (E, P*B, D)
+    dispatch, _ = layer.router.weights(x)
+    slots = dispatch_tokens(x, dispatch, layer.num_experts)  # (E, P*B, D)
     expected = x.mean(1).repeat(2, 1).expand(3, 4, 6)  # item p*B + b of every expert = mean of sequence b
     assert_close64(slots, expected)
     y = layer(x)
-    ref = layer.combine_slots(layer.experts(expected.contiguous()), torch.softmax(layer.router(x), -1))
+    ref = combine_slots(layer.experts(expected.contiguous()), torch.softmax(layer.router(x), -1))
     assert_close64(y, ref)
 
 
@@ -261,15 +262,15 @@ def test_uniform_dispatch_with_mask_averages_real_tokens():
     layer = make_layer(E=2, dispatch="uniform")
     x = tokens(1, 5, 6)
     mask = torch.tensor([[True, False, True, True, False]])
-    slots = layer.dispatch_tokens(x, layer.routing_weights_for(x, mask)[0])
+    slots = dispatch_tokens(x, layer.router.weights(x, mask)[0], layer.num_experts)
     assert_close64(slots, x[0, mask[0]].mean(0).expand(2, 1, 6))
 
 
 def test_uniform_combine_every_token_gets_the_mean_slot_output():
     layer = make_layer(E=3, P=2, combine="uniform")
     x = tokens(2, 5, 6)
-    dispatch, _ = layer.routing_weights_for(x)
-    ys = layer.experts(layer.dispatch_tokens(x, dispatch))  # (E, P*B, D)
+    dispatch, _ = layer.router.weights(x)
+    ys = layer.experts(dispatch_tokens(x, dispatch, layer.num_experts))  # (E, P*B, D)
     mean_slot = ys.view(3, 2, 2, 6).mean((0, 1))  # (E, P, B, D) -> (B, D)
     assert_close64(layer(x), mean_slot.unsqueeze(1).expand(2, 5, 6))
 

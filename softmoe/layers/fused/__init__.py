@@ -1,11 +1,14 @@
-"""The layers' speed paths, behind one seam: `impl="fused"` (the default) on `SoftMoE`,
-`TokensChoiceMoE`, `ExpertsChoiceMoE` and `Experts`; `impl="reference"` is plain autograd.
+"""The components' speed paths: `impl="fused"` (the default) on `SoftRouter` (`routing`) and
+`Experts` (`experts`), set through the layers (`SoftMoE`, `TokensChoiceMoE`,
+`ExpertsChoiceMoE`); `impl="reference"` is plain autograd through softmoe/layers/functional.py.
+Each component calls its own fast path and owns its buffers; no layer reaches into another
+component (docs/design.md §7).
 
-The fused path computes the same function as the reference code in softmoe/layers (tested
-equal in float64 to 1e-12, tests/layers/test_fused_paths.py) with
+The fused path computes the same function as the reference code (tested equal in float64 to
+1e-12, tests/layers/test_fused_paths.py) with
   - hand-written backwards that keep less and make fewer passes (`routing`, `experts`),
   - the expert matmuls through `softmoe.kernels` (compiled CPU kernels where faster),
-  - large CPU buffers reused from step to step (`buffers.BufferPool`, one per layer),
+  - large CPU buffers reused from step to step (`buffers.BufferPool`, one per component),
   - an inference forward that runs the experts a few at a time (`experts.inference`).
 It supports first-order gradients only; `impl="reference"` supports double backward.
 Where it does not apply (`applies` is False: other dtypes, autocast, the meta device,
@@ -18,13 +21,11 @@ import torch
 
 from ..common import autocast_on, check_choice
 from .buffers import BufferPool, pool_of, pooled_bytes, release_buffers, set_buffer_reuse
-from .experts import experts_forward
-from .routing import FusedCombine, FusedSoftRouting
 
 IMPLS = ("fused", "reference")
 
-__all__ = ["IMPLS", "check_impl", "applies", "records_graph", "soft_moe_forward", "experts_module_forward",
-           "BufferPool", "pool_of", "pooled_bytes", "release_buffers", "set_buffer_reuse"]
+__all__ = ["IMPLS", "check_impl", "applies", "records_graph", "BufferPool", "pool_of", "pooled_bytes",
+           "release_buffers", "set_buffer_reuse"]
 
 
 def check_impl(impl) -> str:
@@ -45,33 +46,3 @@ def applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
 def records_graph(x: torch.Tensor, module: torch.nn.Module) -> bool:
     """Whether a forward of `module` on `x` now records an autograd graph (a training step)."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def experts_module_forward(experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An `Experts` module's fused forward (E, M, D) -> (E, M, D), with its own pool."""
-    train = records_graph(x, experts)
-    return experts_forward(experts, x, pool_of(experts) if train else None, train)
-
-
-def soft_moe_forward(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
-    """A `SoftMoE` layer's fused forward: y (B, N, D), dispatch and combine weights (B, N, S).
-
-    Routing, experts and combine share the layer's pool (the routing backward writes dL/dx
-    into the experts' dead hidden buffer). The experts run fused when they are an `Experts`
-    whose fused path applies; any other experts module (e.g. an expert-parallel wrapper) is
-    called as a module."""
-    B, N, _ = x.shape
-    E, P, S = layer.num_experts, layer.slots_per_expert, layer.num_slots
-    train = records_graph(x, layer)
-    pool = pool_of(layer) if train else None
-    noise = None
-    if layer.training and layer.noise_std > 0:  # drawn as the reference path draws it
-        noise = layer.noise_std * torch.randn(B, N, S, dtype=x.dtype, device=x.device)
-    slots, dispatch, combine = FusedSoftRouting.apply(
-        x, layer.router.slot_weights(x.dtype), mask, noise, layer.router.normalize, E, P, pool)  # (E, P*B, D)
-    experts = layer.experts
-    if getattr(experts, "impl", None) is not None and applies(experts, slots):
-        ys = experts_forward(experts, slots, pool, records_graph(slots, experts))  # (E, P*B, D)
-    else:
-        ys = experts(slots)
-    return FusedCombine.apply(ys, combine, pool), dispatch, combine  # (B, N, D)

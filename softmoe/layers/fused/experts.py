@@ -1,6 +1,6 @@
-"""The experts' fused path: the same MLP as `Experts` (softmoe/layers/experts.py), one
-autograd node with a hand-written backward, matmuls through `softmoe.kernels`, buffers from
-a `BufferPool`.
+"""The experts' fused path (the fast path of `Experts`, softmoe/layers/experts.py): the same
+MLP with a GELU (exact or tanh), one autograd node with a hand-written backward, matmuls
+through `softmoe.kernels`, buffers from the experts' own `BufferPool`.
 
 Einsum letters: E experts, M items per expert, D model width, H expert hidden width.
 """
@@ -14,8 +14,8 @@ from .buffers import BufferPool, pooled_empty, pooled_scratch
 
 
 class ExpertsMLP(torch.autograd.Function):
-    """y = gelu_tanh(x w1 + b1) w2 + b2 per expert:
-    (x (E, M, D), w1, b1, w2, b2, pool) -> y (E, M, D). Called only when a graph is recorded
+    """y = gelu(x w1 + b1) w2 + b2 per expert (GELU `approximate` "tanh" or "none"):
+    (x (E, M, D), w1, b1, w2, b2, approximate, pool) -> y (E, M, D). Called only when a graph is recorded
     (a training step); `inference` is the no-graph forward.
 
     Why not plain autograd: it keeps the same two (E, M, H) activations (h and a = gelu(h))
@@ -32,14 +32,14 @@ class ExpertsMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, pool):
+    def forward(ctx, x, w1, b1, w2, b2, approximate, pool):
         E, M, _ = x.shape
         H = w1.shape[2]
         h = bmm_nn(x, w1, b1, out=pooled_empty(pool, "h", (E, M, H), x))  # (E, M, H)
-        a = torch.ops.aten.gelu.out(h, approximate="tanh", out=pooled_empty(pool, "a", (E, M, H), x))
+        a = torch.ops.aten.gelu.out(h, approximate=approximate, out=pooled_empty(pool, "a", (E, M, H), x))
         y = bmm_nn(a, w2, b2)  # (E, M, D)
         ctx.save_for_backward(x, w1, w2, h, a)
-        ctx.pool = pool
+        ctx.pool, ctx.approximate = pool, approximate
         return y
 
     @staticmethod
@@ -57,9 +57,9 @@ class ExpertsMLP(torch.autograd.Function):
         if need_x or need_w1 or need_b1:
             ga = bmm_nt(gy, w2, out=pooled_scratch(pool, "w1_grad", h.shape, h))  # (E, M, H) dL/da
             if _graph_kept():
-                gh = torch.ops.aten.gelu_backward(ga, h, approximate="tanh")  # (E, M, H) dL/dh
+                gh = torch.ops.aten.gelu_backward(ga, h, approximate=ctx.approximate)  # (E, M, H) dL/dh
             else:  # written over h (an elementwise kernel may write over its input)
-                gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=h)
+                gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate=ctx.approximate, grad_input=h)
             del ga, h
             if need_b1:
                 gb1 = gh.sum(1)  # (E, H)
@@ -67,7 +67,7 @@ class ExpertsMLP(torch.autograd.Function):
                 gw1 = bmm_tn(x, gh, out=pooled_empty(pool, "w1_grad", w1.shape, w1))  # (E, D, H)
             if need_x:
                 gx = bmm_nt(gh, w1)  # (E, M, D)
-        return gx, gw1, gb1, gw2, gb2, None
+        return gx, gw1, gb1, gw2, gb2, None, None
 
 
 def _graph_kept() -> bool:
@@ -83,7 +83,7 @@ def _graph_kept() -> bool:
 INFERENCE_HIDDEN_BYTES = 8 << 20
 
 
-def inference(x, w1, b1, w2, b2) -> torch.Tensor:
+def inference(x, w1, b1, w2, b2, approximate: str = "tanh") -> torch.Tensor:
     """The no-graph forward (E, M, D) -> (E, M, D), GELU in place, `INFERENCE_HIDDEN_BYTES`
     of hidden activation at a time."""
     E, M, _ = x.shape
@@ -91,18 +91,20 @@ def inference(x, w1, b1, w2, b2) -> torch.Tensor:
     group = max(1, min(E, INFERENCE_HIDDEN_BYTES // max(1, M * H * x.element_size())))
     if group >= E:
         h = bmm_nn(x, w1, b1)  # (E, M, H)
-        return bmm_nn(torch.ops.aten.gelu_(h, approximate="tanh"), w2, b2)
+        return bmm_nn(torch.ops.aten.gelu_(h, approximate=approximate), w2, b2)
     y = x.new_empty(E, M, w2.shape[2])  # (E, M, D)
     h = x.new_empty(group, M, H)
     for e in range(0, E, group):  # E / group iterations (4 at the paper's S/16 with E=128)
         g = slice(e, min(E, e + group))
         he = bmm_nn(x[g], w1[g], b1[g], out=h[: g.stop - e])
-        bmm_nn(torch.ops.aten.gelu_(he, approximate="tanh"), w2[g], b2[g], out=y[g])
+        bmm_nn(torch.ops.aten.gelu_(he, approximate=approximate), w2[g], b2[g], out=y[g])
     return y
 
 
-def experts_forward(experts, x: torch.Tensor, pool: BufferPool | None, train: bool) -> torch.Tensor:
-    """`experts` (an `Experts`) on x (E, M, D): `ExpertsMLP` with `pool` when `train` (a graph
-    is recorded), else `inference`."""
-    w = (experts.w1, experts.b1, experts.w2, experts.b2)
-    return ExpertsMLP.apply(x, *w, pool) if train else inference(x, *w)
+def experts_forward(x: torch.Tensor, w1, b1, w2, b2, approximate: str, pool: BufferPool | None,
+                    train: bool) -> torch.Tensor:
+    """The experts' MLP on x (E, M, D): `ExpertsMLP` with `pool` when `train` (a graph is
+    recorded), else `inference`."""
+    if train:
+        return ExpertsMLP.apply(x, w1, b1, w2, b2, approximate, pool)
+    return inference(x, w1, b1, w2, b2, approximate)

@@ -1,6 +1,6 @@
-"""Soft MoE's fused routing and combine: the same numbers as the separable steps of
-softmoe/layers/soft_moe.py (bit for bit in the forward), as two autograd nodes with
-hand-written backwards that keep less and reuse buffers.
+"""Soft MoE's fused routing and combine (the fast path of `SoftRouter`): the same numbers as
+the separable steps of softmoe/layers/functional.py (bit for bit in the forward), as two
+autograd nodes with hand-written backwards that keep less and reuse the router's buffers.
 
 Einsum letters: B batch, N tokens, D width, E experts, P slots per expert, S = E*P slots.
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import soft_moe as reference  # the separable steps this file computes in one node each
-from ..router import soft_logits
-from .buffers import BufferPool, pooled_empty, pooled_scratch
+from .. import functional as reference  # the separable steps this file computes in one node each
+from .buffers import pooled_empty, pooled_scratch
 
 
 class FusedSoftRouting(torch.autograd.Function):
@@ -27,10 +26,9 @@ class FusedSoftRouting(torch.autograd.Function):
       - the three contributions to dx (through the dispatch, the logits and the
         normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
       - both softmax backwards accumulate in place into one (B, N, S) buffer.
-    Buffers, from the layer's `BufferPool` (None: all fresh): the slots (role "slots"); in
-    the backward, dL/dx in the experts' dead "h" buffer when it fits (else role "dx"), and
-    dL/dlogits and one (B, N, S) temporary as scratch in the then dead "slots" and "g_ys"
-    buffers.
+    Buffers, from the router's `BufferPool` (None: all fresh): the slots (role "slots"); in
+    the backward, dL/dx (role "dx"), and dL/dlogits and one (B, N, S) temporary as scratch in
+    the then dead "slots" and "g_ys" buffers.
     Gradients (g = dL/dlogits, over the noisy softmax inputs):
       g      = Dw * (gDw - sum_n Dw*gDw) + Cw * (gCw - sum_s Cw*gCw)
       dx     = Dw gXs + (g r) w^T - r^2 * sum_s(g * logits) * x      (logits = r * x w)
@@ -40,7 +38,7 @@ class FusedSoftRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, mask, noise, normalize, E, P, pool):
         B, _, D = x.shape
-        logits, r = soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
+        logits, r = reference.soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
         noisy = logits if noise is None else logits + noise
         m = None if mask is None else mask.unsqueeze(-1)  # (B, N, 1)
         dispatch = reference.soft_dispatch(noisy, m)  # (B, N, S)
@@ -70,7 +68,7 @@ class FusedSoftRouting(torch.autograd.Function):
             g = torch.bmm(x, g_xs.transpose(1, 2), out=g)  # (B, N, S) dL/dDw
             g.sub_(torch.mul(dispatch, g, out=tmp).sum(1, keepdim=True)).mul_(dispatch)  # softmax over N
             if need_x:
-                dx = torch.bmm(dispatch, g_xs, out=_dx_buffer(pool, x))  # (B, N, D)
+                dx = torch.bmm(dispatch, g_xs, out=pooled_empty(pool, "dx", x.shape, x))  # (B, N, D)
         if g_combine is not None:  # through the softmax over S
             s_c = torch.mul(combine, g_combine, out=tmp).sum(-1, keepdim=True)  # (B, N, 1)
             g = torch.mul(combine, g_combine, out=g) if g_slots is None else g.addcmul_(combine, g_combine)
@@ -95,7 +93,7 @@ class FusedCombine(torch.autograd.Function):
     """(ys (E, P*B, D), combine (B, N, S), pool) -> y (B, N, D) = combine ys per sequence.
 
     Exactly `combine_slots`, but y and dL/dys (which the expert backward reads in place)
-    come from the layer's `BufferPool` (roles "y", "g_ys"; None: fresh), and dL/dys is
+    come from the router's `BufferPool` (roles "y", "g_ys"; None: fresh), and dL/dys is
     written straight into slot-major layout.
     """
 
@@ -124,11 +122,3 @@ def bmm_slot_major(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch
     """`a @ b` (B, S, D) per sequence written into slot-major `out` (E, P*B, D), returned."""
     torch.bmm(a, b, out=reference.slot_view(out, a.shape[0], a.shape[1]))
     return out
-
-
-def _dx_buffer(pool: BufferPool | None, x: torch.Tensor) -> torch.Tensor:
-    """dL/dx's buffer: when it fits, the experts' "h" buffer, dead by the time the routing
-    backward runs (and in use again only at the next forward, when dL/dx has normally been
-    consumed; if not, that forward allocates a new h): no buffer kept for dx alone."""
-    dx = pooled_scratch(pool, "h", x.shape, x)
-    return dx if dx is not None else pooled_empty(pool, "dx", x.shape, x)
