@@ -72,8 +72,8 @@ class TrainBatches:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 (B, C, img, img) in [-1, 1], labels int64 (B,)) on `device`."""
         idx = self.indices(step)
-        images = self.dataset.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
-        labels = self.dataset.labels[idx].to(self.device, non_blocking=True)
+        images = to_device(self.dataset.images[idx], self.device)  # (B, C, H, W) uint8
+        labels = to_device(self.dataset.labels[idx], self.device)
         g = torch.Generator().manual_seed(derive_seed(self.seed, _AUG, step))
         x = augment(images, self.augment, self.img_size, g, padding=self.padding, area_min=self.area_min,
                     flip=self.flip)

@@ -144,7 +144,7 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "S16", dict(TINY, batch=8))
     monkeypatch.setattr(command, "QUICK_BATCH", 2)
     monkeypatch.setattr(command, "QUICK_EXPERTS", (2, 4))
-    monkeypatch.setattr(command, "matmul_gflops", lambda: 10.0)  # skip the 2048^3 matmul
+    monkeypatch.setattr(command, "matmul_gflops", lambda **kw: 10.0)  # skip the 2048^3 matmul
     n_before = torch.get_num_threads()
     try:
         rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
