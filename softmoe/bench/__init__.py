@@ -26,18 +26,26 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=None, device=None) -> float:
     """GFLOP/s of one (n, n) x (n, n) matmul (2 n^3 FLOPs, median of `repeats`): the
-    machine's attainable dense-matmul rate at the current `torch.get_num_threads()`."""
+    machine's attainable dense-matmul rate at the current `torch.get_num_threads()` (on a
+    CUDA `device`: that GPU's, each call synchronized)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g, dtype=dtype or torch.float32)
-    b = torch.randn(n, n, generator=g, dtype=dtype or torch.float32)
-    out = torch.empty(n, n, dtype=a.dtype)
+    a = torch.randn(n, n, generator=g, dtype=dtype or torch.float32).to(device or "cpu")
+    b = torch.randn(n, n, generator=g, dtype=dtype or torch.float32).to(device or "cpu")
+    out = torch.empty_like(a)
     # out= keeps page faults of a fresh 16 MB result out of the number: this is the
     # arithmetic rate the layers are compared against.
-    seconds = median_time(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=2)
+    if a.device.type == "cuda":
+        def step():
+            torch.mm(a, b, out=out)
+            torch.cuda.synchronize(a.device)
+    else:
+        def step():
+            torch.mm(a, b, out=out)
+    seconds = median_time(step, repeats=repeats, warmup=2)
     return 2.0 * n ** 3 / seconds / 1e9
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .dataset import ImageDataset
-from .transforms import AUGMENTATIONS, augment, to_model_input
+from .transforms import AUGMENTATIONS, augment, to_device, to_model_input
 
 _PERM, _AUG = 0, 1  # stream identifiers, so the two kinds of draws never share a seed
 
@@ -55,22 +55,25 @@ class TrainBatches:
         return step // self.steps_per_epoch
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation (len(dataset),), drawn on the CPU (the same on every device)
+        and kept on the dataset's device: one asynchronous copy per epoch, so that indexing a
+        GPU-resident dataset never copies a CPU index (a blocking transfer) in a step."""
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, _PERM, epoch))
-            self._perm = torch.randperm(len(self.dataset), generator=g)
+            self._perm = to_device(torch.randperm(len(self.dataset), generator=g), self.dataset.images.device)
             self._perm_epoch = epoch
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
-        """Dataset indices (batch_size,) of step `step`."""
+        """Dataset indices (batch_size,) of step `step`, on the dataset's device."""
         epoch, b = divmod(step, self.steps_per_epoch)
         return self.permutation(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 (B, C, img, img) in [-1, 1], labels int64 (B,)) on `device`."""
         idx = self.indices(step)
-        images = self.dataset.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
-        labels = self.dataset.labels[idx].to(self.device, non_blocking=True)
+        images = to_device(self.dataset.images[idx], self.device)  # (B, C, H, W) uint8
+        labels = to_device(self.dataset.labels[idx], self.device)
         g = torch.Generator().manual_seed(derive_seed(self.seed, _AUG, step))
         x = augment(images, self.augment, self.img_size, g, padding=self.padding, area_min=self.area_min,
                     flip=self.flip)

@@ -33,6 +33,18 @@ def _check_size(img_size) -> int:
     return img_size
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (drawn on the CPU) on `device` without a host sync: a CUDA copy goes through pinned
+    memory and is asynchronous (a copy from pageable memory blocks the host until the device has
+    finished its queued work). The random draws stay on the CPU so that a batch is the same on
+    every device."""
+    if device.type == "cpu" or t.device == device:
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _scale(x: torch.Tensor) -> torch.Tensor:
     """float 0..255 -> [-1, 1]."""
     return x * (2.0 / 255.0) - 1.0
@@ -65,9 +77,10 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     if not flip:
         flipped = torch.zeros_like(flipped)
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    rows = (oy[:, None] + torch.arange(h)).to(dev)  # (B, H)
+    rows = oy[:, None] + torch.arange(h)  # (B, H)
     cols = ox[:, None] + torch.arange(w)  # (B, W)
-    cols = torch.where(flipped[:, None], cols.flip(1), cols).to(dev)
+    cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    rows, cols = to_device(torch.cat([rows, cols], 1), dev).split([h, w], 1)  # one copy
     bidx = torch.arange(b, device=dev)[:, None, None]
     out = padded[bidx, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C): advanced dims first
     return out.permute(0, 3, 1, 2).contiguous()
@@ -104,7 +117,7 @@ def inception_crop(images: torch.Tensor, img_size: int, generator: torch.Generat
     _check_images(images)
     _check_size(img_size)
     b, c = images.shape[:2]
-    theta = inception_crop_params(b, generator, area_min=area_min, ratio=ratio, flip=flip).to(images.device)
+    theta = to_device(inception_crop_params(b, generator, area_min=area_min, ratio=ratio, flip=flip), images.device)
     grid = F.affine_grid(theta, [b, c, img_size, img_size], align_corners=False)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _scale(x)

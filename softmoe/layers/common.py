@@ -163,12 +163,18 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:
     """Routing metrics of the last forward of every MoE layer that recorded them, as
-    `{"<module path>/<metric>": float}`."""
-    out: dict[str, float] = {}
+    `{"<module path>/<metric>": float}`. One device-to-host transfer for all of them (one
+    `float()` per metric would be one host sync each)."""
+    keys, values = [], []
     for name, m in moe_layers(model):
         for key, value in m.metrics.items():
-            out[f"{name}/{key}" if name else key] = float(value)
-    return out
+            keys.append(f"{name}/{key}" if name else key)
+            values.append(value)
+    if not values:
+        return {}
+    dev = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).detach().reshape(()) for v in values])
+    return dict(zip(keys, stacked.tolist()))
 
 
 @contextlib.contextmanager

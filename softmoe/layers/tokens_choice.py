@@ -157,7 +157,7 @@ class TokensChoiceMoE(SparseMoE):
         groups (None if nothing applies), and the dict of unweighted group means."""
         E = self.num_experts
         wt = None if mg is None else mg.unsqueeze(-1).to(gates.dtype)  # (R, T, 1)
-        n_tok = (gates.new_tensor(gates.shape[1]) if mg is None else wt.sum(1).clamp_min(1))  # (R, 1) or ()
+        n_tok = gates.shape[1] if mg is None else wt.sum(1).clamp_min(1)  # T or (R, 1): no host-to-device copy
         losses: dict[str, torch.Tensor] = {}
         g = gates_clean if wt is None else gates_clean * wt
         losses["importance_loss"] = cv_squared(g.sum(1))  # (R,)
@@ -188,7 +188,7 @@ class TokensChoiceMoE(SparseMoE):
         out = {k: v.detach() for k, v in losses.items()}
         out["dropped_choices_fraction"] = 1.0 - keep.sum() / n_valid
         out["tokens_unprocessed_fraction"] = ((kept_per_token == 0) & tok_valid).sum() / tok_valid.sum().clamp_min(1)
-        out["capacity"] = torch.tensor(float(C), device=keep.device)
+        out["capacity"] = keep.new_full((), float(C), dtype=torch.float32)  # a fill, no host-to-device copy
         return out
 
 

@@ -42,6 +42,7 @@ from . import logs
 from . import parallel
 from .config import TrainConfig, resumable_fields
 from .optim import build_optimizer, make_schedule, set_lr
+from .timing import StepClock
 
 GPU_DATASET_BYTES = 4 * 2**30  # uint8 train images up to this size are copied to the GPU once
 
@@ -447,18 +448,21 @@ class _Tally:
         self.win_images = self.win_steps = 0
         self.win_data_s = self.win_step_s = 0.0
 
-    def add(self, out: _StepResult, data_s: float, step_s: float) -> None:
+    def add(self, out: _StepResult) -> None:
         self.win_loss += out.loss
         self.win_correct += out.correct
         self.win_images += out.images
         self.win_steps += 1
+        self.images += out.images
+        self.steps += 1
+        self.last = out
+
+    def add_times(self, data_s: float, step_s: float) -> None:
+        """Seconds of data and compute work of steps already counted by `add` (StepClock.collect)."""
         self.win_data_s += data_s
         self.win_step_s += step_s
         self.data_s += data_s
         self.step_s += step_s
-        self.images += out.images
-        self.steps += 1
-        self.last = out
 
     def train_record(self, step: int, epoch: int, lr: float) -> dict:
         """The "train" record of the window ending at `step` (syncs with the device)."""
@@ -505,22 +509,24 @@ def _train_loop(run: _Run, writer, bar) -> _Tally:
     """Steps run.start..run.total, with the logging, evaluation and checkpoints of the config.
     The host reads device values only when it writes a record or a checkpoint."""
     cfg, total = run.cfg, run.total
-    tally, guard = _Tally(run.device), _DivergenceGuard(run.device)
+    tally, guard, clock = _Tally(run.device), _DivergenceGuard(run.device), StepClock(run.device)
     for s in range(run.start, total):
         step = s + 1
-        t0 = time.perf_counter()
+        clock.start()
         x, y = run.loader.batch(s)  # (B, C, img, img) float32, (B,)
-        t1 = time.perf_counter()
+        clock.data_done()
         lr = run.schedule(s)
         routing = bool(cfg.routing_metrics_every and run.moe and (step % cfg.routing_metrics_every == 0 or s == 0))
         out = _train_step(run, x, y, lr, routing)
         guard.update(step, out)
+        clock.step_done()
+        tally.add(out)
         log_now = step % cfg.log_every == 0 or step == total
         eval_now = cfg.eval_every and step % cfg.eval_every == 0 and step != total
         save_now = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total
         if routing or log_now or eval_now or save_now or step == total:
-            guard.check(run, writer)  # waits for the queued steps, so that wait is step time
-        tally.add(out, t1 - t0, time.perf_counter() - t1)
+            guard.check(run, writer)  # the host's one sync: the device has finished the queued steps
+            tally.add_times(*clock.collect()[:2])
         if routing:
             writer.write({"kind": "routing", "step": step,
                           **{f"routing/{k}": v for k, v in collect_metrics(run.model).items()}})

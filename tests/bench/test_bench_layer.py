@@ -14,7 +14,7 @@ from softmoe import SoftMoE
 from softmoe.bench import peak_rss_bytes, peak_rss_supported
 from softmoe.bench.layer import command, impls, memory, workers
 from softmoe.bench.layer.naive import NaiveSoftMoE
-from softmoe.bench.layer.shape import Shape, layer_flops
+from softmoe.bench.layer.shape import Shape, layer_bytes, layer_flops
 
 TINY = dict(batch=2, tokens=5, dim=8, hidden=16, slots=1)
 
@@ -144,7 +144,7 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "S16", dict(TINY, batch=8))
     monkeypatch.setattr(command, "QUICK_BATCH", 2)
     monkeypatch.setattr(command, "QUICK_EXPERTS", (2, 4))
-    monkeypatch.setattr(command, "matmul_gflops", lambda: 10.0)  # skip the 2048^3 matmul
+    monkeypatch.setattr(command, "matmul_gflops", lambda **kw: 10.0)  # skip the 2048^3 matmul
     n_before = torch.get_num_threads()
     try:
         rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
@@ -200,3 +200,68 @@ def test_python_dash_m_runs_the_same_command():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: softmoe bench layer") and "--same-process" in done.stdout
+
+
+# -- devices, dtypes, rooflines ------------------------------------------------------------------
+def test_bf16_on_cpu_writes_tables_with_rooflines(tmp_path, monkeypatch):
+    """`--device cpu --dtype bf16`: every implementation runs under CPU autocast; with the peaks
+    given, roofline = max(FLOPs / peak, bytes / bandwidth) / time (x3 for fwd+bwd)."""
+    monkeypatch.setattr(command, "S16", dict(TINY, batch=8))
+    monkeypatch.setattr(command, "QUICK_BATCH", 2)
+    monkeypatch.setattr(command, "matmul_gflops", lambda **kw: 10.0)
+    n_before = torch.get_num_threads()
+    try:
+        rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--same-process",
+                               "--experts", "2", "--dtype", "bf16", "--peak-tflops", "0.5", "--peak-gbs", "20",
+                               "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n_before)
+    assert rc == 0
+    s = Shape(experts=2, **dict(TINY, batch=2), dtype="bf16")
+    roof = max(layer_flops(s) / 0.5e12, layer_bytes(s) / 20e9)
+    rows = list(csv.DictReader(open(tmp_path / "layer.csv")))
+    assert {r["implementation"] for r in rows} == {i.name for i in impls.available_impls()}
+    for r in rows:
+        assert float(r["fwdbwd_roofline"]) == pytest.approx(3 * roof / (float(r["fwdbwd_ms"]) / 1e3), rel=1e-6)
+    md = open(tmp_path / "layer.md").read()
+    assert "bf16 autocast on cpu" in md and "(cpu, bf16)" in md
+
+
+def test_bf16_training_step_runs_under_autocast():
+    """The benchmarked step really runs in bf16: the layer's output under the bench's autocast is bf16,
+    and the gradients reach the fp32 weights."""
+    s = Shape(experts=2, **TINY, dtype="bf16")
+    model = impls.build("softmoe", s)
+    x, dy = impls.make_inputs(s)
+    assert impls.forward_no_grad(model, x).dtype == torch.bfloat16
+    impls.train_step(model, x, dy)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_layer_bytes_by_hand():
+    s = Shape(batch=2, tokens=3, dim=4, experts=5, slots=1, hidden=6, dtype="bf16")
+    weights = 2 * 5 * 4 * 6 * (4 + 2)
+    assert layer_bytes(s) == weights + 2 * (2 * 2 * 3 * 4 + 3 * 2 * 3 * 5 + 2 * 2 * 5 * 4 + 2 * 2 * 5 * 6)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dtype", "fp16"], "--dtype fp16 needs --device cuda"), (["--device", "tpu"], "--device"),
+    (["--peak-tflops", "0"], "--peak-tflops"), (["--peak-gbs", "-1"], "--peak-gbs")])
+def test_bad_device_arguments(argv, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        bench_layer.main(argv + ["--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_user_error(tmp_path):
+    with pytest.raises(ValueError, match="--device='cuda' but CUDA is not available"):
+        bench_layer.main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_peak_table_lookup():
+    from softmoe.bench import _peaks
+
+    row = _peaks.lookup("NVIDIA H200")
+    assert row["name"] == "H200" and row["gbs"] == 4800.0 and _peaks.peak_tflops(row, "bf16", tf32=False) == 989.0
+    assert _peaks.peak_tflops(row, "fp32", tf32=True) == 494.5 and _peaks.peak_tflops(row, "fp32", tf32=False) == 67.0
+    assert _peaks.lookup("Some Other GPU") is None

@@ -8,21 +8,23 @@ from layers_reference import assert_close64, expert_mlp, expert_params, randomiz
 from softmoe import Experts
 
 
-def test_forward_is_each_expert_mlp():
+def test_forward_is_each_expert_mlp(device, generator):
     experts = Experts(3, 5, 7).double()
     randomize_(experts, std=1.0)
-    x = 3 * torch.randn(3, 4, 5, dtype=torch.float64)  # large pre-activations: tanh GELU != erf GELU
+    experts.to(device)
+    # large pre-activations: tanh GELU != erf GELU
+    x = 3 * torch.randn(3, 4, 5, dtype=torch.float64, device=device, generator=generator)
     params = expert_params(experts)
     expected = torch.stack([expert_mlp(x[e], params, e) for e in range(3)])
     assert_close64(experts(x), expected)
 
 
-def test_gelu_is_the_tanh_approximation():
+def test_gelu_is_the_tanh_approximation(device):
     # One expert, identity-like weights: y = gelu(h); the erf GELU differs by up to ~1e-3.
-    experts = Experts(1, 1, 1).double()
+    experts = Experts(1, 1, 1).double().to(device)
     with torch.no_grad():
         experts.w1.fill_(1.0), experts.w2.fill_(1.0), experts.b1.zero_(), experts.b2.zero_()
-    h = torch.linspace(-4, 4, 41, dtype=torch.float64).view(1, -1, 1)
+    h = torch.linspace(-4, 4, 41, dtype=torch.float64, device=device).view(1, -1, 1)
     y = experts(h)
     assert_close64(y, 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))))
     assert (y - torch.nn.functional.gelu(h)).abs().max() > 1e-4

@@ -6,10 +6,11 @@ from layers_reference import assert_close64, expert_mlp, expert_params, randomiz
 from softmoe import ExpertsChoiceMoE
 
 
-def make_layer(D=6, E=4, H=5, seed=0, **kw) -> ExpertsChoiceMoE:
+def make_layer(D=6, E=4, H=5, seed=0, device="cpu", **kw) -> ExpertsChoiceMoE:
+    """float64, eval mode, random weights (drawn on the CPU, the same on every device)."""
     layer = ExpertsChoiceMoE(D, E, hidden_dim=H, **kw).double().eval()
     randomize_(layer, seed=seed)
-    return layer
+    return layer.to(device)
 
 
 def experts_choice_reference(layer, x, C):
@@ -21,7 +22,7 @@ def experts_choice_reference(layer, x, C):
     params = expert_params(layer.experts)
     W = layer.gate.weight.detach().double()
     y = torch.zeros_like(xg)
-    counts = torch.zeros(B // G, G * N)
+    counts = torch.zeros(B // G, G * N, device=x.device)
     for r in range(B // G):
         gates = torch.softmax(xg[r] @ W, -1)  # (T, E)
         for e in range(E):
@@ -32,13 +33,13 @@ def experts_choice_reference(layer, x, C):
 
 
 @pytest.mark.parametrize("group_size,cf,C", [(1, 0.9, 2), (1, 2.0, 5), (2, 1.4, 7)])
-def test_matches_loop_reference_and_fills_every_expert(group_size, cf, C):
+def test_matches_loop_reference_and_fills_every_expert(group_size, cf, C, device, generator):
     # C = round(T * cf / E): T = 10 -> round(2.25) = 2, round(5.0) = 5; T = 20 -> round(7.0) = 7.
     N, E = 10, 4
-    layer = make_layer(E=E, capacity_factor=cf, group_size=group_size)
+    layer = make_layer(E=E, capacity_factor=cf, group_size=group_size, device=device)
     assert layer.capacity_for(N * group_size) == C
     layer.record_weights = layer.record_metrics = True
-    x = torch.randn(4, N, 6, dtype=torch.float64)
+    x = torch.randn(4, N, 6, dtype=torch.float64, device=device, generator=generator)
     y = layer(x)
     ref, counts = experts_choice_reference(layer, x, C)
     assert_close64(y, ref)
@@ -72,10 +73,10 @@ def test_capacity_out_of_range_is_an_error():
         ExpertsChoiceMoE(4, 2, capacity=0)
 
 
-def test_noise_only_in_training():
-    layer = make_layer(noise_std=1.0)
+def test_noise_only_in_training(device, generator):
+    layer = make_layer(noise_std=1.0, device=device)
     layer.record_weights = True
-    x = torch.randn(2, 8, 6, dtype=torch.float64)
+    x = torch.randn(2, 8, 6, dtype=torch.float64, device=device, generator=generator)
     y = layer(x)
     assert torch.equal(layer(x), y)
     assert_close64(y, experts_choice_reference(layer, x, 2)[0])
@@ -84,11 +85,11 @@ def test_noise_only_in_training():
     assert (layer.routing_weights["gates"] - torch.softmax(x @ layer.gate.weight.detach(), -1)).abs().max() > 1e-4
 
 
-def test_masked_tokens_are_never_picked_and_output_zero():
-    layer = make_layer(E=2, capacity=3)
+def test_masked_tokens_are_never_picked_and_output_zero(device, generator):
+    layer = make_layer(E=2, capacity=3, device=device)
     layer.record_weights = True
-    x = torch.randn(2, 6, 6, dtype=torch.float64)
-    mask = torch.ones(2, 6, dtype=torch.bool)
+    x = torch.randn(2, 6, 6, dtype=torch.float64, device=device, generator=generator)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=device)
     mask[0, [0, 3]] = False
     y = layer(x, mask)
     idx = layer.routing_weights["token_index"]
@@ -101,11 +102,11 @@ def test_masked_tokens_are_never_picked_and_output_zero():
     assert (layer.routing_weights["combine"][1] > 0).sum() == 2  # the real token, once per expert
 
 
-def test_sequences_independent_with_group_size_one():
-    layer = make_layer()
-    x = torch.randn(3, 8, 6, dtype=torch.float64)
+def test_sequences_independent_with_group_size_one(device, generator):
+    layer = make_layer(device=device)
+    x = torch.randn(3, 8, 6, dtype=torch.float64, device=device, generator=generator)
     y = layer(x)
-    x[1:] = 5 * torch.randn(2, 8, 6, dtype=torch.float64)
+    x[1:] = 5 * torch.randn(2, 8, 6, dtype=torch.float64, device=device, generator=generator)
     assert torch.equal(layer(x)[0], y[0])
 
 

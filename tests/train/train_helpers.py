@@ -10,6 +10,8 @@ def tiny_config(**changes) -> TrainConfig:
     base = dict(model=ModelConfig("soft_moe_micro", dict(TINY_MODEL)), data="digits", augment="crop_flip",
                 steps=12, batch_size=32, lr=1e-3, schedule="cosine", warmup_steps=2, log_every=2,
                 checkpoint_every=4, keep_checkpoints=3, routing_metrics_every=3, eval_batch_size=256,
-                tensorboard=False, plots=False, num_threads=1)
+                tensorboard=False, plots=False, num_threads=1,
+                # explicit: on a GPU machine "auto" would switch these runs to CUDA + bf16
+                device="cpu", bf16=False)
     base.update(changes)
     return TrainConfig(**base)

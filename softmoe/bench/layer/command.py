@@ -10,12 +10,14 @@ import time
 import torch
 
 from softmoe import kernels as softmoe_kernels
+from softmoe._device import resolve_device
+from softmoe.bench import _peaks
 from softmoe._tables import markdown_table, write_table
 from softmoe.bench import matmul_gflops, peak_rss_supported
 
 from .impls import IMPLS, available_impls
 from .memory import measure_memory
-from .shape import Shape, layer_flops
+from .shape import DTYPES, Shape, layer_bytes, layer_flops
 from .workers import ROUND_ROBIN_PARAM_BYTES, time_impls
 
 FULL_EXPERTS = (8, 32, 128, 512)
@@ -24,12 +26,21 @@ S16 = dict(batch=32, tokens=196, dim=384, hidden=1536, slots=1)  # paper's Soft 
 QUICK_BATCH = 8
 
 
+def roofline_s(s: Shape, peak_tflops: float | None, peak_gbs: float | None) -> float | None:
+    """Seconds of one forward at the roofline: max(FLOPs / peak FLOP/s, bytes / peak bandwidth)."""
+    if not peak_tflops or not peak_gbs:
+        return None
+    return max(layer_flops(s) / (peak_tflops * 1e12), layer_bytes(s) / (peak_gbs * 1e9))
+
+
 def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gflops: float,
-                  memory: bool = True, same_process: bool = False, processes: int = 1) -> list[dict]:
+                  memory: bool = True, same_process: bool = False, processes: int = 1,
+                  peaks: tuple = (None, None, "")) -> list[dict]:
     """One table row per implementation for shape `s` (see COLUMNS)."""
     times = time_impls(impls, s, repeats, threads=threads, same_process=same_process, processes=processes)
     mem = {n: measure_memory(n, s, threads) for n in impls} if memory else {}
     fl = layer_flops(s)
+    roof = roofline_s(s, peaks[0], peaks[1])
     ref = times.get("softmoe", {}).get("fwdbwd_s")
     rows = []
     for n in impls:
@@ -41,6 +52,8 @@ def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gfl
             "fwdbwd_ms": 1e3 * t["fwdbwd_s"], "fwdbwd_GFLOPs": 3 * fl / t["fwdbwd_s"] / 1e9,
             "fwdbwd_frac_mm": 3 * fl / t["fwdbwd_s"] / 1e9 / mm_gflops,
             "fwdbwd_vs_softmoe": t["fwdbwd_s"] / ref if ref else None,
+            "fwd_roofline": roof / t["fwd_s"] if roof else None,
+            "fwdbwd_roofline": 3 * roof / t["fwdbwd_s"] if roof else None,
             "fwd_peak_MB": m["fwd_peak_bytes"] / 2**20 if m else None,
             "fwdbwd_peak_MB": m["fwdbwd_peak_bytes"] / 2**20 if m else None,
         })
@@ -67,7 +80,8 @@ def speedup_summary(rows: list[dict]) -> list[str]:
 
 # -- the command -----------------------------------------------------------------------------------
 COLUMNS = ["E", "implementation", "params_M", "fwd_ms", "fwd_GFLOPs", "fwd_frac_mm", "fwdbwd_ms",
-           "fwdbwd_GFLOPs", "fwdbwd_frac_mm", "fwdbwd_vs_softmoe", "fwd_peak_MB", "fwdbwd_peak_MB"]
+           "fwdbwd_GFLOPs", "fwdbwd_frac_mm", "fwdbwd_vs_softmoe", "fwd_roofline", "fwdbwd_roofline", "fwd_peak_MB",
+           "fwdbwd_peak_MB"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes per implementation, one after another (default 3, quick 1)")
     parser.add_argument("--same-process", action="store_true",
                         help="time every implementation in this process instead of one worker process each")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda or cuda:N; CUDA times are CUDA events (device time)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="fp32 (default), or bf16 / fp16 under torch.autocast (weights stay fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every implementation")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s in --dtype, for the %%-of-roofline columns (CUDA: "
+                             "default from a table of known GPUs)")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="the device's memory bandwidth in GB/s (idem)")
 
 
 def _check_args(args) -> None:
@@ -96,6 +119,9 @@ def _check_args(args) -> None:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.experts is not None and any(e < 1 for e in args.experts):
         raise ValueError(f"--experts must all be >= 1, got {args.experts}")
+    for name in ("peak_tflops", "peak_gbs"):
+        if getattr(args, name, None) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +137,48 @@ class Settings:
     impls: list[str]  # installed, in IMPLS order
     missing: list[str]  # asked for (or all) but not installed
     memory: bool
+    peaks: tuple[float | None, float | None, str]  # (peak TFLOP/s in dtype, GB/s, where they come from)
+
+    @property
+    def device(self) -> str:
+        return self.base["device"]
 
     @classmethod
     def from_args(cls, args) -> Settings:
         _check_args(args)
+        device = str(resolve_device(args.device, "--device"))
+        if args.dtype == "fp16" and device == "cpu":
+            raise ValueError("--dtype fp16 needs --device cuda (CPU autocast runs bf16); use --dtype bf16 or fp32")
         impls = [i.name for i in available_impls(args.impls)]
+        base = dict(S16, batch=QUICK_BATCH) if args.quick else dict(S16)
+        base.update(device=device, dtype=args.dtype, compile=args.compile)
         return cls(threads=args.threads, repeats=args.repeats or (3 if args.quick else 5),
                    processes=1 if args.same_process else args.processes or (1 if args.quick else 3),
                    same_process=args.same_process,
                    experts=tuple(args.experts or (QUICK_EXPERTS if args.quick else FULL_EXPERTS)),
-                   base=dict(S16, batch=QUICK_BATCH) if args.quick else dict(S16), quick=args.quick,
+                   base=base, quick=args.quick,
                    impls=impls,
                    missing=[i.name for i in IMPLS if (not args.impls or i.name in args.impls) and i.name not in impls],
-                   memory=not args.no_memory and peak_rss_supported())
+                   memory=not args.no_memory and device == "cpu" and peak_rss_supported(),
+                   peaks=device_peaks(device, args.dtype, args.peak_tflops, args.peak_gbs))
+
+
+def device_peaks(device: str, dtype: str, tflops: float | None, gbs: float | None
+                 ) -> tuple[float | None, float | None, str]:
+    """(peak TFLOP/s in `dtype`, peak GB/s, source): the overrides, else (CUDA) the table row of
+    this GPU (TF32 counts for fp32 only if torch allows it), else None."""
+    source = "--peak-tflops / --peak-gbs"
+    if device.startswith("cuda") and (tflops is None or gbs is None):
+        name = torch.cuda.get_device_name(torch.device(device))
+        row = _peaks.lookup(name)
+        if row is not None:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            tflops = tflops or _peaks.peak_tflops(row, dtype, tf32)
+            gbs = gbs or row["gbs"]
+            source = f"the data sheet of the {row['name']} (softmoe/bench/_peaks.py; fp32 {'TF32' if tf32 else 'SIMT'})"
+        else:
+            source = f"{name} is not in softmoe/bench/_peaks.py: pass --peak-tflops and --peak-gbs"
+    return tflops, gbs, source
 
 
 def _print_rows(rows: list[dict], memory: bool) -> None:
@@ -139,7 +194,10 @@ def _notes(cfg: Settings, kernels: str, mm: float) -> list[str]:
     base, processes, repeats = cfg.base, cfg.processes, cfg.repeats
     notes = [
         f"Shape: B={base['batch']}, N={base['tokens']}, D={base['dim']}, H={base['hidden']}, P={base['slots']}"
-        + (" (the paper's S/16 layer at E=128)" if not cfg.quick else " (--quick)") + "; float32.",
+        + (" (the paper's S/16 layer at E=128)" if not cfg.quick else " (--quick)")
+        + (f"; {cfg.base['dtype']} on {cfg.device}" if cfg.base["dtype"] == "fp32" else
+           f"; fp32 weights, {cfg.base['dtype']} autocast on {cfg.device}")
+        + (", torch.compile" if cfg.base["compile"] else "") + ".",
         f"torch {torch.__version__}, torch.set_num_threads({cfg.threads}), {platform.machine()}; medians of "
         f"{processes * repeats} rounds ({processes} x {repeats} after 2 warm-up rounds each); implementations "
         "timed round-robin, "
@@ -153,7 +211,13 @@ def _notes(cfg: Settings, kernels: str, mm: float) -> list[str]:
         "buffers, see Peak memory).",
         f"GFLOPs = nominal layer FLOPs / time: forward = 2BNDS (logits) + 2BNSD (dispatch) + 4BSDH (experts) "
         f"+ 2BNSD (combine), S=E*P, fwd+bwd = 3x forward; frac_mm = that / {mm:.1f} GFLOP/s, the median rate "
-        f"of a 2048x2048x2048 fp32 torch.mm measured in this run.",
+        f"of a {'8192' if cfg.device != 'cpu' else '2048'}^3 {cfg.base['dtype']} torch.mm measured in this run.",
+        (f"roofline = (max(FLOPs / {cfg.peaks[0]:g} TFLOP/s, nominal bytes / {cfg.peaks[1]:g} GB/s)) / time, the "
+         f"peaks from {cfg.peaks[2]}; bytes as in softmoe/bench/layer/shape.py (layer_bytes)."
+         if cfg.peaks[0] and cfg.peaks[1] else
+         f"roofline: not computed ({cfg.peaks[2] if cfg.device != 'cpu' else 'no --peak-tflops / --peak-gbs'})."),
+        ("Times: device time between CUDA events around each pass, synchronized before each round."
+         if cfg.device != "cpu" else "Times: time.perf_counter around each pass."),
         ("Peak memory: peak RSS (VmHWM, reset via /proc/self/clear_refs) above the RSS just before the pass, "
          "in a fresh subprocess per (implementation, E) after model creation and one warm-up pass (fwd: before "
          "any training step), glibc "
@@ -176,14 +240,17 @@ def run(args) -> int:
         print(f"not installed, skipped: {', '.join(cfg.missing)}")
     kernels = softmoe_kernels.status()
     print(f"softmoe expert kernels: {kernels}")
-    mm = matmul_gflops()
-    print(f"large-matmul reference: 2048^3 fp32 torch.mm = {mm:.1f} GFLOP/s")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.base["dtype"]]
+    n = 2048 if cfg.device == "cpu" else 8192
+    mm = matmul_gflops(n=n, dtype=dt, device=cfg.device)
+    print(f"large-matmul reference: {n}^3 {cfg.base['dtype']} torch.mm on {cfg.device} = {mm:.1f} GFLOP/s")
 
     rows = []
     for E in cfg.experts:
         s = Shape(experts=E, **cfg.base)
         t0 = time.perf_counter()
-        rows += measure_shape(s, cfg.impls, cfg.repeats, cfg.threads, mm, cfg.memory, cfg.same_process, cfg.processes)
+        rows += measure_shape(s, cfg.impls, cfg.repeats, cfg.threads, mm, cfg.memory, cfg.same_process, cfg.processes,
+                              cfg.peaks)
         _print_rows(rows[-len(cfg.impls):], cfg.memory)
         print(f"  ({s.label()}, {time.perf_counter() - t0:.0f} s)")
 
@@ -191,7 +258,8 @@ def run(args) -> int:
     for line in speedup_summary(rows):
         print(line)
         notes.append(line)
-    md, csv_path = write_table(args.out, "layer", COLUMNS, rows, "Soft MoE layer benchmark (CPU)", notes)
+    title = f"Soft MoE layer benchmark ({cfg.device}, {cfg.base['dtype']})"
+    md, csv_path = write_table(args.out, "layer", COLUMNS, rows, title, notes)
     print()
     print(markdown_table(COLUMNS, rows) + "\n")
     print(f"wrote {md} and {csv_path}")

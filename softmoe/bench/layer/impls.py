@@ -2,6 +2,7 @@
 (no-grad forward, training step) on the benchmark's fixed inputs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from torch import nn
 
 from .naive import NaiveSoftMoE
 from .ports import build_bwconrad, build_lucidrains
-from .shape import Shape
+from .shape import DTYPES, Shape
 
 
 def _build_softmoe(s: Shape) -> nn.Module:
@@ -71,20 +72,37 @@ def get_impl(name: str) -> Impl:
 
 
 def build(name: str, s: Shape, seed: int = 0) -> nn.Module:
+    """Implementation `name` at shape `s`, float32 weights on `s.device` (compiled if `s.compile`),
+    in training mode; the same weights for every device (drawn on the CPU)."""
     torch.manual_seed(seed)
-    return get_impl(name).build(s).train()
+    model = get_impl(name).build(s).train().to(s.device)
+    if s.compile:
+        model = torch.compile(model)
+    model.bench_autocast = autocast_dtype(s)
+    return model
+
+
+def autocast_dtype(s: Shape) -> torch.dtype | None:
+    name = DTYPES[s.dtype]
+    return None if name is None else getattr(torch, name)
+
+
+def _autocast(model: nn.Module, x: torch.Tensor):
+    dtype = getattr(model, "bench_autocast", None)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
 def make_inputs(s: Shape, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and the output gradient dy, both (B, N, D), the same for every implementation."""
+    """x and the output gradient dy, both (B, N, D) float32 on `s.device`, the same for every
+    implementation (drawn on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(s.batch, s.tokens, s.dim, generator=g)
     dy = torch.randn(s.batch, s.tokens, s.dim, generator=g)
-    return x, dy
+    return x.to(s.device), dy.to(s.device)
 
 
 def forward_no_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(model, x):
         return model(x)
 
 
@@ -92,7 +110,9 @@ def train_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     for p in model.parameters():  # optimizer.zero_grad(): grads start from None every step
         p.grad = None
     xg = x.detach().requires_grad_()  # the block's LayerNorm output needs its gradient too
-    model(xg).backward(dy)
+    with _autocast(model, x):
+        y = model(xg)
+    y.backward(dy.to(y.dtype))  # under autocast the output may be bf16/fp16
 
 
 def param_count(model: nn.Module) -> int:
