@@ -1,6 +1,7 @@
 """MoE layers: router -> dispatch -> experts -> combine, each in its own small file; the
 speed paths behind one seam in `fused` (`impl="fused"` / `"reference"`)."""
 from . import fused as fused  # first: fused.routing imports soft_moe, whose imports import fused back
+from .causal_soft_moe import CausalSoftMoE, CausalSoftMoEState
 from .common import MoELayer, collect_aux_loss, collect_metrics, moe_layers, record_routing
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
@@ -9,6 +10,7 @@ from .router import Gate, SoftRouter
 from .soft_moe import SoftMoE
 from .tokens_choice import TokensChoiceMoE
 
-__all__ = ["MoELayer", "Experts", "SoftRouter", "Gate", "SoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE",
+__all__ = ["MoELayer", "Experts", "SoftRouter", "Gate", "SoftMoE", "CausalSoftMoE", "CausalSoftMoEState",
+           "TokensChoiceMoE", "ExpertsChoiceMoE",
            "collect_aux_loss", "collect_metrics", "record_routing", "moe_layers", "IMPLS", "BufferPool",
            "pooled_bytes", "release_buffers", "set_buffer_reuse"]
