@@ -1,7 +1,7 @@
 """softmoe: Soft Mixtures of Experts (Puigcerver et al., ICLR 2024) for PyTorch."""
-from .layers import (Experts, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss,
+from .layers import (CausalSoftMoE, Experts, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss,
                      collect_metrics, moe_layers, record_routing, release_buffers, set_buffer_reuse)
 
 __version__ = "0.1.0"
-__all__ = ["SoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE", "Experts", "MoELayer", "collect_aux_loss",
+__all__ = ["SoftMoE", "CausalSoftMoE", "TokensChoiceMoE", "ExpertsChoiceMoE", "Experts", "MoELayer", "collect_aux_loss",
            "collect_metrics", "record_routing", "moe_layers", "release_buffers", "set_buffer_reuse", "__version__"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from softmoe._fields import check_fields, check_keys, parse_text, split_assignment, unknown_key_message
 from softmoe.models import ViTConfig, VisionTransformer, create_model, get_config
 from softmoe.models.config import check_overrides, merge_overrides, parse_override
+from softmoe.models.gpt import DECODER_CONFIGS, get_decoder_config
 
 RESUMABLE = {"resumable": True}  # field metadata: may differ when a run is resumed
 
@@ -48,6 +49,9 @@ class ModelConfig:
         check_fields(self, "ModelConfig")
         if not self.name:
             raise ValueError("model name must be a registry name (see `softmoe.models.list_models()`)")
+        if self.name in DECODER_CONFIGS:  # a decoder (task="lm"): GPTConfig overrides, checked by building the config
+            get_decoder_config(self.name, **self.overrides)
+            return
         self.overrides = check_overrides(self.overrides)
 
     def vit_config(self) -> ViTConfig:
@@ -64,6 +68,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # the old spelling of model.overrides, accepted from config files written before ModelConfig
     model_kwargs: InitVar[dict | None] = None
+    # "classify" (the ViTs) or "lm" (a char-level decoder LM: softmoe/lm/; model = a decoder of
+    # softmoe/models/gpt.py, data = the corpus, "pydoc" or a text file/folder)
+    task: str = "classify"
     # data
     data: str = "digits"  # one of softmoe.data.DATASETS or an ImageFolder directory
     data_root: str | None = None  # where the dataset's files are (None: the default location)
@@ -153,7 +160,7 @@ class TrainConfig:
         check_fields(self, "TrainConfig")
         choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
                   "schedule": ("rsqrt", "cosine", "constant"), "loss": ("softmax", "sigmoid"),
-                  "test_split": ("test", "val")}
+                  "test_split": ("test", "val"), "task": ("classify", "lm")}
         for key, allowed in choice.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")

@@ -175,6 +175,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     group this run created (under torchrun) is destroyed, on success or error."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if cfg.task == "lm":  # char-level language modelling: its own loop (softmoe/lm/train.py)
+        from softmoe.lm.train import train_lm
+
+        return train_lm(cfg, workdir, log)
     threads = torch.get_num_threads()
     had_group = parallel.has_process_group()
     with contextlib.ExitStack() as held:  # the work directory's lock, once _setup_run takes it
