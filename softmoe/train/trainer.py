@@ -308,10 +308,12 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = cfg.model.build().to(device)
-    model.train()
+    with torch.device("meta"):  # no rank (nor a single process) ever holds more than its own shards
+        model = cfg.model.build()
     if mesh is not None:
-        smd.parallelize(model, mesh)  # after the seeded init: every rank holds its slice of the same model
+        smd.parallelize(model, mesh)  # the local expert shards, still on meta
+    smd.materialize(model, device, cfg.seed)  # keyed init: the same numbers at every layout
+    model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
