@@ -407,8 +407,6 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
     y (B,), at learning rate `lr`, without a host sync."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    if run.mesh is not None:
-        x, y = parallel.shard(run.mesh, x, y)  # (B / world, ...): this rank's rows of the global batch
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
         logits = model(x)  # (B, num_classes)
@@ -511,7 +509,9 @@ def _train_loop(run: _Run, writer, bar) -> _Tally:
     for s in range(run.start, total):
         step = s + 1
         t0 = time.perf_counter()
-        x, y = run.loader.batch(s)  # (B, C, img, img) float32, (B,)
+        # (b, C, img, img) float32, (b,): this rank's rows of the global batch (b = B / world),
+        # the only ones it gathers and augments
+        x, y = run.loader.batch(s, parallel.rows(run.mesh, cfg.batch_size))
         t1 = time.perf_counter()
         lr = run.schedule(s)
         routing = bool(cfg.routing_metrics_every and run.moe and (step % cfg.routing_metrics_every == 0 or s == 0))
