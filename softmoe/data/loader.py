@@ -69,14 +69,24 @@ class TrainBatches:
         epoch, b = divmod(step, self.steps_per_epoch)
         return self.permutation(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images float32 (B, C, img, img) in [-1, 1], labels int64 (B,)) on `device`."""
+    def batch(self, step: int, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float32 (B, C, img, img) in [-1, 1], labels int64 (B,)) on `device`.
+        `rows` (start, stop): only rows start..stop-1 of that batch, (stop - start, ...),
+        bitwise equal to them; only those images are gathered and augmented (a rank's share)."""
         idx = self.indices(step)
-        images = to_device(self.dataset.images[idx], self.device)  # (B, C, H, W) uint8
+        B = len(idx)
+        if rows is None:
+            rows = (0, B)
+        if not (isinstance(rows, tuple) and len(rows) == 2 and all(isinstance(v, int) for v in rows)
+                and 0 <= rows[0] < rows[1] <= B):
+            raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= batch_size={B}, got {rows!r}")
+        lo, hi = rows
+        idx = idx[lo:hi]
+        images = to_device(self.dataset.images[idx], self.device)  # (b, C, H, W) uint8
         labels = to_device(self.dataset.labels[idx], self.device)
         g = torch.Generator().manual_seed(derive_seed(self.seed, _AUG, step))
         x = augment(images, self.augment, self.img_size, g, padding=self.padding, area_min=self.area_min,
-                    flip=self.flip)
+                    flip=self.flip, rows=(lo, hi, B))
         return x, labels
 
 

@@ -62,18 +62,33 @@ def to_model_input(images: torch.Tensor, img_size: int) -> torch.Tensor:
     return _scale(x)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True
-                     ) -> torch.Tensor:
+def _check_rows(rows, b: int) -> tuple[int, int, int]:
+    """(start, stop, batch) of `rows` (None: the whole batch of b images)."""
+    if rows is None:
+        return 0, b, b
+    ok = isinstance(rows, tuple) and len(rows) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in rows)
+    if not ok or not (0 <= rows[0] <= rows[1] <= rows[2]) or rows[1] - rows[0] != b:
+        raise ValueError(f"rows must be (start, stop, batch) with 0 <= start <= stop <= batch and stop - start = "
+                         f"the number of images ({b}), got {rows!r}")
+    return rows
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True,
+                     rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> uint8 (B, C, H, W): zero-pad by `padding`, take a random HxW window
-    per image, flip half of them horizontally (if `flip`). One gather, no per-image loop."""
+    per image, flip half of them horizontally (if `flip`). One gather, no per-image loop.
+    `rows` (start, stop, batch): `images` are rows start..stop-1 of a batch of `batch` images;
+    the draws are those of the whole batch, so the output is bitwise those rows of its output."""
     _check_images(images)
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     b, c, h, w = images.shape
+    lo, hi, n = _check_rows(rows, b)
     dev = images.device
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    flipped = torch.rand(b, generator=generator) < 0.5
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)[lo:hi]
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)[lo:hi]
+    flipped = (torch.rand(n, generator=generator) < 0.5)[lo:hi]
     if not flip:
         flipped = torch.zeros_like(flipped)
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
@@ -111,29 +126,36 @@ def inception_crop_params(batch: int, generator: torch.Generator, area_min: floa
 
 
 def inception_crop(images: torch.Tensor, img_size: int, generator: torch.Generator, area_min: float = 0.05,
-                   flip: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                   flip: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size) in [-1, 1]: random-resized crop
-    (bilinear, via one batched grid_sample) with an optional horizontal flip."""
+    (bilinear, via one batched grid_sample) with an optional horizontal flip. `rows`: as
+    `random_crop_flip` (the crop boxes of the whole batch are drawn, these rows' are applied)."""
     _check_images(images)
     _check_size(img_size)
     b, c = images.shape[:2]
-    theta = to_device(inception_crop_params(b, generator, area_min=area_min, ratio=ratio, flip=flip), images.device)
+    lo, hi, n = _check_rows(rows, b)
+    theta = to_device(inception_crop_params(n, generator, area_min=area_min, ratio=ratio, flip=flip)[lo:hi],
+                      images.device)
     grid = F.affine_grid(theta, [b, c, img_size, img_size], align_corners=False)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _scale(x)
 
 
 def augment(images: torch.Tensor, preset: str, img_size: int, generator: torch.Generator, padding: int | None = None,
-            area_min: float = 0.05, flip: bool = True) -> torch.Tensor:
+            area_min: float = 0.05, flip: bool = True, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Apply augmentation `preset` (one of AUGMENTATIONS) and convert to the model's input:
     uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size) in [-1, 1]. `padding` for
     crop_flip defaults to 1/8 of the image side (4 px at 32, 1 px at 8). `flip=False` turns off the
-    horizontal flip of both presets (digits and text are not mirror-symmetric)."""
+    horizontal flip of both presets (digits and text are not mirror-symmetric). `rows`
+    (start, stop, batch): `images` are those rows of a batch of `batch`; the output is bitwise
+    those rows of the whole batch's (per-rank data: each rank augments only its own rows)."""
+    _check_rows(rows, images.shape[0])
     if preset == "none":
         return to_model_input(images, img_size)
     if preset == "crop_flip":
         pad = max(1, images.shape[-1] // 8) if padding is None else padding
-        return to_model_input(random_crop_flip(images, pad, generator, flip=flip), img_size)
+        return to_model_input(random_crop_flip(images, pad, generator, flip=flip, rows=rows), img_size)
     if preset == "inception_crop":
-        return inception_crop(images, img_size, generator, area_min=area_min, flip=flip)
+        return inception_crop(images, img_size, generator, area_min=area_min, flip=flip, rows=rows)
     raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {preset!r}")

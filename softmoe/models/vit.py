@@ -56,20 +56,26 @@ class VisionTransformer(nn.Module):
         if num_classes == 0:
             return nn.Identity()
         head = nn.Linear(self.config.embed_dim, num_classes)
-        if not head.weight.is_meta:
-            with torch.no_grad():
-                head.weight.zero_()
-                head.bias.fill_(-math.log(num_classes))  # vmoe: sigmoid outputs start at 1/C
+        self._init_head(head)
         return head
 
+    @staticmethod
+    def _init_head(head: nn.Module) -> None:
+        if isinstance(head, nn.Linear) and not head.weight.is_meta:
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.fill_(-math.log(head.out_features))  # vmoe: sigmoid outputs start at 1/C
+
     def reset_parameters(self) -> None:
-        """Position embedding N(0, 0.02), class token 0 (the sub-modules initialise themselves)."""
+        """Position embedding N(0, 0.02), class token 0, head kernel 0 and bias -log C (the other
+        sub-modules initialise themselves)."""
         if self.pos_embed.is_meta:
             return
         with torch.no_grad():
             nn.init.normal_(self.pos_embed, std=0.02)
             if self.cls_token is not None:
                 self.cls_token.zero_()
+        self._init_head(self.head)
 
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 docs/design.md §6). The trainer calls these few hooks; a run without torchrun never reaches them.
 
     setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
-    shard            this rank's slice of the global batch the single-process run would draw
+    rows             this rank's rows of the global batch the single-process run would draw
     finish_step      gradients averaged over the global batch, the logged loss/accuracy made global
     clip_grad_norm   the global gradient norm (expert shards summed over the ep group), then clip
     save_sharded     a checkpoint directory every layout (and `softmoe eval`) can load
@@ -74,9 +74,13 @@ def all_ranks_agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def shard(mesh, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of the global batch x (B, ...), y (B,): (B / world, ...), (B / world,)."""
-    return smd.shard_batch(x, mesh), smd.shard_batch(y, mesh)
+def rows(mesh, batch_size: int) -> tuple[int, int] | None:
+    """This rank's rows (start, stop) of the global batch of `batch_size`, as `shard_batch` cuts
+    it (rank*b .. (rank+1)*b - 1, b = batch_size / world); None for a single process."""
+    if mesh is None:
+        return None
+    b = batch_size // mesh.world_size
+    return mesh.rank * b, (mesh.rank + 1) * b
 
 
 def num_params(model: nn.Module) -> int:

@@ -313,10 +313,12 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = cfg.model.build().to(device)
-    model.train()
+    with torch.device("meta"):  # no rank (nor a single process) ever holds more than its own shards
+        model = cfg.model.build()
     if mesh is not None:
-        smd.parallelize(model, mesh)  # after the seeded init: every rank holds its slice of the same model
+        smd.parallelize(model, mesh)  # the local expert shards, still on meta
+    smd.materialize(model, device, cfg.seed)  # keyed init: the same numbers at every layout
+    model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
@@ -410,8 +412,6 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
     y (B,), at learning rate `lr`, without a host sync."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    if run.mesh is not None:
-        x, y = parallel.shard(run.mesh, x, y)  # (B / world, ...): this rank's rows of the global batch
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
         logits = model(x)  # (B, num_classes)
@@ -517,7 +517,9 @@ def _train_loop(run: _Run, writer, bar) -> _Tally:
     for s in range(run.start, total):
         step = s + 1
         clock.start()
-        x, y = run.loader.batch(s)  # (B, C, img, img) float32, (B,)
+        # (b, C, img, img) float32, (b,): this rank's rows of the global batch (b = B / world),
+        # the only ones it gathers and augments
+        x, y = run.loader.batch(s, parallel.rows(run.mesh, cfg.batch_size))
         clock.data_done()
         lr = run.schedule(s)
         routing = bool(cfg.routing_metrics_every and run.moe and (step % cfg.routing_metrics_every == 0 or s == 0))

@@ -52,3 +52,43 @@ def test_image_dataset_validation():
         ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2), ["a"], "x")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\)"):
         ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a"], "x")
+
+
+class _RecordingImages:
+    """Stands in for dataset.images: records every index tensor it is read with."""
+
+    def __init__(self, images):
+        self.images, self.reads = images, []
+
+    def __getitem__(self, idx):
+        self.reads.append(idx.clone())
+        return self.images[idx]
+
+    def __len__(self):
+        return len(self.images)
+
+
+@pytest.mark.parametrize("preset,img_size", [("crop_flip", 8), ("inception_crop", 6), ("none", 8)])
+@pytest.mark.parametrize("world", [2, 4])
+def test_per_rank_rows_equal_the_whole_batch_bitwise(preset, img_size, world):
+    """Per-rank data: rank r's batch(step, rows) is bitwise rows r*b .. (r+1)*b - 1 of the
+    single-process batch, and the rank reads only the images of its rows."""
+    ds = ImageDataset(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50) % 3,
+                      ["a", "b", "c"], "toy")
+    tb = TrainBatches(ds, 8, seed=3, img_size=img_size, augment=preset)
+    for step in (0, 7):
+        x, y = tb.batch(step)
+        b = 8 // world
+        for r in range(world):
+            recorder = ds.images = _RecordingImages(ds.images)
+            xr, yr = tb.batch(step, rows=(r * b, (r + 1) * b))
+            ds.images = recorder.images
+            assert torch.equal(xr, x[r * b:(r + 1) * b]) and torch.equal(yr, y[r * b:(r + 1) * b])
+            assert [idx.tolist() for idx in recorder.reads] == [tb.indices(step)[r * b:(r + 1) * b].tolist()]
+
+
+def test_bad_rows():
+    tb = TrainBatches(dataset(), 8, seed=0, img_size=4)
+    for rows in [(0, 9), (3, 3), (-1, 2), [0, 4]]:
+        with pytest.raises(ValueError, match="rows must be"):
+            tb.batch(0, rows=rows)
