@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
 import sys
 import warnings
@@ -177,7 +178,9 @@ def _build(name: str, device=None, dtype=None, **kwargs) -> nn.Module:
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(kwargs) - fields - set(_LEGACY_KWARGS))
     if unknown:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; the model takes ViTConfig fields "
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; {hint}the model takes ViTConfig fields "
                         f"{sorted(fields)}")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = create_model(name, **kwargs)
