@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 # Flax's truncated-normal initialisers divide by this to keep the requested std after the
 # truncation at +-2 standard deviations (same constant as softmoe.layers.router).
@@ -48,6 +49,12 @@ class PatchEmbed(nn.Module):
             self.proj.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_fx_tracing():  # torch.fx traces with shapeless proxies (timm's feature extraction)
+            self._check_input(x)
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (B, in_chans={self.in_chans}, {self.img_size}, "
                              f"{self.img_size}), got {tuple(x.shape)}")
@@ -62,8 +69,6 @@ class PatchEmbed(nn.Module):
         if x.dtype != w.dtype and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
             raise ValueError(f"images have dtype {x.dtype} but the model's parameters are {w.dtype}: "
                              f"use x.to({w.dtype}), model.to({x.dtype}) or torch.autocast")
-        x = self.proj(x)  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 class Attention(nn.Module):

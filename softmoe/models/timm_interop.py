@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import difflib
+import functools
 import sys
 import warnings
 
@@ -24,8 +27,9 @@ from torch import nn
 from softmoe._compat import define_missing_torchvision_ops
 from softmoe.layers import Experts
 
-from .registry import create_model, list_models
-from .config import MOE_LAYERS, moe_block_indices, resolve_moe_type
+from .config import MOE_LAYERS, ViTConfig, moe_block_indices, resolve_moe_type
+from .registry import create_model, get_config, list_models
+from .vit import timm_cfg
 
 # timm kwargs our models accept only as no-ops (timm's train script always passes them).
 _NOOP_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate")
@@ -138,37 +142,61 @@ def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, 
 
 
 # -- timm registry --------------------------------------------------------------------------
-def _data_config(cfg) -> dict:
-    """What timm's data pipeline reads from `model.pretrained_cfg`: our models take values in
-    [-1, 1], i.e. mean = std = 0.5 on [0, 1] pixels; full-image resize (crop_pct 1)."""
-    return {"architecture": cfg.name, "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
-            "mean": (0.5,) * cfg.in_chans, "std": (0.5,) * cfg.in_chans, "interpolation": "bicubic",
-            "crop_pct": 1.0, "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
-            "classifier": "head"}
+# What timm.create_model may pass besides ViTConfig fields (see `_build`).
+_LEGACY_KWARGS = ("moe_type", "num_experts", "moe_placement", "moe_kwargs")
+# timm reads a model module's `default_cfgs` when registering its entrypoints (`register_timm_models`).
+default_cfgs: dict[str, dict] = {}
+
+
+def _build(name: str, device=None, dtype=None, **kwargs) -> nn.Module:
+    """`create_model(name, **kwargs)` for timm's `build_model_with_cfg`: timm's names mapped
+    (global_pool, img_size as (H, W), device, dtype, zero drop rates); an unknown argument is a
+    TypeError, as for a timm model's constructor."""
+    for key in _NOOP_TIMM_KWARGS:
+        if kwargs.get(key, 0) not in (0, 0.0, None):
+            raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported (our ViTs have no dropout); use 0")
+        kwargs.pop(key, None)
+    if "global_pool" in kwargs:
+        pool = kwargs.pop("global_pool")
+        if pool == "":  # timm: no pooling, forward returns the tokens
+            kwargs["pool"], unpooled = "gap", True
+        elif pool in _GLOBAL_POOL:
+            kwargs["pool"], unpooled = _GLOBAL_POOL[pool], False
+        else:
+            raise ValueError(f"{name}: global_pool must be '' or one of {sorted(_GLOBAL_POOL)}, got {pool!r}")
+    else:
+        unpooled = False
+    size = kwargs.get("img_size")
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"{name}: img_size must be an int or a square (H, H), got {size!r}")
+        kwargs["img_size"] = int(size[0])
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(kwargs) - fields - set(_LEGACY_KWARGS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise TypeError(f"{name}: unexpected keyword argument(s) {unknown}; {hint}the model takes ViTConfig fields "
+                        f"{sorted(fields)}")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = create_model(name, **kwargs)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if unpooled:
+        model.reset_classifier(model.num_classes, "")
+    return model
 
 
 def _entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-                   **kwargs):
+    def entrypoint(pretrained: bool = False, **kwargs):
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are published; load a checkpoint directory with "
                              f"softmoe.models.from_pretrained(dir) or pass checkpoint_path=... to timm.create_model")
-        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-        for key in _NOOP_TIMM_KWARGS:
-            if kwargs.get(key, 0) not in (0, 0.0, None):
-                raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported (our ViTs have no dropout); use 0")
-            kwargs.pop(key, None)
-        if "global_pool" in kwargs:
-            pool = kwargs.pop("global_pool")
-            if pool not in _GLOBAL_POOL:
-                raise ValueError(f"{name}: global_pool must be one of {sorted(_GLOBAL_POOL)}, got {pool!r}")
-            kwargs["pool"] = _GLOBAL_POOL[pool]
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = create_model(name, **kwargs)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.pretrained_cfg = _data_config(model.config)
-        return model
+        from timm.models import build_model_with_cfg
+
+        # features_only=True: timm's FeatureGetterNet over forward_intermediates, last 3 blocks (as timm's ViTs).
+        return build_model_with_cfg(functools.partial(_build, name), name, pretrained=False,
+                                    feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
@@ -177,12 +205,15 @@ def _entrypoint(name: str):
 
 
 def register_timm_models(pattern: str = "*") -> list[str]:
-    """Register the softmoe models matching `pattern` in timm's registry and return the
-    names now available through `timm.create_model`. Idempotent. A name timm already uses
-    for one of its own models is left alone (with a warning)."""
+    """Register the softmoe models matching `pattern` in timm's registry (with their
+    pretrained_cfg) and return the names now available through `timm.create_model`. Also marks
+    the MoE layers as leaves for timm's torch.fx tracing (their routing is data dependent).
+    Idempotent. A name timm already uses for one of its own models is left alone (with a warning)."""
     timm = import_timm()
-    from timm.models import _registry
+    from timm.models import _registry, register_notrace_module
 
+    for cls in MOE_LAYERS.values():
+        register_notrace_module(cls)
     module = sys.modules[__name__]
     registered = []
     for name in list_models(pattern):
@@ -194,6 +225,7 @@ def register_timm_models(pattern: str = "*") -> list[str]:
         if owner is None:
             fn = _entrypoint(name)
             setattr(module, name, fn)  # timm adds the name to this module's __all__
+            default_cfgs[name] = timm_cfg(get_config(name))
             timm.models.register_model(fn)
         registered.append(name)
     return registered

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # The config lives in .config; these names stay importable from here as well.
 from .config import (MOE_LAYERS, MoEConfig, ViTConfig, _check_int, moe_block_indices,  # noqa: F401
@@ -47,6 +49,16 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.attn_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps) if cfg.pool == "map" else None
         self.head = self._make_head(cfg.num_classes)
+        # timm's model contract (docs/models.md "timm"): attributes its tools read.
+        self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.num_features = self.head_hidden_size = self.embed_dim = D  # pooled width = token width
+        self.num_prefix_tokens = 1 if cfg.pool == "token" else 0
+        self.global_pool = _TIMM_POOL[cfg.pool]  # "" after reset_classifier(0, ""): unpooled tokens
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=D, reduction=cfg.patch_size, module=f"blocks.{i}")
+                             for i in range(cfg.depth)]
+        self.pretrained_cfg = self.default_cfg = timm_cfg(cfg)
         self.reset_parameters()
 
     def _make_moe(self) -> nn.Module:
@@ -81,20 +93,30 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> tokens after the final LayerNorm (B, N, D) ((B, 1+N, D) with
         a class token)."""
+        x = self._embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return x
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """tokens (B, N, D) -> pooled (B, D) if pre_logits else logits (B, num_classes)."""
-        if self.config.pool == "gap":
-            x = x.mean(dim=1)
-        elif self.config.pool == "token":
+        """tokens (B, N, D) -> pooled (B, D) if pre_logits else logits (B, num_classes); the
+        tokens unchanged after `reset_classifier(0, global_pool="")`."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
             x = x[:, 0]
-        else:
+        elif self.global_pool == "map":
             x = self.attn_pool(x)
         return x if pre_logits else self.head(x)
 
@@ -102,13 +124,91 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # -- utilities ---------------------------------------------------------------------------
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh one for `num_classes` (0: no head), on the same device
-        and in the same dtype as the model."""
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a fresh one for `num_classes` (0: no head), on the same device,
+        in the same dtype and train/eval mode as the model. `global_pool`: None keeps the
+        pooling, "" removes it (forward returns the tokens (B, N, D)); the model's own pooling
+        ("avg" / "token" / "map", as built) may be set back. Other pools need another model
+        (the class token and MAP head are built with it)."""
         _check_int("num_classes", num_classes, 0)
-        with torch.device(self.norm.weight.device):
-            self.head = self._make_head(num_classes).to(self.norm.weight.dtype)
+        if global_pool is not None:
+            own = _TIMM_POOL[self.config.pool]
+            if global_pool not in ("", own):
+                raise ValueError(f"global_pool must be None, '' or this model's pool {own!r}, got {global_pool!r} "
+                                 f"(build the model with pool=... for another pooling)")
+            self.global_pool = global_pool
+        ref = self.norm.weight
+        with torch.device(ref.device):
+            self.head = self._make_head(num_classes).to(ref.dtype).train(self.training)
+        self.num_classes = num_classes
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise LR decay: embeddings, one group per block, final norm
+        (the pooling head and classifier fall in the last group)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    # -- intermediate features (timm's forward_intermediates API) ----------------------------
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """The tokens after the blocks `indices` (None: all; an int n: the last n; a list: those,
+        negative counting from the end), as maps (B, D, H/p, W/p) for output_fmt "NCHW" or tokens
+        (B, N, D) for "NLC" (class token dropped). `norm` applies the final LayerNorm to them.
+        Returns the list if `intermediates_only`, else (forward_features(x), list)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = self._take_indices(indices)
+        B, grid = x.shape[0], self.patch_embed.grid
+        x = self._embed(x)
+        blocks = self.blocks if not stop_early else self.blocks[:last + 1]
+        out = []
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]  # (B, N, D)
+                out.append(y.transpose(1, 2).reshape(B, -1, grid, grid) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return out
+        return self.norm(x), out
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / head if asked), for a
+        feature-extraction backbone; returns the indices (non-negative)."""
+        take, last = self._take_indices(indices)
+        self.blocks = self.blocks[:last + 1]
+        self.feature_info = self.feature_info[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.attn_pool = None
+            self.global_pool = ""
+            self.head = nn.Identity()
+            self.num_classes = 0
+        return take
+
+    def _take_indices(self, indices) -> tuple[list[int], int]:
+        n = len(self.blocks)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices must be in 1..{n} (the last n blocks), got {indices}")
+            take = list(range(n - indices, n))
+        else:
+            take = [i + n if isinstance(i, int) and i < 0 else i for i in indices]
+            if not take or not all(isinstance(i, int) and 0 <= i < n for i in take):
+                raise ValueError(f"indices must be block indices in [-{n}, {n}), got {indices!r}")
+        return take, max(take)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names without weight decay (docs/design.md §4): biases, norms, position embedding,
@@ -128,6 +228,21 @@ class VisionTransformer(nn.Module):
         from .hub import save_pretrained
 
         return save_pretrained(self, directory)
+
+
+# ViTConfig.pool -> timm's global_pool name.
+_TIMM_POOL = {"gap": "avg", "token": "token", "map": "map"}
+
+
+def timm_cfg(cfg: ViTConfig) -> dict:
+    """timm's `pretrained_cfg` for a model of `cfg`: what its data pipeline and tests read. Our
+    models take values in [-1, 1] (mean = std = 0.5 on [0, 1] pixels), full-image resize (crop_pct 1),
+    at exactly `img_size` (fixed_input_size: build with img_size=... for another resolution)."""
+    g = cfg.img_size // cfg.patch_size
+    return {"architecture": cfg.name, "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
+            "fixed_input_size": True, "pool_size": (g, g), "mean": (0.5,) * cfg.in_chans,
+            "std": (0.5,) * cfg.in_chans, "interpolation": "bicubic", "crop_pct": 1.0,
+            "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj", "classifier": "head"}
 
 
 def build_model(cfg: ViTConfig) -> VisionTransformer:
