@@ -77,6 +77,10 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     # The data decide the image size, channels and classes (as the trainer does); the FLOP
     # matching needs them now.
     train_ds = load_dataset(cfg.data, "train", root=cfg.data_root, download=cfg.download)
+    if cfg.val_split:  # the runs train on the rest (as the trainer splits it)
+        from softmoe.data import split_train_val
+
+        train_ds = split_train_val(train_ds, cfg.val_split)[0]
     test_ds = load_dataset(cfg.data, cfg.test_split, root=cfg.data_root, download=cfg.download)
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))

@@ -95,8 +95,10 @@ def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, n
         plt.close(fig)
         written.append(path)
 
-    series = [("loss.png", "loss", [("train", train, "loss"), ("test", evals, "test_loss")]),
-              ("accuracy.png", "accuracy", [("test", evals, "test_accuracy"), ("train (batch)", train, "accuracy")]),
+    series = [("loss.png", "loss", [("train", train, "loss"), ("val", evals, "val_loss"),
+                                     ("test", evals, "test_loss")]),
+              ("accuracy.png", "accuracy", [("val", evals, "val_accuracy"), ("test", evals, "test_accuracy"),
+                                            ("train (batch)", train, "accuracy")]),
               ("lr.png", "learning rate", [("lr", train, "lr")])]
     for name, ylabel, lines in series:
         fig, ax = plt.subplots(figsize=(6, 4))
