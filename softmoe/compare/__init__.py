@@ -80,8 +80,9 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     if cfg.val_split:  # the runs train on the rest (as the trainer splits it)
         from softmoe.data import split_train_val
 
-        train_ds = split_train_val(train_ds, cfg.val_split)[0]
+        train_ds, val_ds = split_train_val(train_ds, cfg.val_split)
     test_ds = load_dataset(cfg.data, cfg.test_split, root=cfg.data_root, download=cfg.download)
+    eval_sizes = [len(test_ds)] + ([len(val_ds)] if cfg.val_split else [])
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if not cfg.checkpoint_every:  # resumable: a checkpoint about every tenth of a run
@@ -89,7 +90,7 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     img = cfg.img_size or max(train_ds.image_size)
     shared = {"img_size": img, "in_chans": train_ds.channels, "num_classes": train_ds.num_classes,
               **dict(backbone or {})}
-    group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, len(test_ds) % cfg.eval_batch_size])
+    group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, *(n % cfg.eval_batch_size for n in eval_sizes)])
     specs, matching = build_family(base, keys, shared, experts, flops_tolerance, group)
     runs = plan_runs(specs, {s.key: (seed_list if s.key in DEFAULT_MODELS else extra) for s in specs}, cfg, out_dir)
     jobs = jobs or default_jobs(cfg.device, threads)

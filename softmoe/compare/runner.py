@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
+from .stats import pack_correct
+
 RUN_RECORD = "compare_run.json"
 PLAN = "plan.json"
 # Images for the routing diagnostics, and for the train-split
@@ -146,7 +148,9 @@ def execute(run: Run) -> dict:
 
 def measure(workdir: str, cfg, threads: int) -> dict:
     """Train-split accuracy (for the train-test gap) and routing diagnostics of the run's final
-    model, each on a fixed random subset of a split. (Speed is measured side by side for all
+    model, each on a fixed random subset of a split, and its per-example correctness on the whole
+    test set and validation split ("correct": {split: pack_correct(...)}, in the datasets' order:
+    the paired statistics of softmoe.compare.stats). (Speed is measured side by side for all
     models at once afterwards: softmoe.compare.speed.)"""
     import torch
 
@@ -160,13 +164,34 @@ def measure(workdir: str, cfg, threads: int) -> dict:
         kw = dict(root=cfg.data_root, download=False)
         train_ds = load_dataset(cfg.data, "train", **kw)
         test_ds = load_dataset(cfg.data, cfg.test_split, **kw)
+        splits = {"test": test_ds}
+        if cfg.val_split:
+            from softmoe.data import split_train_val
+
+            train_ds, splits["val"] = split_train_val(train_ds, cfg.val_split)
         prepare = make_prepare(model, train_ds.channels)
         train_acc = _accuracy(model, train_ds, prepare, TRAIN_EVAL_IMAGES, cfg.eval_batch_size)
+        correct = {name: pack_correct(per_example_correct(model, ds, prepare, cfg.eval_batch_size))
+                   for name, ds in splits.items()}
         x = prepare(test_ds.images[subset(len(test_ds), DIAG_IMAGES)])
         routing = routing_diagnostics(model, x)
     finally:
         torch.set_num_threads(prev)
-    return {"train_accuracy": train_acc, "routing": routing}
+    return {"train_accuracy": train_acc, "routing": routing, "correct": correct,
+            "examples": {name: len(ds) for name, ds in splits.items()}}
+
+
+def per_example_correct(model, ds, prepare, batch: int):
+    """(n,) bool numpy array: whether the model's top-1 is right on each image, in order (the
+    trainer's evaluation batches, so the same numbers as its final accuracy)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch):
+            logits = model(prepare(ds.images[i:i + batch]))
+            out.append(logits.float().argmax(-1) == ds.labels[i:i + batch])
+    return torch.cat(out).numpy()
 
 
 def subset(n: int, k: int):

@@ -175,13 +175,18 @@ def test_end_to_end_on_digits_then_resume(tmp_path):
     assert [m["key"] for m in rep["models"]] == ["dense", "soft", "tc1"]
     assert len(rep["runs"]) == 6 and all(0 <= r["test_accuracy"] <= 1 for r in rep["runs"])
     soft = next(m for m in rep["models"] if m["key"] == "soft")
-    assert soft["vs_dense"]["verdict"] in ("better", "worse", "no clear difference")
+    assert soft["vs_dense"]["verdict"] in ("better", "worse", "no resolvable difference")
+    assert soft["vs_dense"]["method"] == "paired_bootstrap" and soft["vs_dense"]["n_examples"] == 359
     assert 0 < soft["routing"]["dispatch_entropy"] <= 1 and "dropped_tokens" in rep["models"][2]["routing"]
     md = (tmp_path / "report.md").read_text()
     assert "| dense |" in md and "Δ vs dense" in md and "## Every run" in md
     # the report's numbers are the runs' own
     rec = json.loads((tmp_path / "runs" / "soft" / "seed1" / "compare_run.json").read_text())
     assert rec["summary"]["test_accuracy"] in [r["test_accuracy"] for r in rep["runs"]]
+    # the saved per-example correctness is the trainer's own final evaluation, image by image
+    from softmoe.compare.stats import unpack_correct
+
+    assert unpack_correct(rec["correct"]["test"], 359).mean() == rec["summary"]["test_accuracy"]
 
     # A "killed" comparison: one run lost its record (it never finished), one never started.
     os.unlink(tmp_path / "runs" / "soft" / "seed1" / "compare_run.json")
@@ -210,3 +215,18 @@ def test_another_plan_is_refused_but_more_seeds_extend_it(tmp_path):
     assert any("1 of 2 runs already complete; running the other 1" in line for line in lines)
     assert sorted(r["seed"] for r in rep["runs"]) == [0, 1]
     assert json.loads((tmp_path / "plan.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_val_split_is_reported_beside_test(tmp_path):
+    rep = compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense,soft", "seeds": "2",
+                                                            "overrides": ARGS["overrides"] + ["val_split=0.1"]})
+    from softmoe.compare.stats import unpack_correct
+
+    soft = next(m for m in rep["models"] if m["key"] == "soft")
+    assert rep["ranking_by"] == "val_accuracy" and "vs_dense_val" in soft and "vs_dense" in soft
+    rec = json.loads((tmp_path / "runs" / "soft" / "seed0" / "compare_run.json").read_text())
+    n_val = rec["examples"]["val"]
+    assert n_val == 143 and unpack_correct(rec["correct"]["val"], n_val).mean() == rec["summary"]["val_accuracy"]
+    md = (tmp_path / "report.md").read_text()
+    assert "val Δ vs dense" in md and "On the validation split" in md
