@@ -123,14 +123,16 @@ def markdown(report: dict) -> str:
 
     plan = report["plan"]
     m = plan["matching"]
+    seeds = (f"- Seeds per arm: {', '.join(f'{k} {v}' for k, v in plan['arm_seeds'].items())}"
+             if plan.get("arm_seeds") else f"- Seeds: {plan['seeds']}" + (
+                 f" (ablations and controls: {plan['ablation_seeds']})"
+                 if plan.get("ablation_seeds", plan["seeds"]) != plan["seeds"] else ""))
     lines = [f"# softmoe compare: {plan['data']}, base {m['base']}", "",
              f"Command: `{plan['command']}`", "",
              f"- Recipe (the same for every model): {_recipe_words(plan)}",
              f"- Cost matching: {m['matching']}; {m['tokens']} tokens per image; Tokens/Experts Choice route "
              f"groups of {m['group_size']} image(s).",
-             f"- Seeds: {plan['seeds']}" + (f" (ablations and controls: {plan['ablation_seeds']})"
-                                            if plan.get("ablation_seeds", plan["seeds"]) != plan["seeds"] else "")
-             + f". Statistics: {report['statistics']}.",
+             seeds + f". Statistics: {report['statistics']}.",
              *([f"- **Incomplete**: missing runs {', '.join(plan['missing_runs'])} (report written with "
                 f"--report-only)."] if plan.get("missing_runs") else []),
              "- Throughput (train: forward + backward + AdamW step; inference: forward): every model timed "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
+from .family import arm_dirname
 from .stats import pack_correct
 
 RUN_RECORD = "compare_run.json"
@@ -74,7 +75,7 @@ def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> li
     runs = []
     for spec in specs:
         for seed in seeds[spec.key]:
-            workdir = out_dir / "runs" / spec.key / f"seed{seed}"
+            workdir = out_dir / "runs" / arm_dirname(spec.key) / f"seed{seed}"
             cfg = dataclasses.replace(base_cfg, model=ModelConfig(spec.model, dict(spec.overrides)), seed=seed,
                                       workdir=str(workdir))
             runs.append(Run(spec.key, seed, str(workdir), cfg.validate().to_dict()))
@@ -83,7 +84,7 @@ def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> li
 
 # Plan entries a resumed comparison may change: more seeds or models extend it (each run's own
 # config is still checked by `completed`); the rest (data, recipe, matching) must not change.
-EXTENSIBLE = ("seeds", "ablation_seeds", "models")
+EXTENSIBLE = ("seeds", "ablation_seeds", "arm_seeds", "models")
 
 
 def check_plan(out_dir: Path, plan: dict) -> None:

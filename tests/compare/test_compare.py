@@ -230,3 +230,34 @@ def test_val_split_is_reported_beside_test(tmp_path):
     assert n_val == 143 and unpack_correct(rec["correct"]["val"], n_val).mean() == rec["summary"]["val_accuracy"]
     md = (tmp_path / "report.md").read_text()
     assert "val Δ vs dense" in md and "On the validation split" in md
+
+
+def test_an_arm_carries_layer_options():
+    from softmoe.compare.family import arm_dirname, split_arm
+
+    assert split_arm("soft:normalize=false:noise_std=0.5") == ("soft", {"normalize": False, "noise_std": 0.5})
+    keys = parse_models("soft,soft:normalize=false")
+    assert keys == ("dense", "soft", "soft:normalize=false")
+    backbone = {"img_size": 8, "in_chans": 1, "num_classes": 10, "patch_size": 2}
+    specs, _ = build_family("micro", keys, backbone, experts=16)
+    soft, plain = specs[2], specs[1]
+    assert soft.overrides["moe"] == {**plain.overrides["moe"], "normalize": False}
+    assert soft.flops == plain.flops and "normalize=False" in soft.description
+    assert arm_dirname(soft.key) == "soft+normalize=false"
+    with pytest.raises(ValueError, match="unknown model name"):
+        parse_models("softer:normalize=false")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_models("soft:normalize")
+    with pytest.raises(ValueError, match="arm 'soft:no_such_field=1'"):
+        build_family("micro", parse_models("soft:no_such_field=1"), backbone, experts=16)
+
+
+def test_arm_seeds_split_at_the_last_equals_and_must_name_listed_arms(tmp_path):
+    from softmoe.cli.compare import _arm_seeds
+
+    assert _arm_seeds(["soft:normalize=false=5", "soft_identity=0,1"]) == {"soft:normalize=false": "5",
+                                                                          "soft_identity": "0,1"}
+    with pytest.raises(ValueError, match="ARM=SEEDS"):
+        _arm_seeds(["soft="])
+    with pytest.raises(ValueError, match="--arm-seeds names arm"):
+        compare("digits", tmp_path, models="dense,soft", arm_seeds={"ec": "2"}, steps=1, log=lambda m: None)
