@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-recipe field, as `softmoe train --set` (the same for every model; repeatable)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--records", default=None, metavar="DIR",
+                   help="also write each finished run's record to DIR/<arm>/seed<k>.json (commit it); runs whose "
+                        "record is there are skipped, on any machine")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time (default: cores / threads on CPU, 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
@@ -56,6 +59,7 @@ def run(args) -> int:
     backbone = _backbone(args.backbone)
     compare(args.data, args.out, data_root=args.data_root, base=args.base, models=args.models, seeds=args.seeds,
             ablation_seeds=args.ablation_seeds, arm_seeds=_arm_seeds(args.arm_seeds),
+            records_dir=args.records,
             epochs=args.epochs or 0.0, steps=args.steps or 0, experts=args.experts,
             flops_tolerance=args.flops_tolerance, backbone=backbone, overrides=args.overrides, jobs=args.jobs,
             threads=args.threads, report_only=args.report_only, command="softmoe " + shlex.join(sys.argv[1:]))

@@ -39,7 +39,7 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
             experts: int | None = None, flops_tolerance: float = 0.05, backbone: dict | None = None,
             overrides: list[str] | None = None, jobs: int | None = None, threads: int = 1,
             command: str = "", report_only: bool = False, recipe=None, arm_seeds: dict | None = None,
-            log=print) -> dict:
+            records_dir: str | Path | None = None, log=print) -> dict:
     """Run (or resume) a comparison and write its report; returns the report dict.
 
     The recipe is the `cifar10`-style TrainConfig defaults with `epochs`/`steps` and the
@@ -98,7 +98,7 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, *(n % cfg.eval_batch_size for n in eval_sizes)])
     specs, matching = build_family(base, keys, shared, experts, flops_tolerance, group)
     seeds_of = {s.key: per_arm.get(s.key, seed_list if s.key in DEFAULT_MODELS else extra) for s in specs}
-    runs = plan_runs(specs, seeds_of, cfg, out_dir)
+    runs = plan_runs(specs, seeds_of, cfg, out_dir, Path(records_dir) if records_dir else None)
     jobs = jobs or default_jobs(cfg.device, threads)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")

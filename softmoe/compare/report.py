@@ -11,7 +11,8 @@ from .stats import (BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, CI_LEVEL, CLAIM_MARGIN
                     paired_bootstrap, summarize, unpack_correct)
 
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
-PLOTS = ("accuracy_vs_flops.png", "accuracy_vs_wallclock.png", "learning_curves.png")
+PLOTS = ("accuracy_vs_flops.png", "accuracy_vs_wallclock.png", "learning_curves.png", "router_over_time.png")
+ROUTER_METRICS = ("scale", "dispatch_entropy", "dispatch_max", "combine_entropy", "combine_max")
 
 
 def build(plan: dict, records: list[dict], speed: dict) -> dict:
@@ -41,7 +42,7 @@ def build(plan: dict, records: list[dict], speed: dict) -> dict:
             **speed[key],
             "test_accuracy": s.to_dict(), "train_loss": loss.to_dict() if loss else None,
             "train_test_gap": gap.to_dict(), "wall_s": _median([r["summary"]["wall_s"] for r in rs]),
-            "routing": _mean_routing(rs),
+            "routing": _mean_routing(rs), "router_over_time": router_over_time(rs),
         }
         if val[key]:
             row["val_accuracy"] = summarize(list(val[key].values())).to_dict()
@@ -55,7 +56,8 @@ def build(plan: dict, records: list[dict], speed: dict) -> dict:
              "train_accuracy": r["train_accuracy"], "train_loss": r["summary"]["train_loss"],
              "test_loss": r["summary"]["test_loss"], "wall_s": r["summary"]["wall_s"],
              "run_train_images_per_s": r["summary"]["images_per_s"],
-             "workdir": r["summary"]["workdir"], "routing": r["routing"]} for r in records]
+             "workdir": r["summary"]["workdir"], "routing": r["routing"], "history": r.get("history", [])}
+            for r in records]
     primary = "val_accuracy" if all("val_accuracy" in m for m in models) and models else "test_accuracy"
     ranking = sorted(models, key=lambda m: -m[primary]["mean"])
     present = [k for k in specs if by_model[k]]
@@ -90,6 +92,17 @@ def compare_arms(runs: list[dict], reference: list[dict], split: str, name: str)
         return {**d.to_dict(), "words": d.words(name), "method": "paired_bootstrap"}
     d = difference({r["seed"]: r["summary"][key] for r in runs}, {r["seed"]: r["summary"][key] for r in reference})
     return {**d.to_dict(), "words": d.words(name) + " [seed noise only]", "method": "seed_only"}
+
+
+def router_over_time(records: list[dict]) -> list[dict]:
+    """[{"step", metric: mean over MoE layers and seeds}] from the runs' evaluation histories."""
+    by_step: dict[int, dict[str, list[float]]] = {}
+    for r in records:
+        for h in r.get("history", []):
+            for k, v in h.items():
+                if k.startswith("router/") and k.rsplit("/", 1)[1] in ROUTER_METRICS:
+                    by_step.setdefault(h["step"], {}).setdefault(k.rsplit("/", 1)[1], []).append(v)
+    return [{"step": s, **{m: sum(v) / len(v) for m, v in d.items()}} for s, d in sorted(by_step.items())]
 
 
 def _median(values):
@@ -178,6 +191,18 @@ def markdown(report: dict) -> str:
         lines += ["## Routing diagnostics (final models, first test images, mean over MoE layers and seeds)", "",
                   "dispatch/combine entropy: normalised to 1 = uniform; dropped: fraction never processed by an "
                   "expert.", "", markdown_table(["model"] + keys, drows), ""]
+    over = [x for x in report["models"] if x.get("router_over_time")]
+    if over:
+        orows = []
+        for x in over:
+            first, last = x["router_over_time"][0], x["router_over_time"][-1]
+            orows.append({"model": x["key"], **{
+                m: f"{first[m]:.3f} → {last[m]:.3f}" for m in ROUTER_METRICS if m in first and m in last},
+                "steps": f"{first['step']} → {last['step']}"})
+        cols = ["model"] + [m for m in ROUTER_METRICS if any(m in r for r in orows)] + ["steps"]
+        lines += ["## Routing over training (first → last evaluation; mean over MoE layers and seeds)", "",
+                  markdown_table(cols, [{c: r.get(c, "-") for c in cols} for r in orows]), "",
+                  "Every evaluation is plotted in router_over_time.png.", ""]
     rrows = [{"model": r["key"], "seed": r["seed"], "test top-1 %": f"{100 * r['test_accuracy']:.2f}",
               "train top-1 %": f"{100 * r['train_accuracy']:.2f}", "final train loss": _fmt(r["train_loss"], ".4f"),
               "wall s": _fmt(r["wall_s"]), "workdir": r["workdir"]} for r in report["runs"]]
@@ -271,6 +296,8 @@ def write_plots(out_dir: Path, report: dict) -> list[str]:
     for r in report["runs"]:
         recs = read_metrics(r["workdir"])
         tr = [(m["step"], m["loss"]) for m in recs if m.get("kind") == "train"]
+        if not any(m.get("kind") == "eval" for m in recs):  # the work directory is elsewhere: the record's history
+            recs = [{"kind": "eval", **h} for h in r.get("history") or []]
         acc_key = "val_accuracy" if any("val_accuracy" in m for m in recs) else "test_accuracy"
         ev = [(m["step"], 100 * m[acc_key]) for m in recs if m.get("kind") == "eval" and acc_key in m]
         label = r["key"] if r["seed"] == plan["seeds"][0] else None
@@ -284,6 +311,20 @@ def write_plots(out_dir: Path, report: dict) -> list[str]:
         a.grid(alpha=0.3)
         a.legend(fontsize=7, ncol=2)
     save(fig, "learning_curves.png")
+
+    over = [x for x in report["models"] if x.get("router_over_time")]
+    if over:
+        metrics = [m for m in ROUTER_METRICS if any(m in h for x in over for h in x["router_over_time"])]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for x in over:
+                pts = [(h["step"], h[m]) for h in x["router_over_time"] if m in h]
+                if pts:
+                    ax.plot(*zip(*pts), color=colors[x["key"]], marker=".", lw=1, label=x["key"])
+            ax.set(xlabel="step", title=m)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        save(fig, "router_over_time.png")
     return written
 
 

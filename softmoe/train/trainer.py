@@ -251,12 +251,18 @@ class _Run:
 
     def evaluate(self, step: int, final: bool = False) -> dict:
         """The "eval" record of `step`: accuracy and loss on the validation split when there is
-        one (val_*), else on the test set; the final one (`final`) scores the test set as well."""
+        one (val_*), else on the test set; the final one (`final`) scores the test set as well;
+        the MoE layers' routing diagnostics (router/<layer>/<metric>) on 256 of those images."""
         def score(ds):
             return evaluate(self.model, ds, self.cfg.img_size, self.cfg.eval_batch_size, self.device, self.autocast,
                             self.cfg.loss)
 
         rec = {"kind": "eval", "step": step}
+        if self.moe and self.mesh is None:  # routing diagnostics over time (softmoe.eval.routing)
+            from softmoe.eval.routing import router_record
+
+            rec.update(router_record(self.model, self.val_ds if self.val_ds is not None else self.test_ds,
+                                     self.cfg.img_size, self.device))
         if self.val_ds is not None:
             rec.update({k.replace("test_", "val_"): v for k, v in score(self.val_ds).items()})
             if not final:

@@ -335,6 +335,13 @@ def test_val_split_evaluates_val_during_training_and_test_once(tmp_path):
 
     assert evals[-1]["val_examples"] == len(stratified_split(load_dataset("digits", "train").labels, 0.1)[1])
     assert s["val_accuracy"] == evals[-1]["val_accuracy"] and s["test_accuracy"] == evals[-1]["test_accuracy"]
+    # routing diagnostics at every evaluation: the final one's scale is the saved model's
+    from softmoe.layers import moe_layers
+
+    model = load_model(tmp_path / "r")[0]
+    layer, = [n for n, _ in moe_layers(model)]
+    assert evals[-1][f"router/{layer}/scale"] == float(model.get_submodule(layer).router.scale)
+    assert all(0 < m[f"router/{layer}/dispatch_entropy"] <= 1 + 1e-9 for m in evals)
     with pytest.raises(ValueError, match="val_split"):
         tiny_config(val_split=1.0).validate()
     with pytest.raises(ValueError, match="test_split='val'"):
