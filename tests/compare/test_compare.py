@@ -261,3 +261,21 @@ def test_arm_seeds_split_at_the_last_equals_and_must_name_listed_arms(tmp_path):
         _arm_seeds(["soft="])
     with pytest.raises(ValueError, match="--arm-seeds names arm"):
         compare("digits", tmp_path, models="dense,soft", arm_seeds={"ec": "2"}, steps=1, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_records_dir_resumes_on_a_new_machine(tmp_path):
+    args = {**ARGS, "models": "dense,soft:normalize=false", "seeds": "0", "jobs": 1,
+            "overrides": ARGS["overrides"] + ["eval_every=1"]}
+    rep = compare("digits", tmp_path / "a", records_dir=tmp_path / "rec", log=lambda m: None, **args)
+    assert (tmp_path / "rec" / "soft+normalize=false" / "seed0.json").is_file()
+    soft = rep["models"][1]
+    assert [h["step"] for h in soft["router_over_time"]] == [1, 2, 3] and "scale" in soft["router_over_time"][0]
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")  # a new machine: only the committed records are left
+    lines: list[str] = []
+    rep2 = compare("digits", tmp_path / "a", records_dir=tmp_path / "rec", log=lines.append, **args)
+    assert any("2 of 2 runs already complete" in line for line in lines)
+    assert rep2["models"][1]["vs_dense"] == soft["vs_dense"]
+    assert not (tmp_path / "a" / "runs").exists()  # nothing was trained again
