@@ -73,7 +73,7 @@ class MetricsWriter:
 
 
 def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, notice=print) -> list[Path]:
-    """plots/loss.png, plots/accuracy.png, plots/lr.png from the metrics records; [] if
+    """plots/loss.png, accuracy.png, lr.png (and router.png for MoE runs) from the metrics records; [] if
     matplotlib is missing (with a notice)."""
     try:
         import matplotlib

@@ -265,7 +265,7 @@ def test_arm_seeds_split_at_the_last_equals_and_must_name_listed_arms(tmp_path):
 
 @pytest.mark.slow
 def test_records_dir_resumes_on_a_new_machine(tmp_path):
-    args = {**ARGS, "models": "dense,soft:normalize=false", "seeds": "0", "jobs": 1,
+    args = {**ARGS, "models": "dense,soft:normalize=false", "seeds": "1", "jobs": 1,
             "overrides": ARGS["overrides"] + ["eval_every=1"]}
     rep = compare("digits", tmp_path / "a", records_dir=tmp_path / "rec", log=lambda m: None, **args)
     assert (tmp_path / "rec" / "soft+normalize=false" / "seed0.json").is_file()

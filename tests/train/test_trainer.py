@@ -42,7 +42,7 @@ def test_run_writes_the_documented_workdir(tmp_path):
     routing = [r for r in records if r["kind"] == "routing"]
     assert routing and any(k.endswith("combine_weights_max_mean") for k in routing[0])
     assert {"loss", "lr", "images_per_s", "data_ms", "step_ms", "grad_norm"} <= set(records[1])
-    assert sorted(p.name for p in (wd / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
+    assert sorted(p.name for p in (wd / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png", "router.png"]
     assert 0 <= s["test_accuracy"] <= 1 and s["steps"] == 12
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["test_accuracy"] == s["test_accuracy"]
