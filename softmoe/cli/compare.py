@@ -17,10 +17,16 @@ def register(subparsers) -> None:
     p.add_argument("--base", default="micro", help="the dense backbone: 'micro' or a vit_* model name (default: micro)")
     p.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
                    help="a ViTConfig override shared by every model, e.g. --backbone patch_size=8 (repeatable)")
-    p.add_argument("--models", default=None, help="models to train (default: dense,soft,tc1,tc2,ec)")
+    p.add_argument("--models", default=None,
+                   help="models to train (default: dense,soft,tc1,tc2,ec); an arm may carry layer options, "
+                        "MODEL:KEY=VALUE[:KEY=VALUE], e.g. soft:normalize=false (MoEConfig fields; ViTConfig for "
+                        "dense)")
     p.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list '0,1,2' (default: 3)")
     p.add_argument("--ablation-seeds", default=None,
                    help="seeds of the ablations and controls, when fewer than --seeds (a count or a list)")
+    p.add_argument("--arm-seeds", action="append", default=[], metavar="ARM=SEEDS",
+                   help="the seeds of one arm, e.g. --arm-seeds soft:normalize=false=5 (a count or a list after the "
+                        "last '='; repeatable)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="training epochs per run")
     length.add_argument("--steps", type=int, default=None, help="training steps per run")
@@ -31,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-recipe field, as `softmoe train --set` (the same for every model; repeatable)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--records", default=None, metavar="DIR",
+                   help="also write each finished run's record to DIR/<arm>/seed<k>.json (commit it); runs whose "
+                        "record is there are skipped, on any machine")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time (default: cores / threads on CPU, 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
@@ -49,7 +58,8 @@ def run(args) -> int:
         raise ValueError("give --epochs or --steps (the training length of every run)")
     backbone = _backbone(args.backbone)
     compare(args.data, args.out, data_root=args.data_root, base=args.base, models=args.models, seeds=args.seeds,
-            ablation_seeds=args.ablation_seeds,
+            ablation_seeds=args.ablation_seeds, arm_seeds=_arm_seeds(args.arm_seeds),
+            records_dir=args.records,
             epochs=args.epochs or 0.0, steps=args.steps or 0, experts=args.experts,
             flops_tolerance=args.flops_tolerance, backbone=backbone, overrides=args.overrides, jobs=args.jobs,
             threads=args.threads, report_only=args.report_only, command="softmoe " + shlex.join(sys.argv[1:]))
@@ -70,4 +80,15 @@ def _backbone(items: list[str]) -> dict:
             out[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             out[key.strip()] = text
+    return out
+
+
+def _arm_seeds(items: list[str]) -> dict:
+    """`["soft:normalize=false=5"]` -> {"soft:normalize=false": "5"} (split at the last '=')."""
+    out = {}
+    for item in items:
+        arm, sep, seeds = item.rpartition("=")
+        if not sep or not arm.strip() or not seeds.strip():
+            raise ValueError(f"--arm-seeds expects ARM=SEEDS (e.g. soft_identity=2), got {item!r}")
+        out[arm.strip()] = seeds.strip()
     return out

@@ -38,7 +38,8 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
             models: str | None = None, seeds="3", ablation_seeds=None, epochs: float = 0.0, steps: int = 0,
             experts: int | None = None, flops_tolerance: float = 0.05, backbone: dict | None = None,
             overrides: list[str] | None = None, jobs: int | None = None, threads: int = 1,
-            command: str = "", report_only: bool = False, recipe=None, log=print) -> dict:
+            command: str = "", report_only: bool = False, recipe=None, arm_seeds: dict | None = None,
+            records_dir: str | Path | None = None, log=print) -> dict:
     """Run (or resume) a comparison and write its report; returns the report dict.
 
     The recipe is the `cifar10`-style TrainConfig defaults with `epochs`/`steps` and the
@@ -59,6 +60,10 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     keys = parse_models(models)
     seed_list = parse_seeds(seeds)
     extra = parse_seeds(ablation_seeds) if ablation_seeds is not None else seed_list
+    per_arm = {k: parse_seeds(v) for k, v in (arm_seeds or {}).items()}
+    if set(per_arm) - set(keys):
+        raise ValueError(f"--arm-seeds names arm(s) {sorted(set(per_arm) - set(keys))} that --models does not list "
+                         f"({list(keys)})")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     out_dir = Path(out_dir)
@@ -77,7 +82,12 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     # The data decide the image size, channels and classes (as the trainer does); the FLOP
     # matching needs them now.
     train_ds = load_dataset(cfg.data, "train", root=cfg.data_root, download=cfg.download)
+    if cfg.val_split:  # the runs train on the rest (as the trainer splits it)
+        from softmoe.data import split_train_val
+
+        train_ds, val_ds = split_train_val(train_ds, cfg.val_split)
     test_ds = load_dataset(cfg.data, cfg.test_split, root=cfg.data_root, download=cfg.download)
+    eval_sizes = [len(test_ds)] + ([len(val_ds)] if cfg.val_split else [])
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if not cfg.checkpoint_every:  # resumable: a checkpoint about every tenth of a run
@@ -85,15 +95,16 @@ def compare(data: str, out_dir: str | Path = "runs/compare", *, data_root: str |
     img = cfg.img_size or max(train_ds.image_size)
     shared = {"img_size": img, "in_chans": train_ds.channels, "num_classes": train_ds.num_classes,
               **dict(backbone or {})}
-    group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, len(test_ds) % cfg.eval_batch_size])
+    group = sparse_group_size([cfg.batch_size, cfg.eval_batch_size, *(n % cfg.eval_batch_size for n in eval_sizes)])
     specs, matching = build_family(base, keys, shared, experts, flops_tolerance, group)
-    runs = plan_runs(specs, {s.key: (seed_list if s.key in DEFAULT_MODELS else extra) for s in specs}, cfg, out_dir)
+    seeds_of = {s.key: per_arm.get(s.key, seed_list if s.key in DEFAULT_MODELS else extra) for s in specs}
+    runs = plan_runs(specs, seeds_of, cfg, out_dir, Path(records_dir) if records_dir else None)
     jobs = jobs or default_jobs(cfg.device, threads)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}")
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "seed", "workdir")}
     plan = {"data": cfg.data, "models": [s.to_dict() for s in specs], "matching": matching, "seeds": seed_list,
-            "ablation_seeds": extra,
+            "ablation_seeds": extra, "arm_seeds": {k: v for k, v in seeds_of.items()},
             "recipe": recipe, "steps": total, "train_images": total * cfg.batch_size,
             "command": command or "softmoe.compare.compare(...)", "jobs": jobs, "threads": threads}
     # jobs and the command's spelling may change on resume (they do not change what is trained).

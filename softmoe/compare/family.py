@@ -59,18 +59,45 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
+def split_arm(key: str) -> tuple[str, dict]:
+    """An arm `MODEL[:KEY=VALUE[:KEY=VALUE...]]` -> (MODEL, {KEY: value}), e.g.
+    `soft:normalize=false` -> ("soft", {"normalize": False}). Values are JSON (true, 0.5, "x"),
+    else strings. The options are MoEConfig fields of a MoE model, ViTConfig fields of dense
+    (checked when the family is built)."""
+    import json
+
+    base, *items = [p.strip() for p in str(key).split(":")]
+    options = {}
+    for item in items:
+        k, sep, text = item.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"--models: an arm's option must be KEY=VALUE (e.g. soft:normalize=false), got {key!r}")
+        try:
+            options[k.strip()] = json.loads(text.strip())
+        except json.JSONDecodeError:
+            options[k.strip()] = text.strip()
+    return base, options
+
+
+def arm_dirname(key: str) -> str:
+    """A work-directory name for an arm key (":" -> "+": `soft+normalize=false`)."""
+    return key.replace(":", "+")
+
+
 def parse_models(text: str | None) -> tuple[str, ...]:
     """`"dense,soft,tc1"` -> the keys, validated; None/"" -> DEFAULT_MODELS; "all" -> MODELS.
-    "dense" is always included (every verdict is against it)."""
+    An arm may carry layer options: `soft:normalize=false` (split_arm). "dense" is always
+    included (every verdict is against it)."""
     if text is None or not str(text).strip():
         keys = list(DEFAULT_MODELS)
     elif str(text).strip() == "all":
         keys = list(MODELS)
     else:
         keys = [k.strip() for k in str(text).split(",") if k.strip()]
-        unknown = [k for k in keys if k not in MODELS]
+        unknown = [k for k in keys if split_arm(k)[0] not in MODELS]
         if unknown:
-            raise ValueError(f"--models: unknown model name(s) {unknown}; choose from {list(MODELS)} or 'all'")
+            raise ValueError(f"--models: unknown model name(s) {unknown}; choose from {list(MODELS)} or 'all' "
+                             f"(an arm may add layer options: soft:normalize=false)")
         if len(set(keys)) != len(keys):
             raise ValueError(f"--models lists a model twice: {keys}")
     if "dense" not in keys:
@@ -172,12 +199,23 @@ def build_family(base: str, keys, backbone: dict | None = None, experts: int | N
     }
     specs = []
     for key in keys:
-        if key == "dense_wide":
+        name, options = split_arm(key)
+        if name == "dense_wide":
             model, over = base, _widened(base, backbone, _profile(*recipes["soft"])[0])
         else:
-            model, over = recipes[key]
-        params, flops = _profile(model, over)
-        specs.append(ModelSpec(key, model, over, DESCRIPTIONS[key], params, flops))
+            model, over = recipes[name]
+        description = DESCRIPTIONS[name]
+        if options:
+            if over.get("moe") is not None:
+                over = {**over, "moe": {**over["moe"], **options}}
+            else:
+                over = {**over, **options}
+            description += "; " + ", ".join(f"{k}={v}" for k, v in options.items())
+        try:
+            params, flops = _profile(model, over)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--models: arm {key!r}: {e}") from None
+        specs.append(ModelSpec(key, model, over, description, params, flops))
     dense_flops = _profile(base, backbone)[1]
     info = {"base": base, "experts": e, "tokens": tokens, "slots": e, "matching": how,
             "tolerance": tolerance, "dense_flops": dense_flops, "group_size": group_size}

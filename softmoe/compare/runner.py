@@ -23,6 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
+from softmoe.eval.routing import group_size as _group
+from softmoe.eval.routing import routing_diagnostics
+
+from .family import arm_dirname
+from .stats import pack_correct
+
 RUN_RECORD = "compare_run.json"
 PLAN = "plan.json"
 # Images for the routing diagnostics, and for the train-split
@@ -39,6 +45,9 @@ class Run:
     seed: int
     workdir: str
     config: dict  # TrainConfig.to_dict()
+    # a second copy of the finished run's record (e.g. under docs/results/, committed), from
+    # which a comparison on another machine knows the run is done; None: the work directory only
+    record_copy: str | None = None
 
 
 def parse_seeds(text) -> list[int]:
@@ -62,9 +71,11 @@ def parse_seeds(text) -> list[int]:
     return seeds
 
 
-def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> list[Run]:
+def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path, records_dir: Path | None = None
+              ) -> list[Run]:
     """One Run per (model, seed in seeds[model.key]): the shared recipe `base_cfg` (a
-    TrainConfig) with the model, its overrides and the seed."""
+    TrainConfig) with the model, its overrides and the seed. `records_dir`: where each finished
+    run's record is copied as <arm>/seed<k>.json."""
     import dataclasses
 
     from softmoe.train.config import ModelConfig
@@ -72,16 +83,17 @@ def plan_runs(specs, seeds: dict[str, list[int]], base_cfg, out_dir: Path) -> li
     runs = []
     for spec in specs:
         for seed in seeds[spec.key]:
-            workdir = out_dir / "runs" / spec.key / f"seed{seed}"
+            workdir = out_dir / "runs" / arm_dirname(spec.key) / f"seed{seed}"
             cfg = dataclasses.replace(base_cfg, model=ModelConfig(spec.model, dict(spec.overrides)), seed=seed,
                                       workdir=str(workdir))
-            runs.append(Run(spec.key, seed, str(workdir), cfg.validate().to_dict()))
+            copy = str(Path(records_dir) / arm_dirname(spec.key) / f"seed{seed}.json") if records_dir else None
+            runs.append(Run(spec.key, seed, str(workdir), cfg.validate().to_dict(), copy))
     return runs
 
 
 # Plan entries a resumed comparison may change: more seeds or models extend it (each run's own
 # config is still checked by `completed`); the rest (data, recipe, matching) must not change.
-EXTENSIBLE = ("seeds", "ablation_seeds", "models")
+EXTENSIBLE = ("seeds", "ablation_seeds", "arm_seeds", "models")
 
 
 def check_plan(out_dir: Path, plan: dict) -> None:
@@ -105,8 +117,15 @@ def check_plan(out_dir: Path, plan: dict) -> None:
 
 
 def completed(run: Run) -> dict | None:
-    """The run's record if it finished with exactly this config, else None."""
-    path = Path(run.workdir) / RUN_RECORD
+    """The run's record if it finished with exactly this config (in its work directory, or else
+    its record copy), else None."""
+    rec = _completed_at(Path(run.workdir) / RUN_RECORD, run)
+    if rec is None and run.record_copy:
+        rec = _completed_at(Path(run.record_copy), run)
+    return rec
+
+
+def _completed_at(path: Path, run: Run) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -139,14 +158,29 @@ def execute(run: Run) -> dict:
     threads = cfg.num_threads or torch.get_num_threads()
     measured = measure(run.workdir, cfg, threads)
     record = {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
-              "run_s": time.perf_counter() - t0, **measured}
+              "run_s": time.perf_counter() - t0, "history": history(run.workdir), **measured}
     atomic_write_json(Path(run.workdir) / RUN_RECORD, record, sort_keys=True)
+    if run.record_copy:
+        Path(run.record_copy).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(run.record_copy), record, sort_keys=True)
     return record
+
+
+def history(workdir: str) -> list[dict]:
+    """Every evaluation of the run (step, val/test accuracy, routing diagnostics router/...),
+    from its metrics.jsonl: kept in the run record, so the report needs no work directory."""
+    from softmoe.train.logs import read_metrics
+
+    keep = ("step", "val_accuracy", "test_accuracy")
+    return [{k: v for k, v in m.items() if k in keep or k.startswith("router/")}
+            for m in read_metrics(workdir) if m.get("kind") == "eval"]
 
 
 def measure(workdir: str, cfg, threads: int) -> dict:
     """Train-split accuracy (for the train-test gap) and routing diagnostics of the run's final
-    model, each on a fixed random subset of a split. (Speed is measured side by side for all
+    model, each on a fixed random subset of a split, and its per-example correctness on the whole
+    test set and validation split ("correct": {split: pack_correct(...)}, in the datasets' order:
+    the paired statistics of softmoe.compare.stats). (Speed is measured side by side for all
     models at once afterwards: softmoe.compare.speed.)"""
     import torch
 
@@ -160,13 +194,34 @@ def measure(workdir: str, cfg, threads: int) -> dict:
         kw = dict(root=cfg.data_root, download=False)
         train_ds = load_dataset(cfg.data, "train", **kw)
         test_ds = load_dataset(cfg.data, cfg.test_split, **kw)
+        splits = {"test": test_ds}
+        if cfg.val_split:
+            from softmoe.data import split_train_val
+
+            train_ds, splits["val"] = split_train_val(train_ds, cfg.val_split)
         prepare = make_prepare(model, train_ds.channels)
         train_acc = _accuracy(model, train_ds, prepare, TRAIN_EVAL_IMAGES, cfg.eval_batch_size)
+        correct = {name: pack_correct(per_example_correct(model, ds, prepare, cfg.eval_batch_size))
+                   for name, ds in splits.items()}
         x = prepare(test_ds.images[subset(len(test_ds), DIAG_IMAGES)])
         routing = routing_diagnostics(model, x)
     finally:
         torch.set_num_threads(prev)
-    return {"train_accuracy": train_acc, "routing": routing}
+    return {"train_accuracy": train_acc, "routing": routing, "correct": correct,
+            "examples": {name: len(ds) for name, ds in splits.items()}}
+
+
+def per_example_correct(model, ds, prepare, batch: int):
+    """(n,) bool numpy array: whether the model's top-1 is right on each image, in order (the
+    trainer's evaluation batches, so the same numbers as its final accuracy)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch):
+            logits = model(prepare(ds.images[i:i + batch]))
+            out.append(logits.float().argmax(-1) == ds.labels[i:i + batch])
+    return torch.cat(out).numpy()
 
 
 def subset(n: int, k: int):
@@ -185,12 +240,6 @@ def _batches(n: int, size: int, group: int):
         yield i, min(i + size, usable)
 
 
-def _group(model) -> int:
-    from softmoe.layers import moe_layers
-
-    return max([getattr(m, "group_size", 1) for _, m in moe_layers(model)] or [1])
-
-
 def _accuracy(model, ds, prepare, limit: int, batch: int) -> float:
     import torch
 
@@ -205,52 +254,6 @@ def _accuracy(model, ds, prepare, limit: int, batch: int) -> float:
             correct += int((logits.argmax(-1) == ds.labels[i]).sum())
             total += b - a
     return correct / total if total else float("nan")
-
-
-def routing_diagnostics(model, x) -> dict:
-    """Per MoE layer, on the images x:
-      Soft MoE: dispatch_entropy (each slot's dispatch distribution over the N tokens, entropy
-        divided by log N: 1 = uniform, 0 = one token), dispatch_max (mean over slots of the
-        largest weight), combine_entropy (over the S slots, divided by log S) and combine_max;
-      Tokens Choice: dropped_assignments (fraction of the K choices past capacity) and
-        dropped_tokens (fraction of tokens no expert processed);
-      Experts Choice: dropped_tokens (fraction of tokens no expert picked).
-    """
-    import torch
-
-    from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, moe_layers, record_routing
-
-    group = _group(model)
-    x = x[: len(x) - len(x) % group]
-    out: dict[str, dict] = {}
-    with torch.no_grad(), record_routing(model, metrics=True, weights=True):
-        model(x)
-        for name, layer in moe_layers(model):
-            w = layer.routing_weights
-            if isinstance(layer, SoftMoE):
-                d = w["dispatch"].flatten(2).double()  # (B, N, S)
-                c = w["combine"].flatten(2).double()
-                N, S = d.shape[1], d.shape[2]
-                out[name] = {
-                    "dispatch_entropy": float(_entropy(d, 1).mean() / math.log(N)) if N > 1 else 0.0,
-                    "dispatch_max": float(d.amax(1).mean()),
-                    "combine_entropy": float(_entropy(c, 2).mean() / math.log(S)) if S > 1 else 0.0,
-                    "combine_max": float(c.amax(2).mean()),
-                }
-            elif isinstance(layer, TokensChoiceMoE):
-                kept = w["kept"]  # (B, N, K) bool
-                out[name] = {"dropped_assignments": float(1 - kept.float().mean()),
-                             "dropped_tokens": float((~kept.any(-1)).float().mean())}
-            elif isinstance(layer, ExpertsChoiceMoE):
-                m = layer.metrics
-                out[name] = {"dropped_tokens": float(1 - m["ratio_processed_items_by_at_least_1_experts"])}
-    return out
-
-
-def _entropy(p, dim: int):
-    import torch
-
-    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim)
 
 
 def default_jobs(device: str, threads: int) -> int:

@@ -90,3 +90,119 @@ def difference(model: Mapping[int, float], reference: Mapping[int, float], highe
         return Difference(diff, se, signs, "no clear difference")
     better = (direction > 0) == higher_is_better
     return Difference(diff, se, signs, "better" if better else "worse")
+
+
+# -- statistics that count the test set ---------------------------------------------------------
+# A comparison scored on a finite test set has two sources of noise: the seeds (initialisation,
+# data order) and the test examples themselves (another draw of n images would give other
+# accuracies). `paired_bootstrap` resamples both: each replicate draws n test examples with
+# replacement (the SAME examples for both models: they were scored on the same images, so the
+# comparison is paired) and, independently for each model, its seeds with replacement; the
+# statistic is mean-over-seeds accuracy of the model minus that of the reference. The 95%
+# percentile interval of the replicates is the CI. A difference is claimed only when the CI
+# excludes 0 by at least CLAIM_MARGIN_EXAMPLES / n (a few examples' worth): a verdict then
+# cannot flip when float rounding on another machine changes one or two predictions.
+BOOTSTRAP_SEED = 0  # fixed: the same replicates, hence the same verdict, on every machine
+BOOTSTRAP_REPLICATES = 2000
+CLAIM_MARGIN_EXAMPLES = 3
+CI_LEVEL = 0.95
+
+
+def pack_correct(correct) -> str:
+    """A per-example correctness vector (bool, (n,)) as compact text (base64 of the packed bits)."""
+    import base64
+
+    import numpy as np
+
+    bits = np.packbits(np.asarray(correct, dtype=bool))
+    return base64.b64encode(bits.tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int):
+    """The inverse of pack_correct: a bool array of shape (n,)."""
+    import base64
+
+    import numpy as np
+
+    raw = np.frombuffer(base64.b64decode(text.encode("ascii")), dtype=np.uint8)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"a packed correctness vector of {n} examples needs {(n + 7) // 8} bytes, got {len(raw)}")
+    return np.unpackbits(raw)[:n].astype(bool)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    diff: float  # mean over seeds of accuracy(model) - the same for the reference
+    ci: tuple[float, float]  # CI_LEVEL percentile interval over test examples and seeds
+    n_examples: int  # test examples both were scored on
+    resolvable: float  # smallest |difference| this test set can resolve at the observed disagreement
+    seeds: tuple[int, int]  # runs of the model, of the reference
+    verdict: str  # "better", "worse" or "no resolvable difference"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci"], d["seeds"] = list(self.ci), list(self.seeds)
+        return d
+
+    def words(self, reference: str, unit: str = "pp", scale: float = 100.0) -> str:
+        """e.g. "better than dense by +1.23 pp (95% CI +0.41..+2.05; 10,000 test images resolve ±0.60 pp)"."""
+        lo, hi = (scale * c for c in self.ci)
+        tail = (f"{CI_LEVEL:.0%} CI {lo:+.2f}..{hi:+.2f} {unit} over {self.n_examples:,} test images and "
+                f"{self.seeds[0]}+{self.seeds[1]} seeds; the test set resolves about ±{scale * self.resolvable:.2f} "
+                f"{unit}")
+        delta = f"{scale * self.diff:+.2f} {unit}"
+        if self.verdict in ("better", "worse"):
+            return f"{self.verdict} than {reference} by {delta} ({tail})"
+        return f"no resolvable difference from {reference}: {delta} ({tail})"
+
+
+def paired_bootstrap(model: Mapping[int, Sequence[bool]], reference: Mapping[int, Sequence[bool]],
+                     replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> PairedDifference:
+    """The difference of `model` to `reference`, both `{seed: per-example correctness (n,)}` on the
+    same n test examples in the same order, with the bootstrap CI and verdict described above.
+    Integer arithmetic throughout (counts of correct examples), so the replicates are exact."""
+    import numpy as np
+
+    if not model or not reference:
+        raise ValueError("paired_bootstrap needs at least one run of the model and of the reference")
+    a = np.stack([np.asarray(v, dtype=bool) for v in model.values()]).astype(np.int64)  # (S_m, n)
+    b = np.stack([np.asarray(v, dtype=bool) for v in reference.values()]).astype(np.int64)  # (S_r, n)
+    if a.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"paired_bootstrap needs correctness vectors of one length n >= 1 for every run, got "
+                         f"{a.shape[1:]} and {b.shape[1:]}")
+    if replicates < 100:
+        raise ValueError(f"replicates must be >= 100, got {replicates}")
+    n = a.shape[1]
+    sa, sb = len(a), len(b)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    # Each replicate's statistic times n * sa * sb is an integer: sb * sum(model hits) - sa * sum(ref hits).
+    stats = np.empty(replicates, dtype=np.int64)
+    chunk = max(1, min(replicates, 2_000_000 // n))
+    for start in range(0, replicates, chunk):
+        k = min(chunk, replicates - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=k)  # (k, n): how often each example is drawn
+        hits_a, hits_b = counts @ a.T, counts @ b.T  # (k, S_m), (k, S_r): correct answers per run
+        pick_a = rng.integers(0, sa, size=(k, sa))  # seeds drawn with replacement, per model
+        pick_b = rng.integers(0, sb, size=(k, sb))
+        ha = np.take_along_axis(hits_a, pick_a, 1).sum(1)
+        hb = np.take_along_axis(hits_b, pick_b, 1).sum(1)
+        stats[start:start + k] = sb * ha - sa * hb
+    stats.sort()
+    alpha = (1 - CI_LEVEL) / 2
+    lo = int(stats[int(math.floor(alpha * (replicates - 1)))])
+    hi = int(stats[int(math.ceil((1 - alpha) * (replicates - 1)))])
+    scale = n * sa * sb
+    diff = (sb * int(a.sum()) - sa * int(b.sum())) / scale
+    margin = CLAIM_MARGIN_EXAMPLES * sa * sb  # CLAIM_MARGIN_EXAMPLES / n, in the integer units
+    if lo >= margin:
+        verdict = "better"
+    elif hi <= -margin:
+        verdict = "worse"
+    else:
+        verdict = "no resolvable difference"
+    # The test set alone: a paired difference of two classifiers that disagree on a fraction d of
+    # the examples has a standard error of at most sqrt(d / n); 1.96 of those is the smallest
+    # difference it resolves (d: mean over all model-reference seed pairs).
+    disagree = float(np.mean([(x != y).mean() for x in a for y in b]))
+    resolvable = 1.96 * math.sqrt(disagree / n)
+    return PairedDifference(diff, (lo / scale, hi / scale), n, resolvable, (sa, sb), verdict)

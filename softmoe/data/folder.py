@@ -30,10 +30,12 @@ def default_cache_dir() -> Path:
 
 
 def split_directory(root: Path, split: str) -> Path:
-    """`root/<split>`, where "test" falls back to "val" and "val" to "test"."""
+    """`root/<split>`, where "test" falls back to "val" (datasets that ship their test set as
+    val/). A missing "val" is an error, never a fall-back to the test set: a validation split
+    of the training set is TrainConfig.val_split."""
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {str(root)!r} does not exist or is not a directory")
-    alternatives = {"train": ["train"], "test": ["test", "val"], "val": ["val", "test"]}
+    alternatives = {"train": ["train"], "test": ["test", "val"], "val": ["val"]}
     if split not in alternatives:
         raise ValueError(f"split must be one of ['train', 'test', 'val'], got {split!r}")
     for name in alternatives[split]:

@@ -83,6 +83,10 @@ class TrainConfig:
     skip_bad_images: bool = False  # ImageFolder: skip unreadable files instead of failing
     data_image_size: int | None = None  # ImageFolder: resize every image to this square while decoding
     test_split: str = "test"
+    # fraction of the training set held out as a validation split (class-stratified, fixed:
+    # softmoe.data.split); evaluations during training read it, the test set is scored once at the
+    # end and reported beside it. 0: no validation split (evaluations read the test set).
+    val_split: float = 0.0
     # length: exactly one of steps / epochs is > 0
     steps: int = 0
     epochs: float = 0.0
@@ -193,6 +197,11 @@ class TrainConfig:
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or not self.eps > 0:
             raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got beta1={self.beta1}, beta2={self.beta2}, "
                              f"eps={self.eps}")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split must be a fraction in [0, 1) (0: none), got {self.val_split}")
+        if self.val_split and self.test_split == "val":
+            raise ValueError("test_split='val' reads a val/ folder of the dataset; with val_split > 0 the validation "
+                             "split is held out of train: use test_split='test'")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.inception_area_min <= 1:

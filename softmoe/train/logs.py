@@ -73,7 +73,7 @@ class MetricsWriter:
 
 
 def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, notice=print) -> list[Path]:
-    """plots/loss.png, plots/accuracy.png, plots/lr.png from the metrics records; [] if
+    """plots/loss.png, accuracy.png, lr.png (and router.png for MoE runs) from the metrics records; [] if
     matplotlib is missing (with a notice)."""
     try:
         import matplotlib
@@ -95,8 +95,10 @@ def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, n
         plt.close(fig)
         written.append(path)
 
-    series = [("loss.png", "loss", [("train", train, "loss"), ("test", evals, "test_loss")]),
-              ("accuracy.png", "accuracy", [("test", evals, "test_accuracy"), ("train (batch)", train, "accuracy")]),
+    series = [("loss.png", "loss", [("train", train, "loss"), ("val", evals, "val_loss"),
+                                     ("test", evals, "test_loss")]),
+              ("accuracy.png", "accuracy", [("val", evals, "val_accuracy"), ("test", evals, "test_accuracy"),
+                                            ("train (batch)", train, "accuracy")]),
               ("lr.png", "learning rate", [("lr", train, "lr")])]
     for name, ylabel, lines in series:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -111,6 +113,18 @@ def write_plots(workdir: str | os.PathLike, records: list[dict] | None = None, n
         if ax.lines:
             ax.legend()
         save(fig, name)
+    router = sorted({k for r in evals for k in r if k.startswith("router/")})
+    if router:  # the routing diagnostics at every evaluation, one panel per metric, a line per layer
+        metrics = sorted({k.rsplit("/", 1)[1] for k in router})
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for key in (k for k in router if k.endswith("/" + metric)):
+                pts = [(r["step"], r[key]) for r in evals if key in r]
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, label=key.split("/")[1])
+            ax.set(xlabel="step", title=metric)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "router.png")
     return written
 
 

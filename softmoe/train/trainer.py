@@ -205,7 +205,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
         final_ckpt = run.save(run.total) if run.last_ckpt_step != run.total else \
             ckpt_mod.checkpoint_dir(run.workdir, run.total)
         t_eval = time.perf_counter()
-        last_eval = run.evaluate(run.total)
+        last_eval = run.evaluate(run.total, final=True)
         eval_s = time.perf_counter() - t_eval
         writer.write(last_eval)
     finally:
@@ -229,6 +229,7 @@ class _Run:
     use_bf16: bool
     train_ds: object
     test_ds: object
+    val_ds: object  # held out of train (cfg.val_split), or None
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: object  # softmoe.data.TrainBatches
@@ -253,11 +254,25 @@ class _Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    def evaluate(self, step: int) -> dict:
-        """The "eval" record of `step`: test accuracy and loss."""
-        return {"kind": "eval", "step": step, **evaluate(self.model, self.test_ds, self.cfg.img_size,
-                                                          self.cfg.eval_batch_size, self.device, self.autocast,
-                                                          self.cfg.loss)}
+    def evaluate(self, step: int, final: bool = False) -> dict:
+        """The "eval" record of `step`: accuracy and loss on the validation split when there is
+        one (val_*), else on the test set; the final one (`final`) scores the test set as well;
+        the MoE layers' routing diagnostics (router/<layer>/<metric>) on 256 of those images."""
+        def score(ds):
+            return evaluate(self.model, ds, self.cfg.img_size, self.cfg.eval_batch_size, self.device, self.autocast,
+                            self.cfg.loss)
+
+        rec = {"kind": "eval", "step": step}
+        if self.moe and self.mesh is None:  # routing diagnostics over time (softmoe.eval.routing)
+            from softmoe.eval.routing import router_record
+
+            rec.update(router_record(self.model, self.val_ds if self.val_ds is not None else self.test_ds,
+                                     self.cfg.img_size, self.device))
+        if self.val_ds is not None:
+            rec.update({k.replace("test_", "val_"): v for k, v in score(self.val_ds).items()})
+            if not final:
+                return rec
+        return {**rec, **score(self.test_ds)}
 
     def save(self, step: int) -> Path:
         """Checkpoint `step`: weights, optimizer, RNG states and the data position."""
@@ -294,6 +309,11 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
                    image_size=cfg.data_image_size)
     train_ds = load_dataset(cfg.data, "train", **data_kw)
     test_ds = load_dataset(cfg.data, cfg.test_split, **data_kw)
+    val_ds = None
+    if cfg.val_split:
+        from softmoe.data import split_train_val
+
+        train_ds, val_ds = split_train_val(train_ds, cfg.val_split)
     if cfg.batch_size > len(train_ds):
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.data!r} train split ({len(train_ds)} "
                          f"images); use batch_size <= {len(train_ds)}")
@@ -322,7 +342,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
-               model=model, optimizer=build_optimizer(model, cfg),
+               val_ds=val_ds, model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
                moe=[m for _, m in moe_layers(model)], mesh=mesh)
@@ -333,7 +353,8 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
         atomic_write_json(workdir / "config.json", run.resolved, sort_keys=True)
     num_params = parallel.num_params(model)
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
-        f"({len(train_ds)} train / {len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
+        f"({len(train_ds)} train / {f'{len(val_ds)} val / ' if val_ds is not None else ''}"
+        f"{len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
         f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
     return run
 
@@ -561,6 +582,7 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
         "steps": run.total, "resumed_from": run.start or None, "steps_this_session": n,
         "train_loss": float(tally.last.loss) if n else None,  # None, not NaN (invalid JSON), when nothing ran
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
+        "val_accuracy": last_eval.get("val_accuracy"), "val_loss": last_eval.get("val_loss"),  # None: no val split
         "images_per_s": tally.images / busy if busy else None,
         "data_ms_per_step": 1e3 * tally.data_s / n if n else None,
         "step_ms_per_step": 1e3 * tally.step_s / n if n else None,
@@ -578,6 +600,7 @@ def summary_table(s: dict) -> str:
     rows = [("model", f"{s['model']} ({s['params'] / 1e6:.2f}M params)"), ("data", s["data"]),
             ("steps", f"{s['steps']}" + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else "")),
             ("final train loss", fmt(s["train_loss"], ".4f")),
+            *([("val accuracy", f"{100 * s['val_accuracy']:.2f}%")] if s.get("val_accuracy") is not None else []),
             ("test accuracy", f"{100 * s['test_accuracy']:.2f}%"), ("test loss", fmt(s["test_loss"], ".4f")),
             ("images/s (train)", fmt(s["images_per_s"], ".0f")),
             ("data / step time", f"{fmt(s['data_ms_per_step'], '.2f')} ms / {fmt(s['step_ms_per_step'], '.2f')} ms "

@@ -175,13 +175,18 @@ def test_end_to_end_on_digits_then_resume(tmp_path):
     assert [m["key"] for m in rep["models"]] == ["dense", "soft", "tc1"]
     assert len(rep["runs"]) == 6 and all(0 <= r["test_accuracy"] <= 1 for r in rep["runs"])
     soft = next(m for m in rep["models"] if m["key"] == "soft")
-    assert soft["vs_dense"]["verdict"] in ("better", "worse", "no clear difference")
+    assert soft["vs_dense"]["verdict"] in ("better", "worse", "no resolvable difference")
+    assert soft["vs_dense"]["method"] == "paired_bootstrap" and soft["vs_dense"]["n_examples"] == 359
     assert 0 < soft["routing"]["dispatch_entropy"] <= 1 and "dropped_tokens" in rep["models"][2]["routing"]
     md = (tmp_path / "report.md").read_text()
     assert "| dense |" in md and "Δ vs dense" in md and "## Every run" in md
     # the report's numbers are the runs' own
     rec = json.loads((tmp_path / "runs" / "soft" / "seed1" / "compare_run.json").read_text())
     assert rec["summary"]["test_accuracy"] in [r["test_accuracy"] for r in rep["runs"]]
+    # the saved per-example correctness is the trainer's own final evaluation, image by image
+    from softmoe.compare.stats import unpack_correct
+
+    assert unpack_correct(rec["correct"]["test"], 359).mean() == rec["summary"]["test_accuracy"]
 
     # A "killed" comparison: one run lost its record (it never finished), one never started.
     os.unlink(tmp_path / "runs" / "soft" / "seed1" / "compare_run.json")
@@ -210,3 +215,67 @@ def test_another_plan_is_refused_but_more_seeds_extend_it(tmp_path):
     assert any("1 of 2 runs already complete; running the other 1" in line for line in lines)
     assert sorted(r["seed"] for r in rep["runs"]) == [0, 1]
     assert json.loads((tmp_path / "plan.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_val_split_is_reported_beside_test(tmp_path):
+    rep = compare("digits", tmp_path, log=lambda m: None, **{**ARGS, "models": "dense,soft", "seeds": "2",
+                                                            "overrides": ARGS["overrides"] + ["val_split=0.1"]})
+    from softmoe.compare.stats import unpack_correct
+
+    soft = next(m for m in rep["models"] if m["key"] == "soft")
+    assert rep["ranking_by"] == "val_accuracy" and "vs_dense_val" in soft and "vs_dense" in soft
+    rec = json.loads((tmp_path / "runs" / "soft" / "seed0" / "compare_run.json").read_text())
+    n_val = rec["examples"]["val"]
+    assert n_val == 143 and unpack_correct(rec["correct"]["val"], n_val).mean() == rec["summary"]["val_accuracy"]
+    md = (tmp_path / "report.md").read_text()
+    assert "val Δ vs dense" in md and "On the validation split" in md
+
+
+def test_an_arm_carries_layer_options():
+    from softmoe.compare.family import arm_dirname, split_arm
+
+    assert split_arm("soft:normalize=false:noise_std=0.5") == ("soft", {"normalize": False, "noise_std": 0.5})
+    keys = parse_models("soft,soft:normalize=false")
+    assert keys == ("dense", "soft", "soft:normalize=false")
+    backbone = {"img_size": 8, "in_chans": 1, "num_classes": 10, "patch_size": 2}
+    specs, _ = build_family("micro", keys, backbone, experts=16)
+    soft, plain = specs[2], specs[1]
+    assert soft.overrides["moe"] == {**plain.overrides["moe"], "normalize": False}
+    assert soft.flops == plain.flops and "normalize=False" in soft.description
+    assert arm_dirname(soft.key) == "soft+normalize=false"
+    with pytest.raises(ValueError, match="unknown model name"):
+        parse_models("softer:normalize=false")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_models("soft:normalize")
+    with pytest.raises(ValueError, match="arm 'soft:no_such_field=1'"):
+        build_family("micro", parse_models("soft:no_such_field=1"), backbone, experts=16)
+
+
+def test_arm_seeds_split_at_the_last_equals_and_must_name_listed_arms(tmp_path):
+    from softmoe.cli.compare import _arm_seeds
+
+    assert _arm_seeds(["soft:normalize=false=5", "soft_identity=0,1"]) == {"soft:normalize=false": "5",
+                                                                          "soft_identity": "0,1"}
+    with pytest.raises(ValueError, match="ARM=SEEDS"):
+        _arm_seeds(["soft="])
+    with pytest.raises(ValueError, match="--arm-seeds names arm"):
+        compare("digits", tmp_path, models="dense,soft", arm_seeds={"ec": "2"}, steps=1, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_records_dir_resumes_on_a_new_machine(tmp_path):
+    args = {**ARGS, "models": "dense,soft:normalize=false", "seeds": "1", "jobs": 1,
+            "overrides": ARGS["overrides"] + ["eval_every=1"]}
+    rep = compare("digits", tmp_path / "a", records_dir=tmp_path / "rec", log=lambda m: None, **args)
+    assert (tmp_path / "rec" / "soft+normalize=false" / "seed0.json").is_file()
+    soft = rep["models"][1]
+    assert [h["step"] for h in soft["router_over_time"]] == [1, 2, 3] and "scale" in soft["router_over_time"][0]
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")  # a new machine: only the committed records are left
+    lines: list[str] = []
+    rep2 = compare("digits", tmp_path / "a", records_dir=tmp_path / "rec", log=lines.append, **args)
+    assert any("2 of 2 runs already complete" in line for line in lines)
+    assert rep2["models"][1]["vs_dense"] == soft["vs_dense"]
+    assert not (tmp_path / "a" / "runs").exists()  # nothing was trained again

@@ -42,7 +42,7 @@ def test_run_writes_the_documented_workdir(tmp_path):
     routing = [r for r in records if r["kind"] == "routing"]
     assert routing and any(k.endswith("combine_weights_max_mean") for k in routing[0])
     assert {"loss", "lr", "images_per_s", "data_ms", "step_ms", "grad_norm"} <= set(records[1])
-    assert sorted(p.name for p in (wd / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
+    assert sorted(p.name for p in (wd / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png", "router.png"]
     assert 0 <= s["test_accuracy"] <= 1 and s["steps"] == 12
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["test_accuracy"] == s["test_accuracy"]
@@ -323,3 +323,26 @@ def test_window_totals_stay_on_the_device_and_match_host_sums():
     assert rec["loss"] == host / 7 and rec["accuracy"] == sum(range(7)) / 56 and "aux_loss" not in rec
     tally.reset_window()
     assert float(tally.win_loss) == 0 and tally.steps == 7 and tally.images == 56
+
+
+def test_val_split_evaluates_val_during_training_and_test_once(tmp_path):
+    from softmoe.train.logs import read_metrics
+
+    s = train(tiny_config(steps=8, eval_every=4, val_split=0.1), tmp_path / "r", progress=False, log=lambda m: None)
+    evals = [m for m in read_metrics(tmp_path / "r") if m["kind"] == "eval"]
+    assert [("val_accuracy" in m, "test_accuracy" in m) for m in evals] == [(True, False), (True, True)]
+    from softmoe.data import load_dataset, stratified_split
+
+    assert evals[-1]["val_examples"] == len(stratified_split(load_dataset("digits", "train").labels, 0.1)[1])
+    assert s["val_accuracy"] == evals[-1]["val_accuracy"] and s["test_accuracy"] == evals[-1]["test_accuracy"]
+    # routing diagnostics at every evaluation: the final one's scale is the saved model's
+    from softmoe.layers import moe_layers
+
+    model = load_model(tmp_path / "r")[0]
+    layer, = [n for n, _ in moe_layers(model)]
+    assert evals[-1][f"router/{layer}/scale"] == float(model.get_submodule(layer).router.scale)
+    assert all(0 < m[f"router/{layer}/dispatch_entropy"] <= 1 + 1e-9 for m in evals)
+    with pytest.raises(ValueError, match="val_split"):
+        tiny_config(val_split=1.0).validate()
+    with pytest.raises(ValueError, match="test_split='val'"):
+        tiny_config(val_split=0.1, test_split="val").validate()
