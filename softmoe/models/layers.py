@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
+import torch.fx._symbolic_trace as _fx_trace
 
 # Flax's truncated-normal initialisers divide by this to keep the requested std after the
 # truncation at +-2 standard deviations (same constant as softmoe.layers.router).
@@ -28,6 +28,11 @@ def lecun_normal_(w: torch.Tensor, fan_in: int) -> None:
 def xavier_uniform_(w: torch.Tensor, fan_in: int, fan_out: int) -> None:
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     nn.init.uniform_(w, -bound, bound)
+
+
+# torch >= 2.6 names the symbolic-tracing check apart (is_fx_tracing now also covers export, and
+# warns saying so); older torch has only is_fx_tracing.
+_is_fx_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
 
 
 class PatchEmbed(nn.Module):
@@ -49,7 +54,7 @@ class PatchEmbed(nn.Module):
             self.proj.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_fx_tracing():  # torch.fx traces with shapeless proxies (timm's feature extraction)
+        if not _is_fx_tracing():  # torch.fx traces with shapeless proxies (timm's feature extraction)
             self._check_input(x)
         x = self.proj(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
