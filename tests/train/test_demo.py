@@ -10,7 +10,7 @@ def test_demo_command_is_a_miniature_compare(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| dense |" in out and "| soft |" in out and "Soft MoE vs dense on digits:" in out
-    assert "docs/results.md" in out
+    assert "docs/results.md" in out and "CIFAR-10 study 1" in out  # the finding, generated from docs/results
     rep = json.loads((tmp_path / "report.json").read_text())
     assert [m["key"] for m in rep["models"]] == ["dense", "soft"] and len(rep["runs"]) == 4
     soft = next(m for m in rep["models"] if m["key"] == "soft")
