@@ -1,0 +1,100 @@
+"""softmoe models through timm's tools (issue 19): features_only backbones that train and report
+routing, layer-wise LR decay, timm's data pipeline and training pieces, and timm ViTs converted
+with `timm_to_moe`. timm's own tests/test_models.py is run by test_timm_suite.py. Tiny models only.
+Skipped when timm (which needs torchvision) cannot be imported."""
+import math
+
+import pytest
+import torch
+
+import softmoe
+from softmoe.layers import Experts, SoftMoE, TokensChoiceMoE
+from softmoe.models.timm_interop import import_timm, register_timm_models
+
+try:
+    timm = import_timm()
+except (ImportError, RuntimeError) as e:  # timm or torchvision missing (or a broken torchvision build)
+    pytest.skip(f"timm is not importable ({type(e).__name__}: {e}); install it as docs/models.md says",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register_timm_models("*_micro")
+
+
+def _images(n=2, size=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+
+# -- 1. features_only backbones: training, routing metrics, aux losses, the fused path -----------
+def test_features_only_soft_moe_backbone_trains_one_step_and_reports_routing():
+    torch.manual_seed(0)
+    net = timm.create_model("soft_moe_micro", features_only=True, out_indices=(1, 3))
+    assert type(net).__name__ == "FeatureGetterNet" and net.feature_info.module_name() == ["blocks.1", "blocks.3"]
+    moe = dict(softmoe.moe_layers(net))
+    assert sorted(moe) == ["model.blocks.2.mlp", "model.blocks.3.mlp"]  # soft_moe_micro: MoE in the last half
+    assert all(isinstance(m, SoftMoE) for m in moe.values())
+    fused = []  # whether each Experts forward took the fused path (it must, through the wrapper too)
+    hooks = [m.register_forward_pre_hook(lambda mod, args: fused.append(mod.fused_applies(args[0])))
+             for m in net.modules() if isinstance(m, Experts)]
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with softmoe.record_routing(net):
+        feats = net(_images())
+        metrics = softmoe.collect_metrics(net)
+    for h in hooks:
+        h.remove()
+    assert [tuple(f.shape) for f in feats] == [(2, 64, 8, 8)] * 2
+    loss = sum(f.square().mean() for f in feats)
+    loss.backward()
+    opt.step()
+    assert fused == [True, True]
+    for name in moe:  # every MoE layer reports its routing metrics, all finite
+        keys = [k for k in metrics if k.startswith(name + "/")]
+        assert keys and all(math.isfinite(metrics[k]) for k in keys), (name, metrics)
+    assert len(metrics) == sum(1 for k in metrics if k.split("/")[0] in moe)
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    for name in moe:  # the routing parameters and the experts got gradients and moved
+        assert {f"{name}.router.phi", f"{name}.experts.w1"} <= changed, sorted(changed)
+    assert not any(m.record_metrics for m in moe.values())  # record_routing restored the flags
+
+
+def test_features_only_backbone_fused_gradients_equal_reference():
+    """The fused path (hand-written backward) and impl="reference" (plain autograd) give the same
+    gradients through timm's wrapper. float64; tolerance 1e-10 (a few float64 ulps per op, summed
+    over a 4-block model)."""
+    torch.manual_seed(0)
+    fused = timm.create_model("soft_moe_micro", features_only=True).double()
+    ref = timm.create_model("soft_moe_micro", features_only=True, moe_kwargs={"impl": "reference"}).double()
+    ref.load_state_dict(fused.state_dict())
+    assert ref.model.blocks[3].mlp.experts.impl == "reference" and fused.model.blocks[3].mlp.experts.impl == "fused"
+    x = _images(dtype=torch.float64)
+    for net in (fused, ref):
+        sum((f * f).mean() for f in net(x)).backward()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_features_only_tokens_choice_backbone_aux_loss():
+    torch.manual_seed(0)
+    net = timm.create_model("tc_moe_micro", features_only=True)
+    assert all(isinstance(m, TokensChoiceMoE) for _, m in softmoe.moe_layers(net))
+    x = _images()
+    torch.manual_seed(1)  # the gate's training noise (noise_std 1.0)
+    feats = net(x)
+    aux = softmoe.collect_aux_loss(net)
+    assert aux.ndim == 0 and torch.isfinite(aux) and aux > 0
+    # the same value as the unwrapped model with the same weights and noise
+    plain = softmoe.models.create_model("tc_moe_micro").train()
+    missing = plain.load_state_dict(net.model.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]  # pruned by the wrapper
+    torch.manual_seed(1)
+    plain(x)
+    torch.testing.assert_close(softmoe.collect_aux_loss(plain), aux, rtol=0, atol=0)  # same ops, same order
+    (sum(f.mean() for f in feats) + aux).backward()
+    for name, m in softmoe.moe_layers(net):
+        g = m.gate.weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
