@@ -98,3 +98,65 @@ def test_features_only_tokens_choice_backbone_aux_loss():
     for name, m in softmoe.moe_layers(net):
         g = m.gate.weight.grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+
+# -- 2. layer-wise LR decay (timm.optim) ----------------------------------------------------------
+def _group_of(opt, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g for g in opt.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("filter_bias_and_bn", [True, False])
+def test_layer_decay_groups_follow_group_matcher_and_no_weight_decay(filter_bias_and_bn):
+    import timm.optim
+    import timm.scheduler
+
+    torch.manual_seed(0)
+    model = timm.create_model("soft_moe_micro", num_classes=3)
+    lr, decay = 1e-3, 0.75
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05, layer_decay=decay,
+                                         filter_bias_and_bn=filter_bias_and_bn)
+    group = _group_of(opt, model)
+    assert set(group) == {n for n, _ in model.named_parameters()}  # every parameter, once
+    # group_matcher: stem (layer 0), blocks 0..3 (layers 1..4), the final norm with the last block (timm's
+    # MATCH_PREV_GROUP, as for timm's ViTs), the head unmatched: timm's last layer (5, full lr)
+    depth = {"pos_embed": 0, "patch_embed.proj.weight": 0, "blocks.0.attn.qkv.weight": 1,
+             "blocks.1.mlp.fc1.weight": 2, "blocks.2.mlp.router.phi": 3, "blocks.3.mlp.experts.w1": 4,
+             "blocks.3.mlp.router.scale": 4, "norm.weight": 4, "head.weight": 5}
+    for name, layer in depth.items():
+        assert group[name]["lr_scale"] == pytest.approx(decay ** (5 - layer)), name
+    assert len({g["lr_scale"] for g in opt.param_groups}) == 6  # distinct per block
+    # no_weight_decay(): router phi (a 3-D tensor), biases, norms, embeddings get none; kernels do
+    nwd = model.no_weight_decay()
+    assert "blocks.3.mlp.router.phi" in nwd
+    params = dict(model.named_parameters())
+    for name, g in group.items():
+        skip = name in nwd or (filter_bias_and_bn and params[name].ndim <= 1)  # timm's rule
+        assert g["weight_decay"] == (0.0 if skip else 0.05), name
+    # so without timm's 1-D filter exactly the paper's set is decayed: no 0-/1-D tensor but the router scales
+    assert {n for n, p in params.items() if p.ndim <= 1 and n not in nwd} == {f"blocks.{i}.mlp.router.scale"
+                                                                               for i in (2, 3)}
+    # the router scale: decayed as in the paper (docs/design.md §4) only with filter_bias_and_bn=False
+    # (timm's default also skips every 0-/1-D tensor)
+    assert group["blocks.3.mlp.router.scale"]["weight_decay"] == (0.0 if filter_bias_and_bn else 0.05)
+    # timm's scheduler applies lr_scale; one AdamW step moves each tensor by <= its group's lr
+    sched, _ = timm.scheduler.create_scheduler_v2(opt, "cosine", num_epochs=2, warmup_epochs=0)
+    sched.step(0)
+    assert sorted({g["lr_scale"] for g in opt.param_groups}) == pytest.approx([decay ** k for k in range(5, -1, -1)])
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(lr * g["lr_scale"])
+    with torch.no_grad():  # the head starts at zero (vmoe), which would stop every gradient below it
+        model.head.weight.normal_(std=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.nn.functional.cross_entropy(model(_images()), torch.tensor([0, 2])).backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        step = (p.detach() - before[name]).abs().max().item()
+        g = group[name]
+        # first AdamW step: |update| <= lr (|m / sqrt(v)| <= 1) plus the decay lr * wd * |w|, plus float32
+        # rounding of w - update (2 ulps of |w| + lr)
+        w = before[name].abs().max().item()
+        bound = g["lr"] * (1 + g["weight_decay"] * w) + 2 * torch.finfo(torch.float32).eps * (w + g["lr"])
+        assert step <= bound, (name, step, bound)
+        if name in ("blocks.3.mlp.experts.w1", "blocks.0.attn.qkv.weight", "pos_embed", "head.weight"):
+            assert step > 0.5 * g["lr"], (name, step, g["lr"])  # it moved, at its own scale
