@@ -160,3 +160,91 @@ def test_layer_decay_groups_follow_group_matcher_and_no_weight_decay(filter_bias
         assert step <= bound, (name, step, bound)
         if name in ("blocks.3.mlp.experts.w1", "blocks.0.attn.qkv.weight", "pos_embed", "head.weight"):
             assert step > 0.5 * g["lr"], (name, step, g["lr"])  # it moved, at its own scale
+
+
+# -- 3. timm's data pipeline and training pieces on a tiny ImageFolder ---------------------------
+def _image_folder(root, classes=("cat", "dog"), per_class=4, size=32):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+def test_timm_data_pipeline_and_training_loop(tmp_path):
+    import timm.data
+    import timm.loss
+    import timm.optim
+    import timm.scheduler
+    import timm.utils
+
+    root = _image_folder(tmp_path)
+    dataset = timm.data.create_dataset("", root=str(root), split="train", is_training=True)
+    assert len(dataset) == 8 and dataset.reader.class_to_idx == {"cat": 0, "dog": 1}
+    torch.manual_seed(0)
+    model = timm.create_model("soft_moe_micro", num_classes=2)
+    cfg = timm.data.resolve_data_config(model=model)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
+    loader = timm.data.create_loader(dataset, input_size=cfg["input_size"], batch_size=4, is_training=True,
+                                     use_prefetcher=False, num_workers=0, mean=cfg["mean"], std=cfg["std"],
+                                     interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.min() >= -1 and images.max() <= 1  # [-1, 1], as ours
+    # a timm-style loop (as timm's train.py): mixup, soft-target CE, layer decay, scheduler, clipping, EMA
+    mixup = timm.data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=2)
+    loss_fn = timm.loss.SoftTargetCrossEntropy()
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    sched, _ = timm.scheduler.create_scheduler_v2(opt, "cosine", num_epochs=2, warmup_epochs=1, warmup_lr=1e-4,
+                                                  step_on_epochs=False, updates_per_epoch=len(loader))
+    ema = timm.utils.ModelEmaV3(model, decay=0.9)
+    meter = timm.utils.AverageMeter()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    step = 0
+    for _ in range(2):
+        for images, labels in loader:
+            images, targets = mixup(images, labels)
+            with softmoe.record_routing(model):
+                loss = loss_fn(model(images), targets) + softmoe.collect_aux_loss(model)  # 0 for Soft MoE
+                metrics = softmoe.collect_metrics(model)
+            opt.zero_grad()
+            loss.backward()
+            timm.utils.dispatch_clip_grad(model.parameters(), value=1.0, mode="norm")
+            opt.step()
+            step += 1
+            sched.step_update(num_updates=step)
+            ema.update(model, step=step)
+            meter.update(loss.item(), images.shape[0])
+            assert math.isfinite(loss.item()) and metrics and all(math.isfinite(v) for v in metrics.values())
+    assert step == 4 and meter.count == 16 and math.isfinite(meter.avg)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"head.weight", "blocks.3.mlp.router.phi", "blocks.3.mlp.experts.w1"} <= changed
+    assert not torch.equal(ema.module.head.weight, model.head.weight)  # the EMA lags
+    model.eval()
+    with torch.no_grad():
+        eval_loader = timm.data.create_loader(dataset, input_size=cfg["input_size"], batch_size=8, is_training=False,
+                                              use_prefetcher=False, num_workers=0, mean=cfg["mean"], std=cfg["std"],
+                                              crop_pct=cfg["crop_pct"])
+        images, labels = next(iter(eval_loader))
+        top1, = timm.utils.accuracy(model(images), labels, topk=(1,))
+    assert 0 <= top1.item() <= 100
+
+
+def test_timm_register_module_registers_on_import():
+    """`train.py --device-modules softmoe.models.timm_register` (docs/models.md): train.py imports
+    timm first, then the module, then builds the model. A fresh interpreter, as train.py is."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import importlib, timm; importlib.import_module('softmoe.models.timm_register'); "
+            "m = timm.create_model('soft_moe_micro', num_classes=2); print(type(m).__module__, m.num_classes)")
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root}).stdout
+    assert out.split() == ["softmoe.models.vit", "2"]
