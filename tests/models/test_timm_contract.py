@@ -248,3 +248,71 @@ def test_timm_register_module_registers_on_import():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": root}).stdout
     assert out.split() == ["softmoe.models.vit", "2"]
+
+
+# -- 4. timm ViTs converted with timm_to_moe keep timm's contract -----------------------------------
+@pytest.mark.parametrize("moe_type", ["soft", "tc"])
+def test_timm_to_moe_model_keeps_timm_contract(moe_type):
+    import timm.optim
+    from timm.models import create_feature_extractor, get_graph_node_names
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from softmoe.models.timm_interop import timm_to_moe
+
+    torch.manual_seed(0)
+    dense = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    model = timm_to_moe(dense, moe_type, num_experts=4, placement="last_half").eval()
+    layer = model.blocks[1].mlp
+    x = _images()
+    assert model.num_classes == 5 and model.num_features == model.head_hidden_size == 32
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 17, 32)  # 16 patches + the class token
+    pre = model.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, 32)
+    torch.testing.assert_close(model.forward_head(feats), model.head(pre), rtol=0, atol=0)
+    torch.testing.assert_close(model(x), model.forward_head(feats), rtol=0, atol=0)
+    final, inter = model.forward_intermediates(x, indices=[0, 1])
+    assert [tuple(t.shape) for t in inter] == [(2, 32, 4, 4)] * 2
+    torch.testing.assert_close(final, feats, rtol=0, atol=0)
+    # torch.fx, as timm's test_model_forward_fx: the MoE layer is one leaf call, outputs equal eager
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert "blocks.1.mlp" in eval_nodes and not any(n.startswith("blocks.1.mlp.") for n in eval_nodes)
+    assert any(n.startswith("blocks.0.mlp.") for n in eval_nodes)  # the dense block is traced through
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]]).eval()
+    assert [n.target for n in fx_model.graph.nodes if n.op == "call_module" and "blocks.1.mlp" in str(n.target)] \
+        == ["blocks.1.mlp"]
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(fx_model(x).values())), model(x), rtol=0, atol=0)  # same ops
+    # weight decay: the converted model's no_weight_decay() adds the MoE layer's router phi and biases
+    nwd = model.no_weight_decay()
+    assert {"cls_token", "pos_embed"} <= nwd and {"blocks.1.mlp.experts.b1", "blocks.1.mlp.experts.b2"} <= nwd
+    assert ("blocks.1.mlp.router.phi" in nwd) == (moe_type == "soft")
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    group = _group_of(opt, model)
+    if moe_type == "soft":
+        assert group["blocks.1.mlp.router.phi"]["weight_decay"] == 0.0
+    assert group["blocks.1.mlp.experts.w1"]["weight_decay"] == 0.05
+    assert group["blocks.1.mlp.experts.w1"]["lr_scale"] == pytest.approx(0.75 ** 1)  # block 1 of 2, head last
+    # reset_classifier: a new head, and 0 -> pooled features
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    assert layer is model.blocks[1].mlp and isinstance(layer, (SoftMoE, TokensChoiceMoE))
+
+
+def test_timm_to_moe_registers_the_fx_leaves_itself(monkeypatch):
+    """Without register_timm_models(): timm_to_moe marks the MoE layers as timm fx leaves."""
+    import timm.layers._fx as timm_fx
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from softmoe.models.timm_interop import timm_to_moe
+
+    monkeypatch.setattr(timm_fx, "_leaf_modules", set())  # as in a fresh process
+    dense = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    timm_to_moe(dense, "ec", num_experts=2, placement=[1])
+    assert {SoftMoE, TokensChoiceMoE} <= set(timm_fx.get_notrace_modules())
+    from timm.models import get_graph_node_names
+
+    _, eval_nodes = get_graph_node_names(timm_to_moe(dense, "soft", num_experts=2, placement=[1]))
+    assert "blocks.1.mlp" in eval_nodes and not any(n.startswith("blocks.1.mlp.") for n in eval_nodes)
