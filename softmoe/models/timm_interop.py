@@ -106,7 +106,9 @@ def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, 
       the MLP it replaces; router/gates fresh).
     moe_kwargs: further arguments of the MoE layer (slots_per_expert, k, capacity_factor...).
     Returns the converted model (a deep copy unless `inplace`). The MoE layers live at
-    `blocks[i].mlp`; `softmoe.collect_aux_loss(model)` etc. work on the result.
+    `blocks[i].mlp`; `softmoe.collect_aux_loss(model)` etc. work on the result. It keeps timm's
+    model contract: the MoE layers are registered as timm fx leaves, and `model.no_weight_decay()`
+    adds their router phi and expert biases (for `timm.optim.create_optimizer_v2`).
     """
     _check_init(init)
     blocks = getattr(model, "blocks", None)
@@ -120,6 +122,7 @@ def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, 
     indices = moe_block_indices(placement, len(blocks))
     if not inplace:
         model = copy.deepcopy(model)
+    _register_fx_leaves()
     for i in indices:
         mlp = model.blocks[i].mlp
         dim, hidden = _check_timm_mlp(mlp, f"blocks[{i}].mlp")
@@ -138,7 +141,28 @@ def timm_to_moe(model: nn.Module, moe_type: str = "soft", num_experts: int = 8, 
                     getattr(experts, name).copy_(value)
         layer.train(mlp.training)
         model.blocks[i].mlp = layer
+    if not isinstance(model.__dict__.get("no_weight_decay"), _ConvertedNoWeightDecay):
+        model.no_weight_decay = _ConvertedNoWeightDecay(model)
     return model
+
+
+class _ConvertedNoWeightDecay:
+    """`model.no_weight_decay()` of a model converted by `timm_to_moe` (timm's optimizers call it):
+    the timm model's own names plus those of its MoE layers that take no weight decay (docs/design.md
+    §4, as our VisionTransformer: the Soft MoE router's phi, a 3-D tensor timm would otherwise decay,
+    and the experts' biases). An instance attribute, so deepcopy / pickling carry it with the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self) -> set[str]:
+        own = type(self.model).__dict__.get("no_weight_decay")
+        names = set(own(self.model)) if callable(own) else set()
+        for path, layer in self.model.named_modules():
+            if isinstance(layer, tuple(MOE_LAYERS.values())):
+                names |= {f"{path}.{n}" for n, _ in layer.named_parameters()
+                          if n.endswith("router.phi") or n.rsplit(".", 1)[-1] in ("b1", "b2")}
+        return names
 
 
 # -- timm registry --------------------------------------------------------------------------
@@ -204,16 +228,24 @@ def _entrypoint(name: str):
     return entrypoint
 
 
+def _register_fx_leaves() -> None:
+    """Mark our MoE layers as leaves for timm's torch.fx tracing (feature extraction, its FX
+    tests): their routing is data dependent. Idempotent (timm keeps a set)."""
+    from timm.models import register_notrace_module
+
+    for cls in MOE_LAYERS.values():
+        register_notrace_module(cls)
+
+
 def register_timm_models(pattern: str = "*") -> list[str]:
     """Register the softmoe models matching `pattern` in timm's registry (with their
     pretrained_cfg) and return the names now available through `timm.create_model`. Also marks
     the MoE layers as leaves for timm's torch.fx tracing (their routing is data dependent).
     Idempotent. A name timm already uses for one of its own models is left alone (with a warning)."""
     timm = import_timm()
-    from timm.models import _registry, register_notrace_module
+    from timm.models import _registry
 
-    for cls in MOE_LAYERS.values():
-        register_notrace_module(cls)
+    _register_fx_leaves()
     module = sys.modules[__name__]
     registered = []
     for name in list_models(pattern):

@@ -152,8 +152,9 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for timm's layer-wise LR decay: embeddings, one group per block, final norm
-        (the pooling head and classifier fall in the last group)."""
+        """Parameter groups for timm's layer-wise LR decay (as timm's ViTs): embeddings, one group per
+        block, the final norm merged into the last block's group (timm's MATCH_PREV_GROUP); the pooling
+        head and classifier match no group, so timm gives them a last layer of their own (full lr)."""
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
