@@ -2,8 +2,10 @@
 
 `load_corpus("pydoc")`: Python's own `pydoc_data.topics` (ships with CPython, ~465k
 characters, no download); or a path: one text file, or a folder whose *.txt / *.md / *.rst /
-*.py files are concatenated in sorted order. The held-out split is the corpus's last
-`val_fraction` (contiguous, so no training window overlaps it).
+*.py files are concatenated in sorted order. The held-out part is the corpus's last
+`val_fraction` (contiguous, so no training window overlaps it), cut in two halves: the
+validation split first (for decisions: evaluations during training, choosing a recipe), the
+test split last (reported once, at the end), as the vision rules have it (docs/design.md §8.6).
 """
 from __future__ import annotations
 
@@ -42,21 +44,29 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+SPLITS = ("val", "test")
+
+
 @dataclass
 class CharCorpus:
     train: torch.Tensor  # (N_train,) int64 bytes
-    val: torch.Tensor  # (N_val,) the held-out tail
+    val: torch.Tensor  # (N_val,) the first half of the held-out tail: decisions
+    test: torch.Tensor  # (N_test,) its second half: reported once
 
     @classmethod
     def from_spec(cls, spec: str, val_fraction: float, block_size: int) -> CharCorpus:
+        """`val_fraction`: the held-out share of the corpus (validation + test, half each)."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         data = encode(load_corpus(spec))
-        n_val = int(len(data) * val_fraction)
-        if n_val < block_size + 1 or len(data) - n_val < block_size + 1:
+        n_held = int(len(data) * val_fraction)
+        n_val = n_held // 2
+        if n_val < block_size + 1 or n_held - n_val < block_size + 1 or len(data) - n_held < block_size + 1:
             raise ValueError(f"corpus {spec!r} has {len(data)} bytes: too short for block_size={block_size} "
-                             f"with val_fraction={val_fraction}")
-        return cls(data[:-n_val], data[-n_val:])
+                             f"with val_fraction={val_fraction} (each of train, validation and test needs "
+                             f"block_size + 1 bytes)")
+        held = data[-n_held:]
+        return cls(data[:-n_held], held[:n_val], held[n_val:])
 
     def batch(self, batch_size: int, block_size: int, generator: torch.Generator):
         """Random training windows: inputs (B, T) and next-byte targets (B, T)."""
@@ -65,9 +75,18 @@ class CharCorpus:
         w = self.train[rows]  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
-    def val_windows(self, block_size: int, max_windows: int) -> torch.Tensor:
-        """Non-overlapping held-out windows (W, T+1), at most `max_windows`, evenly spread."""
-        n = (len(self.val) - 1) // block_size
-        idx = torch.linspace(0, n - 1, min(n, max_windows)).round().to(torch.int64)
+    def windows(self, split: str, block_size: int, max_windows: int | None = None) -> torch.Tensor:
+        """Non-overlapping windows (W, T+1) of held-out `split` ("val" or "test"): all of them,
+        or at most `max_windows`, evenly spread (always the same ones)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        data = getattr(self, split)
+        n = (len(data) - 1) // block_size
+        k = n if max_windows is None else min(n, max_windows)
+        idx = torch.linspace(0, n - 1, k).round().to(torch.int64)
         rows = (idx * block_size).unsqueeze(1) + torch.arange(block_size + 1)
-        return self.val[rows]
+        return data[rows]
+
+    def val_windows(self, block_size: int, max_windows: int) -> torch.Tensor:
+        """`windows("val", block_size, max_windows)`."""
+        return self.windows("val", block_size, max_windows)

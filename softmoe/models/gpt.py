@@ -302,8 +302,6 @@ def save_pretrained(model: GPT, directory) -> Path:
 
 def from_pretrained(directory, device=None) -> GPT:
     """The GPT saved by `save_pretrained` in `directory` (never unpickles)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory) if isinstance(directory, (str, os.PathLike)) else None
     if directory is None or not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise ValueError(f"checkpoint must be a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
@@ -315,9 +313,26 @@ def from_pretrained(directory, device=None) -> GPT:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("architecture") != ARCHITECTURE:
         raise ValueError(f"{directory / CONFIG_NAME} is not a softmoe GPT config "
                          f"(expected format {FORMAT!r}, architecture {ARCHITECTURE!r})")
-    model = GPT(GPTConfig.from_dict(doc["config"]))
-    state = load_file(str(directory / WEIGHTS_NAME))
-    if model.config.tie_head:
-        state["head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True)
+    model = load_weights(GPT(GPTConfig.from_dict(doc["config"])), directory)
     return model.to(device) if device is not None else model
+
+
+def load_weights(model: GPT, directory) -> GPT:
+    """Load `directory`'s model.safetensors into `model` (strict: the same keys and shapes;
+    a tied head is re-tied to the token embedding). Used by from_pretrained and the LM resume."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if model.config.tie_head:
+        if "tok_emb.weight" not in state:
+            raise ValueError(f"{str(path)!r} has no tok_emb.weight: not a softmoe GPT checkpoint")
+        state["head.weight"] = state["tok_emb.weight"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{str(path)!r} does not fit this GPT ({model.config.name}): {e}") from e
+    return model

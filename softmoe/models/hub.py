@@ -61,6 +61,12 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .gpt import GPT
+
+    if isinstance(model, GPT):  # a decoder of the zoo: its own format (architecture "gpt", docs/design.md §8)
+        from .gpt import save_pretrained as save_decoder
+
+        return save_decoder(model, directory)
     if not isinstance(model, VisionTransformer) or not isinstance(getattr(model, "config", None), ViTConfig):
         raise ValueError(f"model must be a softmoe VisionTransformer (with a ViTConfig in .config), "
                          f"got {type(model).__name__}")
@@ -296,6 +302,13 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if saved_architecture(directory) == "gpt":  # a decoder (softmoe/models/gpt.py)
+        from .gpt import from_pretrained as load_decoder
+
+        if overrides:
+            raise ValueError(f"from_pretrained of a GPT checkpoint takes no config overrides, got {sorted(overrides)}")
+        model = load_decoder(directory)
+        return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
     if device is not None:
         try:
             device = torch.device(device)
@@ -325,6 +338,18 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def saved_architecture(directory) -> str | None:
+    """The "architecture" entry of `directory`'s softmoe config.json ("vit", "gpt"), or None
+    when there is no readable one (load_config then says what is wrong)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        return None
+    try:
+        doc = json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc.get("architecture") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
 
 
 def is_pretrained_dir(directory) -> bool:

@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
     if cfg.task == "lm":  # char-level language modelling: its own loop (softmoe/lm/train.py)
         from softmoe.lm.train import train_lm
 
-        return train_lm(cfg, workdir, log)
+        return train_lm(cfg, workdir, log, resume=resume)
     threads = torch.get_num_threads()
     had_group = parallel.has_process_group()
     with contextlib.ExitStack() as held:  # the work directory's lock, once _setup_run takes it
