@@ -12,7 +12,13 @@ def register(subparsers) -> None:
         description=__doc__ + "\n\nModels (--models, comma-separated, or 'all'; dense is always included): "
                     + models + ". Every run is an ordinary `softmoe train` work directory under OUT/runs/; "
                     "rerunning the same command resumes a killed comparison and runs only what is missing.")
-    p.add_argument("--data", required=True, help="a dataset name (digits, cifar10, ...) or an ImageFolder directory")
+    p.add_argument("--task", choices=("classify", "lm"), default="classify",
+                   help="classify (ViTs on images, the default) or lm (decoders on a corpus: held-out bits per "
+                        "character, softmoe/compare/lm.py)")
+    p.add_argument("--config", default="charlm",
+                   help="--task lm: the training config (a configs/ name or .py file with task='lm'; default charlm)")
+    p.add_argument("--data", default=None,
+                   help="a dataset name (digits, cifar10, ...) or an ImageFolder directory (--task classify)")
     p.add_argument("--data-root", default=None, help="where the dataset's files are")
     p.add_argument("--base", default="micro", help="the dense backbone: 'micro' or a vit_* model name (default: micro)")
     p.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
@@ -20,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=None,
                    help="models to train (default: dense,soft,tc1,tc2,ec); an arm may carry layer options, "
                         "MODEL:KEY=VALUE[:KEY=VALUE], e.g. soft:normalize=false (MoEConfig fields; ViTConfig for "
-                        "dense)")
+                        "dense). --task lm: decoder names with GPTConfig options, the first one dense (default: "
+                        "gpt_micro,soft_moe_gpt_micro,soft_moe_gpt_micro:rotate=false)")
     p.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list '0,1,2' (default: 3)")
     p.add_argument("--ablation-seeds", default=None,
                    help="seeds of the ablations and controls, when fewer than --seeds (a count or a list)")
@@ -54,6 +61,10 @@ def run(args) -> int:
 
     from softmoe.compare import compare
 
+    if args.task == "lm":
+        return _run_lm(args)
+    if args.data is None:
+        raise ValueError("--data is required for --task classify (a dataset name or an ImageFolder directory)")
     if args.epochs is None and args.steps is None:
         raise ValueError("give --epochs or --steps (the training length of every run)")
     backbone = _backbone(args.backbone)
@@ -63,6 +74,28 @@ def run(args) -> int:
             epochs=args.epochs or 0.0, steps=args.steps or 0, experts=args.experts,
             flops_tolerance=args.flops_tolerance, backbone=backbone, overrides=args.overrides, jobs=args.jobs,
             threads=args.threads, report_only=args.report_only, command="softmoe " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _run_lm(args) -> int:
+    import shlex
+    import sys
+
+    from softmoe.compare.lm import compare_lm
+
+    vision_only = {"--data": args.data, "--data-root": args.data_root, "--epochs": args.epochs,
+                   "--experts": args.experts, "--ablation-seeds": args.ablation_seeds,
+                   "--backbone": args.backbone or None, "--arm-seeds": args.arm_seeds or None}
+    given = [k for k, v in vision_only.items() if v is not None]
+    if given or args.base != "micro":
+        raise ValueError(f"{', '.join(given or ['--base'])}: not used by --task lm (the corpus and model come from "
+                         f"--config and --models; the length from --steps or the config)")
+    if args.jobs not in (None, 1):
+        raise ValueError(f"--task lm runs one run at a time (--jobs 1), got --jobs {args.jobs}")
+    compare_lm(args.config, args.out, models=args.models, seeds=args.seeds, steps=args.steps or 0,
+               overrides=args.overrides, threads=args.threads, flops_tolerance=args.flops_tolerance,
+               records_dir=args.records, report_only=args.report_only,
+               command="softmoe " + shlex.join(sys.argv[1:]))
     return 0
 
 
