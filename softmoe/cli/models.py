@@ -1,5 +1,7 @@
 """`softmoe models [PATTERN]`: the registered models with their parameters and inference
-FLOPs per image, counted on the meta device (nothing is allocated)."""
+FLOPs, counted on the meta device (nothing is allocated): the vision models (task classify,
+FLOPs per image), then the decoders (task lm, FLOPs per sequence of block_size tokens) in a
+section of their own."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +12,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "models", help="list registered models with parameters and GFLOP/img",
         description="List the registered models matching PATTERN (shell wildcards, default '*') with parameters, "
-                    "inference GFLOP per image (multiply-add = 2), MoE layers and experts, at the default image size.")
+                    "inference GFLOP per image (multiply-add = 2), MoE layers and experts, at the default image size; "
+                    "then the decoders (task lm) with GFLOP per sequence of their context length.")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'soft_moe_*' (default: all)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="count with this head size (the paper's Table 8 uses 29593; default: each model's own)")
@@ -33,8 +36,8 @@ def format_gflop(flops: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from softmoe.models import list_models, profile_model
 
-    names = list_models(args.pattern)
-    if not names:
+    names, decoders = list_models(args.pattern), list_models(args.pattern, task="lm")
+    if not names and not decoders:
         print(f"softmoe models: no model matches {args.pattern!r}; try `softmoe models` for the full list",
               file=sys.stderr)
         return 1
@@ -45,9 +48,27 @@ def run(args: argparse.Namespace) -> int:
         rows.append([name, format_count(prof.params), format_gflop(prof.flops), str(cfg.img_size),
                      str(len(cfg.moe_blocks)) if cfg.moe_type else "-",
                      str(cfg.num_experts) if cfg.moe_type else "-", cfg.moe_type or "dense"])
-    header = ["name", "params", "GFLOP/img", "img", "MoE layers", "experts", "type"]
+    if rows:
+        _print_table(["name", "params", "GFLOP/img", "img", "MoE layers", "experts", "type"], rows)
+    lm_rows = []
+    for name in decoders:  # --num-classes / --img-size do not apply to a decoder
+        prof = profile_model(name)
+        cfg = prof.config
+        lm_rows.append([name, format_count(prof.params), format_gflop(prof.flops), str(cfg.block_size),
+                        str(len(cfg.moe_blocks)) if cfg.moe_type else "-",
+                        str(cfg.num_experts) if cfg.moe_type else "-", cfg.moe_type or "dense"])
+    if lm_rows:
+        if rows:
+            print()
+        print("decoders (task lm; GFLOP per sequence of ctx tokens):")
+        _print_table(["name", "params", "GFLOP/seq", "ctx", "MoE layers", "experts", "type"], lm_rows)
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     right = {1, 2, 3, 4, 5}
+
     def fmt(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -56,4 +77,3 @@ def run(args: argparse.Namespace) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(fmt(r))
-    return 0

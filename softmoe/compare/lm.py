@@ -7,9 +7,11 @@ seeds each, held-out bits per character compared with the paired bootstrap (docs
 
 Arms are decoder names with GPTConfig overrides, `MODEL[:KEY=VALUE...]` (the vision compare's
 syntax, softmoe/compare/family.py `split_arm`); the first arm is the reference and must be
-dense. Every arm's forward FLOPs per sequence (FlopCounterMode on a real forward of block_size
-tokens: every matmul, router logits, dispatch and combine included) must lie within
-`flops_tolerance` of the reference's: matched FLOPs is checked, not assumed.
+dense. Every arm's forward FLOPs per sequence of block_size tokens, as the zoo's profiler counts
+them (softmoe/models/profile.py `gpt_flop_breakdown`: every matmul, the attention mix, router
+logits, dispatch and combine), must lie within `flops_tolerance` of the reference's: matched
+FLOPs is checked, not assumed. FlopCounterMode on a real forward is recorded beside it (on the
+CPU it does not count scaled_dot_product_attention, the same in every arm).
 
 Each run is an ordinary `softmoe train` work directory (task "lm": resumable from its
 checkpoints) under OUT/runs/<arm>/seed<k>/; its record (config, summary with the per-window
@@ -49,7 +51,8 @@ class LMArm:
     overrides: dict = field(default_factory=dict)
     description: str = ""
     params: int = 0
-    flops: float = 0.0  # forward FLOPs per sequence of block_size tokens
+    flops: float = 0.0  # forward FLOPs per sequence of block_size tokens (the zoo's profiler)
+    flops_counted: float = 0.0  # the same forward under FlopCounterMode (no SDPA on the CPU)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +86,7 @@ def build_arms(text: str | None, flops_tolerance: float = 0.05) -> tuple[list[LM
     import torch
 
     from softmoe.models.gpt import create_decoder, list_decoders
+    from softmoe.models.profile import count_flops
 
     keys = [k.strip() for k in (text or DEFAULT_ARMS).split(",") if k.strip()]
     if not keys or len(set(keys)) != len(keys):
@@ -98,7 +102,7 @@ def build_arms(text: str | None, flops_tolerance: float = 0.05) -> tuple[list[LM
             model = create_decoder(name, **options)
         cfg = model.config
         arms.append(LMArm(key, name, dict(options), describe(cfg), sum(p.numel() for p in model.parameters()),
-                          float(forward_flops(model, cfg.block_size))))
+                          float(count_flops(cfg)), float(forward_flops(model, cfg.block_size))))
     ref = arms[0]
     from softmoe.models.gpt import get_decoder_config
 
@@ -114,7 +118,8 @@ def build_arms(text: str | None, flops_tolerance: float = 0.05) -> tuple[list[LM
                              f"--flops-tolerance={flops_tolerance} away; use chunk_size = slots (S = C) to match")
     matching = {"reference": ref.key, "reference_flops": ref.flops, "tokens": blocks.pop(),
                 "ratios": {a.key: a.flops / ref.flops for a in arms}, "tolerance": flops_tolerance,
-                "matching": "forward FLOPs per sequence, FlopCounterMode (matmuls; routing included)"}
+                "flop_counter_ratios": {a.key: a.flops_counted / ref.flops_counted for a in arms},
+                "matching": "forward FLOPs per sequence, the zoo's profiler (matmuls, attention, routing included)"}
     return arms, matching
 
 

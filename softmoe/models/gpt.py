@@ -200,6 +200,10 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))  # (B, T, V)
 
+    def save_pretrained(self, directory) -> Path:
+        """`save_pretrained(self, directory)` (config.json + model.safetensors, atomically)."""
+        return save_pretrained(self, directory)
+
     # -- generation -----------------------------------------------------------------------------
     def init_cache(self, batch_size: int) -> dict:
         """Per block: the attention KV cache (B, H, block_size, hd) and the MoE decoding state."""

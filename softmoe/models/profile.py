@@ -33,15 +33,69 @@ import torch
 from torch import nn
 
 from .config import ViTConfig
+from .gpt import GPT, GPTConfig
 
 
-def _config_of(obj) -> ViTConfig:
-    if isinstance(obj, ViTConfig):
+def _config_of(obj) -> ViTConfig | GPTConfig:
+    if isinstance(obj, (ViTConfig, GPTConfig)):
         return obj
     cfg = getattr(obj, "config", None)
-    if isinstance(cfg, ViTConfig):
+    if isinstance(cfg, (ViTConfig, GPTConfig)):
         return cfg
-    raise ValueError(f"expected a ViTConfig or a model with a .config ViTConfig, got {type(obj).__name__}")
+    raise ValueError(f"expected a ViTConfig / GPTConfig or a model with one in .config, got {type(obj).__name__}")
+
+
+# -- decoders (softmoe/models/gpt.py): per sequence of block_size tokens ----------------------------
+def gpt_param_breakdown(model_or_config) -> dict[str, int]:
+    """Parameters of a GPT per component: tok_emb, pos_emb, attention, norms, mlp, moe_router,
+    moe_experts, head (0 when tied to the token embedding)."""
+    if isinstance(model_or_config, GPTConfig):
+        with torch.device("meta"):
+            model = GPT(model_or_config)
+    else:
+        model = model_or_config
+    out = dict.fromkeys(("tok_emb", "pos_emb", "attention", "norms", "mlp", "moe_router", "moe_experts", "head"), 0)
+    for name, p in model.named_parameters():  # a tied head is the token embedding: counted once
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            sub = parts[2]
+            key = ("attention" if sub == "attn" else "norms" if sub.startswith("ln") else
+                   "moe_experts" if parts[3] == "experts" else "moe_router" if parts[3] == "router" else "mlp")
+        else:
+            key = {"tok_emb": "tok_emb", "pos_emb": "pos_emb", "ln_f": "norms", "head": "head"}.get(parts[0])
+            if key is None:
+                raise ValueError(f"gpt_param_breakdown does not know where parameter {name!r} belongs")
+        out[key] += p.numel()
+    return out
+
+
+def gpt_flop_breakdown(cfg: GPTConfig, tokens: int | None = None) -> dict[str, int]:
+    """Forward FLOPs of a GPT over one sequence of `tokens` (default block_size), the convention
+    above (matmuls and einsums; the attention mix over the full T x T scores, as
+    scaled_dot_product_attention computes it). CausalSoftMoE (docs/design.md §8) pads T up to
+    K = ceil(T/C) chunks and spends per chunk: router logits 2*C*D*S, dispatch 2*S*C*D, S expert
+    evaluations, combine over 2S slots 2*C*2S*D; with S = C its experts cost the dense MLP."""
+    T = cfg.block_size if tokens is None else tokens
+    D, M, L = cfg.embed_dim, cfg.mlp_dim, cfg.depth
+    n_moe = len(cfg.moe_blocks)
+    out = dict.fromkeys(("attention_proj", "attention_mix", "mlp", "moe_router", "moe_dispatch_combine",
+                         "moe_experts", "head"), 0)
+    out["attention_proj"] = L * 2 * T * D * 4 * D
+    out["attention_mix"] = L * 2 * (2 * T * T * D)
+    out["mlp"] = (L - n_moe) * 2 * T * 2 * D * M
+    S = cfg.num_experts * cfg.slots_per_expert
+    if cfg.moe_type == "CausalSoftMoE":
+        C = cfg.chunk_size or S
+        Tp = -(-T // C) * C  # padded to whole chunks
+        out["moe_router"] = n_moe * 2 * Tp * D * S
+        out["moe_dispatch_combine"] = n_moe * (2 * Tp * S * D + 2 * Tp * 2 * S * D)
+        out["moe_experts"] = n_moe * 2 * (Tp // C) * S * 2 * D * M
+    elif cfg.moe_type == "SoftMoE":  # the leaky canary: S slots over the whole sequence
+        out["moe_router"] = n_moe * 2 * T * D * S
+        out["moe_dispatch_combine"] = n_moe * 2 * (2 * T * S * D)
+        out["moe_experts"] = n_moe * 2 * S * 2 * D * M
+    out["head"] = 2 * T * D * cfg.vocab_size
+    return out
 
 
 def _meta_model(cfg: ViTConfig) -> nn.Module:
@@ -60,6 +114,8 @@ def param_breakdown(model_or_config) -> dict[str, int]:
     """Parameters per component: patch_embed, pos_embed (+ class token), attention (incl.
     qk-norm), norms, mlp (dense), moe_router, moe_experts, map_head, head. A config is built
     on the meta device first (no memory)."""
+    if isinstance(model_or_config, (GPTConfig, GPT)):
+        return gpt_param_breakdown(model_or_config)
     model = _meta_model(model_or_config) if isinstance(model_or_config, ViTConfig) else model_or_config
     out = dict.fromkeys(("patch_embed", "pos_embed", "attention", "norms", "mlp", "moe_router", "moe_experts",
                          "map_head", "head"), 0)
@@ -89,7 +145,7 @@ def param_breakdown(model_or_config) -> dict[str, int]:
 def count_params(model_or_config) -> int:
     """Total parameters of a model (any nn.Module; meta tensors fine) or of the model a
     config builds (on the meta device)."""
-    if isinstance(model_or_config, ViTConfig):
+    if isinstance(model_or_config, (ViTConfig, GPTConfig)):
         return sum(param_breakdown(model_or_config).values())
     return sum(p.numel() for p in model_or_config.parameters())
 
@@ -100,8 +156,13 @@ def flop_breakdown(model_or_config, batch_size: int | None = None) -> dict[str, 
 
     Keys: patch_embed, attention_proj (q, k, v, output), attention_mix (scores + weighted
     sum), mlp, moe_router, moe_dispatch_combine, moe_experts, map_head, head.
+    A decoder (GPTConfig or GPT): per sequence of block_size tokens (`gpt_flop_breakdown`),
+    times `batch_size` sequences.
     """
     cfg = _config_of(model_or_config)
+    if isinstance(cfg, GPTConfig):
+        per_seq = gpt_flop_breakdown(cfg)
+        return {k: v * (batch_size or 1) for k, v in per_seq.items()}
     group = 1
     moe = None
     if cfg.moe_type is not None:
@@ -151,12 +212,13 @@ def count_flops(model_or_config, batch_size: int | None = None) -> int | float:
 class ModelProfile:
     name: str
     params: int
-    flops: int | float  # per image
+    flops: int | float  # per image (classify) or per sequence of block_size tokens (lm)
     moe_blocks: tuple[int, ...]
     num_experts: int
     param_breakdown: dict[str, int]
     flop_breakdown: dict[str, int | float]
-    config: ViTConfig
+    config: ViTConfig | GPTConfig
+    task: str = "classify"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -174,8 +236,10 @@ def profile_model(model_name_or_config, /, **overrides) -> ModelProfile:
     else:
         cfg = _config_of(model_name_or_config)
         if overrides:
-            cfg = cfg.replace(**overrides)
+            cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None}) \
+                if isinstance(cfg, GPTConfig) else cfg.replace(**overrides)
     pb = param_breakdown(cfg)
     fb = flop_breakdown(cfg)
     return ModelProfile(name=cfg.name, params=sum(pb.values()), flops=sum(fb.values()), moe_blocks=cfg.moe_blocks,
-                        num_experts=cfg.num_experts, param_breakdown=pb, flop_breakdown=fb, config=cfg)
+                        num_experts=cfg.num_experts, param_breakdown=pb, flop_breakdown=fb, config=cfg,
+                        task="lm" if isinstance(cfg, GPTConfig) else "classify")

@@ -14,6 +14,12 @@ Choice has a capacity of at least one token (the paper: experts ~ tokens works b
 
 Heads: 1000 classes by default (10 for the micro models); the paper's Table 8 counts use
 `num_classes=29593` (JFT).
+
+Decoders (task "lm", softmoe/models/gpt.py): `gpt_micro` and `soft_moe_gpt_micro`, generated
+from that module's table (`DECODER_FAMILIES` x `DECODER_SIZES`) and registered here too, so
+`create_model`, `get_config` (a GPTConfig) and `profile_model` take their names. Every name
+has a task; `list_models` lists the vision models unless asked (`task="lm"` or `task=None`
+for all), so vision-only consumers (timm registration, the vision compare) never meet a GPT.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import fnmatch
 from collections.abc import Callable
 
 from .config import MoEConfig, ViTConfig
+from .gpt import DECODER_CONFIGS, GPT, GPTConfig
 from .vit import VisionTransformer, build_model
 
 # size -> (embed_dim, depth, mlp_dim, num_heads), docs/design.md §3.
@@ -42,21 +49,28 @@ MICRO = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64
 MICRO_EXPERTS = 8
 
 _REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
-_CONFIGS: dict[str, ViTConfig] = {}
+_CONFIGS: dict[str, ViTConfig | GPTConfig] = {}
+_TASKS: dict[str, str] = {}  # name -> "classify" (vision) or "lm" (decoders)
+TASKS = ("classify", "lm")
 
 
-def register_model(fn=None, *, name: str | None = None, config: ViTConfig | None = None):
-    """Register `fn(**overrides) -> VisionTransformer` under `name` (default: fn.__name__).
+def register_model(fn=None, *, name: str | None = None, config: ViTConfig | GPTConfig | None = None,
+                   task: str = "classify"):
+    """Register `fn(**overrides) -> model` under `name` (default: fn.__name__).
 
     Use as `@register_model` or `@register_model(name=..., config=...)`; `config` (the
     default config) lets `get_config` and the CLI count the model without building it.
-    Registering a name twice is a ValueError.
+    `task`: "classify" (a ViT) or "lm" (a decoder). Registering a name twice is a ValueError.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
     def wrap(f):
         key = name or f.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is already registered")
         _REGISTRY[key] = f
+        _TASKS[key] = task
         if config is not None:
             _CONFIGS[key] = config
         return f
@@ -64,12 +78,21 @@ def register_model(fn=None, *, name: str | None = None, config: ViTConfig | None
     return wrap if fn is None else wrap(fn)
 
 
-def list_models(pattern: str = "*") -> list[str]:
+def list_models(pattern: str = "*", task: str | None = "classify") -> list[str]:
     """Registered names matching the shell-style `pattern`, in table order (family, size,
-    patch; micro models first)."""
+    patch; micro models first). `task`: "classify" (the default: the vision models), "lm"
+    (the decoders) or None (every model)."""
     if not isinstance(pattern, str):
         raise ValueError(f"pattern must be a str such as 'soft_moe_*', got {pattern!r}")
-    return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower())]
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None (all), got {task!r}")
+    return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern.lower()) and task in (None, _TASKS[n])]
+
+
+def model_task(name: str) -> str:
+    """"classify" or "lm" for a registered name (unknown: ValueError with suggestions)."""
+    _lookup(name)
+    return _TASKS[name]
 
 
 def _lookup(name: str):
@@ -82,15 +105,18 @@ def _lookup(name: str):
     return _REGISTRY[name]
 
 
-def apply_overrides(cfg: ViTConfig, overrides: dict) -> ViTConfig:
+def apply_overrides(cfg, overrides: dict):
     """`cfg` with `overrides` applied (see `ViTConfig.replace`: ViTConfig fields, `moe` as a
     MoEConfig / None / dict of MoEConfig fields, or the legacy moe_type, num_experts,
     moe_placement, moe_kwargs). A None value means "keep the default" for every key except
-    `moe` and `moe_type` (None: dense), so `img_size=args.img_size` passes unset CLI flags."""
+    `moe` and `moe_type` (None: dense), so `img_size=args.img_size` passes unset CLI flags.
+    A GPTConfig takes its own fields (`GPTConfig.replace`), None again meaning the default."""
+    if isinstance(cfg, GPTConfig):
+        return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None or k in ("moe", "moe_type")})
 
 
-def get_config(name: str, /, **overrides) -> ViTConfig:
+def get_config(name: str, /, **overrides) -> ViTConfig | GPTConfig:
     """The config `create_model(name, **overrides)` would build, without building it."""
     fn = _lookup(name)
     if name in _CONFIGS:
@@ -101,15 +127,17 @@ def get_config(name: str, /, **overrides) -> ViTConfig:
         return fn(**overrides).config
 
 
-def create_model(name: str, /, **overrides) -> VisionTransformer:
+def create_model(name: str, /, **overrides):
     """Build the registered model `name` with `overrides` (see `apply_overrides`), e.g.
-    `create_model("soft_moe_s16", num_classes=10, moe={"num_experts": 32})`."""
+    `create_model("soft_moe_s16", num_classes=10, moe={"num_experts": 32})` or
+    `create_model("soft_moe_gpt_micro", num_experts=8, chunk_size=8)` (a GPT)."""
     return _lookup(name)(**overrides)
 
 
-def _config_builder(cfg: ViTConfig):
-    def build(**overrides) -> VisionTransformer:
-        return build_model(apply_overrides(cfg, overrides))
+def _config_builder(cfg: ViTConfig | GPTConfig):
+    def build(**overrides):
+        resolved = apply_overrides(cfg, overrides)
+        return GPT(resolved) if isinstance(resolved, GPTConfig) else build_model(resolved)
 
     return build
 
@@ -134,6 +162,8 @@ def _register_tables() -> None:
                 cfg = ViTConfig(patch_size=patch, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads,
                                 moe=moe, name=name)
                 register_model(_config_builder(cfg), name=name, config=cfg)
+    for name, cfg in DECODER_CONFIGS.items():  # the decoder zoo's own table (softmoe/models/gpt.py)
+        register_model(_config_builder(cfg), name=name, config=cfg, task="lm")
 
 
 _register_tables()
