@@ -21,6 +21,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _decoder_config(name: str, items: list[str]):
+    """The GPTConfig of a decoder name or a GPT save_pretrained directory, with `--set` items
+    (GPTConfig fields; values as JSON, else strings); None when `name` is neither."""
+    from softmoe._fields import split_assignment
+    from softmoe.models import get_config, list_models
+    from softmoe.models.hub import saved_architecture
+
+    if Path(name).is_dir() and saved_architecture(name) == "gpt":
+        from softmoe.models.gpt import GPTConfig
+
+        cfg = GPTConfig.from_dict(json.loads((Path(name) / "config.json").read_text(encoding="utf-8"))["config"])
+    elif name in list_models(task="lm"):
+        cfg = get_config(name)
+    else:
+        return None
+    overrides = {}
+    for item in items:
+        key, text = split_assignment(item)
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return cfg.replace(**overrides)
+
+
 def _config_for(name: str, overrides: dict):
     from softmoe.models import get_config
     from softmoe.models.hub import load_config
@@ -40,15 +65,27 @@ def run(args: argparse.Namespace) -> int:
     from softmoe.models import build_model, profile_model
     from softmoe.models.config import parse_overrides
 
-    cfg = _config_for(args.name, parse_overrides(args.overrides))
+    cfg = _decoder_config(args.name, args.overrides)
+    if cfg is None:
+        cfg = _config_for(args.name, parse_overrides(args.overrides))
     prof = profile_model(cfg)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2))
         return 0
+    decoder = prof.task == "lm"
     with torch.device("meta"):
-        model = build_model(cfg)
-    print(f"{cfg.name}: {format_count(prof.params)} parameters, {prof.flops / 1e9:.4g} GFLOP/img "
-          f"({cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, multiply-add = 2)")
+        if decoder:
+            from softmoe.models.gpt import GPT
+
+            model = GPT(cfg)
+        else:
+            model = build_model(cfg)
+    if decoder:
+        print(f"{cfg.name}: {format_count(prof.params)} parameters, {prof.flops / 1e9:.4g} GFLOP/seq "
+              f"({cfg.block_size} tokens, multiply-add = 2; task lm)")
+    else:
+        print(f"{cfg.name}: {format_count(prof.params)} parameters, {prof.flops / 1e9:.4g} GFLOP/img "
+              f"({cfg.img_size}x{cfg.img_size}, {cfg.num_tokens} tokens, multiply-add = 2)")
     print("\nconfig:")
     for key, value in cfg.to_dict().items():
         if isinstance(value, dict):  # the moe section
@@ -64,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         kind = "dense MLP" if type(mlp).__name__ == "Mlp" else f"{type(mlp).__name__}({mlp.extra_repr()})"
         print(f"  {i:>3}  {format_count(n):>9}  {kind}")
     for title, parts, total in (("parameters", prof.param_breakdown, prof.params),
-                                ("FLOPs per image", prof.flop_breakdown, prof.flops)):
+                                ("FLOPs per sequence" if decoder else "FLOPs per image", prof.flop_breakdown,
+                                 prof.flops)):
         print(f"\n{title}:")
         for key, value in parts.items():
             if value:
