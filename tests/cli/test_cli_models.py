@@ -22,7 +22,9 @@ def test_models_table(capsys):
 def test_models_all_and_no_match(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert len(out.splitlines()) == 2 + 84 and "vit_micro" in out and "ec_moe_h8" in out
+    # 84 vision models, a blank line, then the decoders' section (title, header, rule, 2 rows)
+    assert len(out.splitlines()) == 2 + 84 + 1 + 3 + 2 and "vit_micro" in out and "ec_moe_h8" in out
+    assert out.splitlines()[2 + 84 + 1].startswith("decoders (task lm") and "soft_moe_gpt_micro" in out
     assert main(["models", "nope*"]) == 1
     assert "no model matches 'nope*'" in capsys.readouterr().err
 
