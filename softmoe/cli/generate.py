@@ -31,9 +31,13 @@ def run(args) -> int:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    from softmoe.models.hub import latest_checkpoint
+
     path = Path(args.checkpoint)
-    if (path / "model").is_dir():
+    if (path / "model").is_dir():  # a finished training work directory
         path = path / "model"
+    elif path.is_dir() and latest_checkpoint(path) is not None:  # one still running, or killed
+        path = latest_checkpoint(path)
     model = from_pretrained(path).eval()
     prompt = encode(args.prompt)
     if len(prompt) == 0:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .family import split_arm
-from .runner import RUN_RECORD, Run, check_plan, completed, parse_seeds, plan_runs
+from .runner import RUN_RECORD, Run, check_plan, parse_seeds, plan_runs
 from .stats import paired_bootstrap_values, summarize
 
 DEFAULT_ARMS = "gpt_micro,soft_moe_gpt_micro,soft_moe_gpt_micro:rotate=false"
@@ -121,6 +121,31 @@ def build_arms(text: str | None, flops_tolerance: float = 0.05) -> tuple[list[LM
                 "flop_counter_ratios": {a.key: a.flops_counted / ref.flops_counted for a in arms},
                 "matching": "forward FLOPs per sequence, the zoo's profiler (matmuls, attention, routing included)"}
     return arms, matching
+
+
+def completed(run: Run) -> dict | None:
+    """The run's record if it finished with this config up to where its work directory was (in
+    the work directory, or else the record copy), else None: a record made under another --out,
+    or on another machine, still counts."""
+    def same(rec) -> bool:
+        from softmoe.train import TrainConfig
+
+        try:
+            a, b = (TrainConfig.from_dict(c).to_dict() for c in (rec["config"], run.config))
+        except (KeyError, TypeError, ValueError):
+            return False
+        return {k: v for k, v in a.items() if k != "workdir"} == {k: v for k, v in b.items() if k != "workdir"}
+
+    for path in (Path(run.workdir) / RUN_RECORD, Path(run.record_copy) if run.record_copy else None):
+        if path is None or not path.is_file():
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and same(rec):
+            return rec
+    return None
 
 
 def execute_lm(run: Run) -> dict:
@@ -270,7 +295,10 @@ def markdown(report: dict) -> str:
              f"tokens, seeds {plan['seeds']})", "",
              f"Command: `{plan['command']}`", "",
              f"Reference: {report['reference']}. Matched cost: {plan['matching']['matching']}; ratios "
-             + ", ".join(f"{k} {v:.3f}x" for k, v in plan["matching"]["ratios"].items()) + ".", "",
+             + ", ".join(f"{k} {v:.4f}x" for k, v in plan["matching"]["ratios"].items())
+             + " (FlopCounterMode, which skips the attention mix on the CPU: "
+             + ", ".join(f"{k} {v:.4f}x" for k, v in plan["matching"].get("flop_counter_ratios", {}).items())
+             + ").", "",
              "Statistics: paired bootstrap over held-out windows (the same windows for both arms) and seeds "
              f"({plan['bootstrap']}); a difference is claimed only when the 95% interval excludes 0 by "
              f"{plan['claim_margin_bits']} bits/char. Lower bpc is better.", ""]
@@ -348,7 +376,8 @@ def compare_lm(config: str = "charlm", out_dir: str | Path = "runs/compare_lm", 
             "seeds": seed_list, "recipe": recipe, "steps": cfg.steps, "batch_size": cfg.batch_size,
             "tokens": matching["tokens"], "train_tokens": cfg.steps * cfg.batch_size * matching["tokens"],
             "threads": threads, "command": command or "softmoe.compare.lm.compare_lm(...)"}
-    check_plan(out_dir, {k: v for k, v in plan.items() if k != "command"})
+    if not report_only:  # a report of the records so far may come from another --out or release
+        check_plan(out_dir, {k: v for k, v in plan.items() if k != "command"})
     log(f"compare (lm): {len(arms)} arms x {len(seed_list)} seeds, {cfg.steps} steps of {cfg.batch_size}x"
         f"{matching['tokens']} tokens on {cfg.data!r}, one run at a time, {threads} thread(s); output {out_dir}")
     for a in arms:
@@ -360,7 +389,7 @@ def compare_lm(config: str = "charlm", out_dir: str | Path = "runs/compare_lm", 
                             if not any(x["key"] == r.key and x["seed"] == r.seed for x in records)]
     plan["bootstrap"] = f"{BOOTSTRAP_REPLICATES} replicates, generator seed {BOOTSTRAP_SEED}"
     plan["claim_margin_bits"] = CLAIM_MARGIN_BITS
-    measured = measure_speed_lm(arms, cfg.batch_size, threads, log) if speed and not plan["missing_runs"] else None
+    measured = measure_speed_lm(arms, cfg.batch_size, threads, log) if speed else None
     report = build_report(plan, arms, records, measured)
     text = markdown(report)
     for folder in [out_dir] + ([Path(records_dir)] if records_dir else []):

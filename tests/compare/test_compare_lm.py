@@ -112,5 +112,9 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     shutil.rmtree(tmp_path / "out")
     assert main(args) == 0
     assert "4 of 4 runs already complete" in capsys.readouterr().out
+    # a report of the records alone, from another --out (e.g. on another machine)
+    args[args.index("--out") + 1] = str(tmp_path / "elsewhere")
+    assert main([*args, "--report-only"]) == 0
+    assert "report only: 4 of 4 runs complete" in capsys.readouterr().out
     assert main(["compare", "--task", "lm", "--data", "digits", "--steps", "2"]) == 2
     assert "not used by --task lm" in capsys.readouterr().err
