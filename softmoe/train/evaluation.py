@@ -83,6 +83,7 @@ def evaluate(model: nn.Module, dataset, img_size: int, batch_size: int, device: 
     n = len(dataset)
     if n == 0:
         raise ValueError(f"cannot evaluate an empty split ({getattr(dataset, 'split', '?')!r} has no examples)")
+    batch_size = min(batch_size, n)  # a set smaller than one batch is one batch, unpadded
     world, rank = (1, 0) if mesh is None else (mesh.world_size, mesh.rank)
     plan = eval_plan(n, batch_size, world, rank)
     was_training = model.training
