@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,9 +70,10 @@ NOISY = {"tokens_choice": ["--set", "model=tc_moe_micro"],  # the sparse layers'
 @pytest.mark.parametrize("kind", sorted(NOISY))
 def test_noisy_router_training_equals_one_process(kind, tmp_path):
     """Without keyed noise every rank draws the same noise for different rows: Tokens Choice
-    and Experts Choice differed from one process by 3.8e-3 / 2.0e-3 after 4 steps."""
+    and Experts Choice differed from one process by 3.8e-3 / 2.0e-3 after 4 steps. Tokens
+    Choice also resumes the single-process step-2 checkpoint at EP2 and ends at its weights."""
     extra = NOISY[kind]
-    train(tmp_path / "single", extra)
+    train(tmp_path / "single", [*extra, "--set", "checkpoint_every=2", "--set", "keep_checkpoints=5"])
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     for name, nproc, ep in (("dp2", 2, 1), ("ep2", 2, 2)):
         wd = tmp_path / name
@@ -81,6 +83,12 @@ def test_noisy_router_training_equals_one_process(kind, tmp_path):
         got = json.loads((wd / "summary.json").read_text())  # the final evaluation, sharded over 2 ranks
         assert got["test_accuracy"] == single["test_accuracy"], name
         assert got["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5), name
+    if kind == "tokens_choice":  # the RNG advanced as in one process: its checkpoint resumes the same noise at EP2
+        wd = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "single", wd)
+        shutil.rmtree(wd / "checkpoints" / "step_00000004")
+        assert "resuming from" in train(wd, extra, 2, 2)
+        assert max_diff(wd, tmp_path / "single") < TOL
 
 
 def launch(scenario: str, world: int, tmp: Path, timeout_s: float = 150, collective_timeout_s: float = 60):
