@@ -29,33 +29,37 @@ def layers(G: int = 1):
 
 
 @pytest.mark.parametrize("world,G", [(2, 1), (3, 1), (2, 2), (4, 3)])
-def test_global_row_noise_is_the_rows_of_the_global_draw(world, G):
+def test_global_row_noise_is_the_rows_of_the_global_draw(world, G, device):
     """Each process's sample equals its rows of torch.randn(global shape) drawn from the same
     RNG state, and leaves the RNG where the global draw leaves it."""
     b = 2 * G  # sequences per process
     B = world * b
+
+    def rng_state():
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
     torch.manual_seed(3)
-    want = torch.randn(B // G, 5, 3, dtype=torch.float64)
-    after = torch.get_rng_state()
+    want = torch.randn(B // G, 5, 3, dtype=torch.float64, device=device)
+    after = rng_state()
     for r in range(world):
         torch.manual_seed(3)
-        got = GlobalRowNoise(r * b, (r + 1) * b, B)((b // G, 5, 3), torch.float64, torch.device("cpu"), G)
+        got = GlobalRowNoise(r * b, (r + 1) * b, B)((b // G, 5, 3), torch.float64, device, G)
         assert torch.equal(got, want[r * b // G:(r + 1) * b // G])
-        assert torch.equal(torch.get_rng_state(), after)
+        assert torch.equal(rng_state(), after)
         assert got.untyped_storage().nbytes() == got.numel() * got.element_size()  # the global buffer is not kept
 
 
 @pytest.mark.parametrize("kind", ["soft", "tokens", "experts"])
 @pytest.mark.parametrize("world,G", [(2, 1), (3, 1), (2, 2)])
-def test_layer_on_its_rows_equals_the_global_run(kind, world, G):
+def test_layer_on_its_rows_equals_the_global_run(kind, world, G, device):
     """A noisy layer (training mode) run by "process r" on rows r*b..(r+1)*b-1 with keyed noise
     gives the global run's output rows and auxiliary loss terms; with the default sampler it
     does not (every process would draw the global batch's first rows)."""
     torch.manual_seed(0)
-    ref = layers(G)[kind].train()
+    ref = layers(G)[kind].to(device).train()
     b = 2 * G
     B = world * b
-    x = torch.randn(B, N, D, dtype=torch.float64)
+    x = torch.randn(B, N, D, dtype=torch.float64, device=device)
     torch.manual_seed(11)
     y_ref = ref(x)
     for r in range(world):
