@@ -6,6 +6,7 @@
         model = create_model(...)                # nothing allocated
     model = smd.parallelize(model, ep_size=4)    # experts sharded over 4 ranks, the rest replicated
     smd.materialize(model, device, seed=0)       # local shards only, same numbers at every layout
+    smd.key_noise_by_global_rows(model, (rank * b, (rank + 1) * b), B)  # router noise = one process's
     ...loss.backward(); smd.sync_gradients(model); optimizer.step()
     smd.save_checkpoint(path, model, optimizer)  # layout-independent: loads at any ep_size, or unparallelised
 
@@ -15,10 +16,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .expert_parallel import ExpertParallel, shard_experts
 from .init import init_weights, materialize, param_key
 from .mesh import Mesh, init_mesh, init_process_group, shard_batch
+from .noise import GlobalRowNoise, key_noise_by_global_rows
 from .parallelize import (broadcast_parameters, expert_parameters, ignored_params, mesh_of, parallelize,
                           replicated_parameters, sync_gradients)
 
 __all__ = ["init_process_group", "init_mesh", "Mesh", "shard_batch", "parallelize", "ExpertParallel",
            "shard_experts", "sync_gradients", "broadcast_parameters", "expert_parameters", "replicated_parameters",
            "ignored_params", "mesh_of", "save_checkpoint", "load_checkpoint",
-           "init_weights", "materialize", "param_key"]
+           "init_weights", "materialize", "param_key", "key_noise_by_global_rows", "GlobalRowNoise"]

@@ -41,6 +41,7 @@ from . import checkpoint as ckpt_mod
 from . import logs
 from . import parallel
 from .config import TrainConfig, resumable_fields
+from .evaluation import evaluate
 from .optim import build_optimizer, make_schedule, set_lr
 from .timing import StepClock
 
@@ -83,29 +84,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, l
             targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
     raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {kind!r}")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, img_size: int, batch_size: int, device: torch.device, autocast,
-             loss_kind: str = "softmax") -> dict:
-    """Accuracy and mean loss over the whole `dataset` (eval mode, no augmentation). The sums
-    stay on the device until the end (float64 loss sum: the same numbers as summing on the host)."""
-    from softmoe.data import eval_batches
-
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    for x, y in eval_batches(dataset, batch_size, img_size, device):
-        with autocast():
-            logits = model(x)
-        logits = logits.float()  # (B, C)
-        total_loss += classification_loss(logits, y, loss_kind).double() * len(y)
-        correct += (logits.argmax(-1) == y).sum()
-        n += len(y)
-    model.train(was_training)
-    return {"test_accuracy": int(correct) / n, "test_loss": float(total_loss) / n, "test_examples": n}
 
 
 def resolve_config(cfg: TrainConfig, train_ds, workdir: Path) -> TrainConfig:
@@ -260,7 +238,7 @@ class _Run:
         the MoE layers' routing diagnostics (router/<layer>/<metric>) on 256 of those images."""
         def score(ds):
             return evaluate(self.model, ds, self.cfg.img_size, self.cfg.eval_batch_size, self.device, self.autocast,
-                            self.cfg.loss)
+                            self.cfg.loss, mesh=self.mesh)  # under torchrun: sharded over the ranks
 
         rec = {"kind": "eval", "step": step}
         if self.moe and self.mesh is None:  # routing diagnostics over time (softmoe.eval.routing)
@@ -338,6 +316,8 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     if mesh is not None:
         smd.parallelize(model, mesh)  # the local expert shards, still on meta
     smd.materialize(model, device, cfg.seed)  # keyed init: the same numbers at every layout
+    if mesh is not None:  # router noise: each rank draws one process's noise for its rows (docs/distributed.md)
+        smd.key_noise_by_global_rows(model, parallel.rows(mesh, cfg.batch_size), cfg.batch_size)
     model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
