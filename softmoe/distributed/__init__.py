@@ -11,14 +11,18 @@
 
 Nothing here runs at import; a model never parallelised is untouched.
 """
-from .checkpoint import load_checkpoint, save_checkpoint
-from .expert_parallel import ExpertParallel, shard_experts
+from .checkpoint import load_checkpoint, load_full_state_dict, save_checkpoint, shard_optimizer_state
+from .expert_parallel import all_to_all, expert_offset, is_sharded, local, local_region, shard_experts
+from .fsdp import apply_fsdp, clip_grad_norm_, is_fsdp, sync_ignored_gradients
 from .init import init_weights, materialize, param_key
 from .mesh import Mesh, init_mesh, init_process_group, shard_batch
 from .parallelize import (broadcast_parameters, expert_parameters, ignored_params, mesh_of, parallelize,
                           replicated_parameters, sync_gradients)
 
-__all__ = ["init_process_group", "init_mesh", "Mesh", "shard_batch", "parallelize", "ExpertParallel",
-           "shard_experts", "sync_gradients", "broadcast_parameters", "expert_parameters", "replicated_parameters",
-           "ignored_params", "mesh_of", "save_checkpoint", "load_checkpoint",
+__all__ = ["init_process_group", "init_mesh", "Mesh", "shard_batch", "parallelize", "all_to_all",
+           "shard_experts", "is_sharded", "local", "local_region", "expert_offset", "apply_fsdp", "is_fsdp",
+           "clip_grad_norm_",
+           "sync_ignored_gradients", "sync_gradients", "broadcast_parameters", "expert_parameters",
+           "replicated_parameters", "ignored_params", "mesh_of", "save_checkpoint", "load_checkpoint",
+           "load_full_state_dict", "shard_optimizer_state",
            "init_weights", "materialize", "param_key"]
