@@ -39,9 +39,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if _distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rank() -> int:
@@ -56,23 +56,25 @@ def _state(model: nn.Module, optimizer) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, process_group=None) -> Path:
     """Save `model` (and `optimizer`) into folder `path`; collective when a process group
     exists (every rank calls it), a plain single-process save otherwise. `extra`: JSON data
-    (step, ...) returned by `load_checkpoint`. Returns `path`."""
+    (step, ...) returned by `load_checkpoint`. `process_group`: the group of all ranks that
+    coordinates the save (e.g. `Mesh.io_group`, with a long timeout); None: the default one.
+    Returns `path`."""
     path = Path(path)
     if _rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / MARKER).unlink(missing_ok=True)  # an overwritten checkpoint is incomplete until the end
-    _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(path))
+    _barrier(process_group)
+    dcp.save(_state(model, optimizer), checkpoint_id=str(path), process_group=process_group)
     if _rank() == 0:
         atomic_write_json(path / EXTRA, {"format": FORMAT, "extra": extra or {},
                                          "optimizer": optimizer is not None})
-    _barrier()  # every shard, DCP's metadata and the extra data are on disk
+    _barrier(process_group)  # every shard, DCP's metadata and the extra data are on disk
     if _rank() == 0:
         atomic_write_text(path / MARKER, FORMAT + "\n")
-    _barrier()
+    _barrier(process_group)
     return path
 
 
@@ -102,12 +104,14 @@ def shard_files(path: str | os.PathLike) -> list[str]:
     return sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    process_group=None) -> dict:
     """Load a `save_checkpoint` folder into `model` (parallelised at any layout, FSDP2 or not,
     or a plain model in one process without a process group) and `optimizer` (built over
     `model`'s parameters, same groups). Each rank reads only what its shards need. Materialise
     a meta model first (`model.to_empty(device=...)`). Every model tensor must be in the
-    checkpoint with its global shape. Returns the saved `extra` dict."""
+    checkpoint with its global shape. `process_group`: as for `save_checkpoint`. Returns the
+    saved `extra` dict."""
     path = Path(path)
     info = read_info(path)
     if optimizer is not None and not info["optimizer"]:
@@ -117,7 +121,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise ValueError(f"model tensors {meta[:3]} are on the meta device: call model.to_empty(device=...) first")
     state = _state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), process_group=process_group)
     except Exception as e:  # DCP wraps per-rank failures (CheckpointException) and file errors
         raise ValueError(f"checkpoint {path} does not fit the model/optimizer or is damaged: {e}") from e
     if optimizer is None:

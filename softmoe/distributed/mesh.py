@@ -70,6 +70,7 @@ class Mesh:
     device: torch.device = torch.device("cpu")
     device_mesh: object = None  # DeviceMesh (dp, ep), None for a single process
     dense_mesh: object = None  # the 1-D DeviceMesh "dp_shard" = (dp, ep) flattened: all W ranks
+    io_group: object = None  # all W ranks (gloo) with the checkpoint I/O timeout, or None: the default group
 
     @property
     def dp_size(self) -> int:
@@ -89,10 +90,14 @@ class Mesh:
         return Mesh(world_size=1, rank=0, ep_size=1)
 
 
-def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float | None = None) -> Mesh:
     """The (dp, ep) mesh over the initialised world. Collective: every rank calls it, in the
-    same order relative to other group creations."""
+    same order relative to other group creations. `io_timeout_s`: also a gloo group of every
+    rank whose collectives wait that long (`Mesh.io_group`, for the barriers and DCP's
+    coordination around checkpoint I/O, which can outlast the training collectives' timeout)."""
     check_positive_int("ep_size", ep_size)
+    if io_timeout_s is not None and not (isinstance(io_timeout_s, (int, float)) and io_timeout_s > 0):
+        raise ValueError(f"io_timeout_s must be a number of seconds > 0 or None, got {io_timeout_s!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("torch.distributed is not initialised: call softmoe.distributed.init_process_group() "
                          "(or launch with torchrun and call it) before init_mesh / parallelize")
@@ -115,8 +120,10 @@ def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
     dense_mesh = device_mesh["dp", "ep"]._flatten("dp_shard")
     ep_group = device_mesh["ep"].get_group() if 1 < ep_size < world else None
     dp_group = device_mesh["dp"].get_group() if 1 < dp_size < world else None
+    io_group = None if io_timeout_s is None else dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=float(io_timeout_s)))
     return Mesh(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group, device=device,
-                device_mesh=device_mesh, dense_mesh=dense_mesh)
+                device_mesh=device_mesh, dense_mesh=dense_mesh, io_group=io_group)
 
 
 def shard_batch(batch: torch.Tensor, mesh: Mesh) -> torch.Tensor:

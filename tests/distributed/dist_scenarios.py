@@ -395,25 +395,27 @@ def fsdp_step_checked(model, opt, images, labels, mesh, grads, what):
 
 
 def scenario_fsdp_resume(rank, world, tmp):
-    """Every checkpoint of scenario_fsdp (saved after step 3 at layouts of 2 and 4 ranks) loads at
-    every layout of `world`: weights equal one process, and the next step (4) too."""
-    states, _, _ = fsdp_reference(world, 4)
-    images, labels = batches(world, 4)[3]
-    sources = [f"ck_dp{dp}_ep{ep}" for dp, ep in layouts_of(2) + layouts_of(4)]
+    """Every checkpoint of scenario_fsdp (saved after step 3 at the layouts of 2 and 4 ranks, on
+    their global batches) loads at every layout of `world`: weights equal one process, and the
+    next step (4, the source run's global batch) too."""
+    refs = {w: fsdp_reference(w, 4)[0] for w in (2, 4)}
     for dp, ep in layouts_of(world):
-        for src in sources:
-            mesh = smd.init_mesh(ep)
-            with torch.device("meta"):
-                model = micro_model()
-            smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
-            model.to_empty(device="cpu")
-            opt = make_optimizer(model)
-            assert smd.load_checkpoint(f"{tmp}/{src}", model, opt) == {"step": 3}
-            check_weights(model, states[3], f"dp={dp} ep={ep} from {src}")
-            fsdp_step(model, opt, images, labels, mesh)
-            check_weights(model, states[4], f"dp={dp} ep={ep} step 4 from {src}")
+        for src_world in (2, 4):
+            states, (images, labels) = refs[src_world], batches(src_world, 4)[3]
+            for sdp, sep in layouts_of(src_world):
+                src = f"ck_dp{sdp}_ep{sep}"
+                mesh = smd.init_mesh(ep)
+                with torch.device("meta"):
+                    model = micro_model()
+                smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
+                model.to_empty(device="cpu")
+                opt = make_optimizer(model)
+                assert smd.load_checkpoint(f"{tmp}/{src}", model, opt) == {"step": 3}
+                check_weights(model, states[3], f"dp={dp} ep={ep} from {src}")
+                fsdp_step(model, opt, images, labels, mesh)
+                check_weights(model, states[4], f"dp={dp} ep={ep} step 4 from {src}")
         if rank == 0:
-            print(f"ok resume dp={dp} ep={ep}: {len(sources)} checkpoints, step 4 matches", flush=True)
+            print(f"ok resume dp={dp} ep={ep}: 5 checkpoints, step 4 matches", flush=True)
 
 
 def expect_error(fn, text):
