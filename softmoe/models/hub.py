@@ -368,7 +368,7 @@ TRAIN_STATE = "train_state.pt"
 DCP_DIR = "dcp"  # a parallel run's checkpoint: model and optimizer state as DCP shards (softmoe.distributed)
 TRAIN_CONFIG = "train_config.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE)
+_CHECKPOINT_FILES = (CONFIG_NAME, TRAIN_STATE)  # and the weights: WEIGHTS_NAME, or DCP_DIR of a parallel run
 
 
 def checkpoint_dir(workdir: str | os.PathLike, step: int) -> Path:
@@ -383,7 +383,8 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
     out = []
     for entry in root.iterdir():
         m = _STEP_DIR.match(entry.name)
-        if m and entry.is_dir() and all((entry / f).is_file() for f in _CHECKPOINT_FILES):
+        if m and entry.is_dir() and all((entry / f).is_file() for f in _CHECKPOINT_FILES) and (
+                (entry / WEIGHTS_NAME).is_file() or (entry / DCP_DIR / "COMPLETE").is_file()):
             out.append((int(m.group(1)), entry))
     return sorted(out)
 

@@ -77,9 +77,10 @@ def single(tmp_path_factory):
     return wd
 
 
-@pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 2)])
-def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep):
-    out = ok(train(tmp_path, 6, nproc, ep))
+@pytest.mark.parametrize("nproc,ep,engine", [(2, 2, "fsdp"), (4, 2, "fsdp"), (2, 2, "ddp")])
+def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine):
+    """FSDP2 (the default) and DDP (experts replicated over dp) at EP=2 equal one process."""
+    out = ok(train(tmp_path, 6, nproc, ep, extra=["--set", f"data_parallel={engine}"]))
     assert out.count("summary:") == 1  # rank 0 alone prints
     diff = max_diff(weights(tmp_path, 6), weights(single, 6))
     assert diff < TOL, diff
@@ -106,6 +107,12 @@ def test_checkpoint_moves_between_layouts(single, tmp_path):
     assert (wd / "checkpoints" / "step_00000002" / "dcp" / "COMPLETE").is_file()
     assert not (wd / "checkpoints" / "step_00000002" / "model.safetensors").exists()  # nothing whole in the job
     assert max_diff(weights(wd, 2), weights(single, 2)) < TOL
+    from softmoe.cli import main  # `softmoe export` of the 4-rank DCP checkpoint: the single-process weights
+
+    assert main(["export", str(wd / "checkpoints" / "step_00000002"), str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert any(t.dim() == 0 for t in exported.values())  # router.scale, 0-dim, exported too
+    assert max_diff(exported, weights(single, 2)) < TOL
     rewind(wd, 2)
     assert "resuming from" in ok(train(wd, 6, 2, 2, extra=EVERY2))
     assert max_diff(weights(wd, 6), weights(single, 6)) < TOL
