@@ -2,14 +2,17 @@
 
     from softmoe import distributed as smd
     smd.init_process_group()                     # torchrun env, or init_method=..., rank, world_size
+    mesh = smd.init_mesh(ep_size=4)              # DeviceMesh (dp, ep)
     with torch.device("meta"):
         model = create_model(...)                # nothing allocated
-    model = smd.parallelize(model, ep_size=4)    # experts sharded over 4 ranks, the rest replicated
+    smd.parallelize(model, mesh)                 # experts: DTensors Shard(0) over "ep", in place
+    smd.apply_fsdp(model, mesh)                  # FSDP2: experts over "dp", blocks + root over all ranks
     smd.materialize(model, device, seed=0)       # local shards only, same numbers at every layout
-    ...loss.backward(); smd.sync_gradients(model); optimizer.step()
-    smd.save_checkpoint(path, model, optimizer)  # layout-independent: loads at any ep_size, or unparallelised
+    ...loss.backward(); smd.sync_ignored_gradients(model); smd.clip_grad_norm_(params, 1.0); optimizer.step()
+    smd.save_checkpoint(path, model, optimizer)  # DCP: loads at any layout, or in one process
 
-Nothing here runs at import; a model never parallelised is untouched.
+Without FSDP: `smd.sync_gradients(model)` after backward (the tests' oracle), or DDP with
+`ignored_params`. Nothing here runs at import; a model never parallelised is untouched.
 """
 from .checkpoint import load_checkpoint, load_full_state_dict, save_checkpoint, shard_optimizer_state
 from .expert_parallel import all_to_all, expert_offset, is_sharded, local, local_region, shard_experts
