@@ -159,7 +159,7 @@ def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
         p = params[int(index)]
         out["state"][index] = {
             k: DTensor.from_local(v[local_region(p)].clone().to(local(p).device), p.device_mesh, p.placements,
-                                  run_check=False)
+                                  run_check=False, shape=p.shape, stride=p.stride())  # uneven FSDP shards too
             if isinstance(p, DTensor) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
             for k, v in entry.items()}
     return out

@@ -99,7 +99,7 @@ def shard_experts(experts: nn.Module, ep_mesh) -> nn.Module:
             return
         for n, p in params.items():
             local = p.detach()[lo:lo + El].clone()
-            dt = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+            dt = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
             module.register_parameter(n, nn.Parameter(dt, requires_grad=p.requires_grad))
 
     def dispatch(module, inputs, mesh):
