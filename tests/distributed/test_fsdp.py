@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 def fsdp_runs(tmp_path_factory):
     """Both worlds' FSDP runs (their logs) and their checkpoints after step 3."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    logs = {world: assert_ok(launch("fsdp", world, tmp, timeout_s=400)) for world in (2, 4)}
+    logs = {world: assert_ok(launch("fsdp", world, tmp, timeout_s=900)) for world in (2, 4)}  # 2 shared cores
     return tmp, logs
 
 
@@ -39,7 +39,7 @@ def test_fsdp_layouts_equal_one_process(fsdp_runs, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_dcp_checkpoints_move_between_layouts(fsdp_runs, world):
     tmp, _ = fsdp_runs
-    log = assert_ok(launch("fsdp_resume", world, tmp, timeout_s=500))
+    log = assert_ok(launch("fsdp_resume", world, tmp, timeout_s=900))
     for dp, ep in sc.layouts_of(world):
         assert f"ok resume dp={dp} ep={ep}: 5 checkpoints, step 4 matches" in log, log
 
