@@ -119,6 +119,8 @@ def shard_experts(experts: nn.Module, ep_mesh) -> nn.Module:
         return all_to_all(back, mesh.get_group())  # (E, M, D): my items, through every expert
 
     distribute_module(experts, ep_mesh, partition_fn=partition, input_fn=dispatch, output_fn=combine)
+    # a forward that raises skips `combine`: put the DTensors back all the same
+    experts.register_forward_hook(lambda module, inputs, output: _leave_local(module), always_call=True)
     object.__setattr__(experts, EP_ATTR, ep_mesh)
     return experts
 

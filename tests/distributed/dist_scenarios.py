@@ -33,7 +33,17 @@ def layer_cases(E: int):
                                                   capacity_multiple_of=None, gshard_loss_weight=0.01), False),
         ("tokens_choice_mask", lambda: TokensChoiceMoE(D, E, hidden_dim=32, k=2, noise_std=0.0,
                                                        capacity_multiple_of=None), True),
+        ("soft_moe_timm_mlp_experts", lambda: soft_moe_with_mlp_experts(E), False),  # an Experts subclass
     ]
+
+
+def soft_moe_with_mlp_experts(E: int):
+    """A SoftMoE whose experts are timm-converted `MlpExperts` (exact GELU, distinct experts)."""
+    from softmoe.models.timm_interop import MlpExperts
+
+    layer = SoftMoE(D, E, hidden_dim=32)
+    layer.experts = MlpExperts(E, D, 32, act=torch.nn.GELU(), expert_init="distinct")
+    return layer
 
 
 def micro_model(E: int = 8, device=None):

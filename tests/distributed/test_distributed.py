@@ -50,11 +50,12 @@ def assert_ok(results):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_and_model_match_single_process(world, tmp_path):
-    """SoftMoE (P=2, with and without mask), ExpertsChoiceMoE, TokensChoiceMoE (with and without
-    mask) and soft_moe_micro at EP=world (and DP=2 x EP=2): outputs, input gradients, every
-    parameter gradient; the port's all-gather design fails the same check."""
+    """SoftMoE (P=2, with and without mask, and with timm's MlpExperts), ExpertsChoiceMoE,
+    TokensChoiceMoE (with and without mask) and soft_moe_micro at EP=world (and DP=2 x EP=2):
+    outputs, input gradients, every parameter gradient; the port's all-gather design fails the
+    same check."""
     log = assert_ok(launch("layers", world, tmp_path))
-    assert log.count("ok ep=") == (5 if world == 2 else 10), log
+    assert log.count("ok ep=") == (6 if world == 2 else 12), log
     assert "ok micro model" in log and "ok port design fails" in log, log
 
 

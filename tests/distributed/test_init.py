@@ -44,7 +44,9 @@ def check_rank(rank):
                     model = create_model(name, num_classes=10, **overrides)
                 mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
                 for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
-                    smd.shard_experts(layer.experts, mesh)
+                    kind = type(layer.experts)
+                    smd.shard_experts(layer.experts, mesh)  # in place: same module, same type, in the model
+                    assert type(layer.experts) is kind and smd.is_sharded(layer.experts)
                 assert all(p.is_meta for p in model.parameters())  # nothing allocated before materialize
                 sd = {k: smd.local(v) for k, v in smd.materialize(model, "cpu", seed=7).state_dict().items()}
                 assert sd.keys() == ref.keys()
