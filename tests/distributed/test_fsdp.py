@@ -78,3 +78,7 @@ def test_dcp_writers_are_balanced_and_a_missing_shard_is_a_clear_error(fsdp_runs
     (broken / smd.checkpoint.MARKER).unlink()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         smd.load_checkpoint(broken, model)
+
+
+def test_bf16_mixed_precision_gradients_are_within_the_bf16_bound(tmp_path):
+    assert "ok bf16 mixed precision" in assert_ok(launch("fsdp_bf16", 2, tmp_path, timeout_s=300))
