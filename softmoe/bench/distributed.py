@@ -4,7 +4,7 @@ Launches `--procs` local processes (gloo on CPU, NCCL on GPUs, one thread each o
 do not oversubscribe) for each process count, builds one Soft MoE layer at the given shape,
 and times a forward + backward step with
 
-  a2a:    `softmoe.distributed.ExpertParallel` (two equal-split all-to-alls each way);
+  a2a:    `softmoe.distributed.shard_experts` (two equal-split all-to-alls each way);
   gather: the popular port's design (`AllGatherExperts`): all-gather every rank's slots, run
           the local experts on all of them, all-gather the outputs (its backward, as in the
           port, keeps only this rank's share and is therefore wrong; timed as it is).
@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from softmoe.distributed.expert_parallel import shard_experts
 from softmoe.distributed.launch import run_processes
 
 
@@ -48,6 +47,23 @@ class _PortAllGather(torch.autograd.Function):
         return g.chunk(ctx.size, ctx.dim)[ctx.rank].contiguous(), None, None
 
 
+def _slice_experts(experts: nn.Module, lo: int, hi: int) -> nn.Module:
+    """A module of `experts`' type holding experts lo .. hi-1 (copies of those rows of every
+    parameter; settings and children shared): the port design's local experts."""
+    with torch.device("meta"):  # construct cheaply; the parameters are replaced below
+        local = type(experts)(num_experts=hi - lo, dim=experts.dim, hidden_dim=experts.hidden_dim)
+    for key, value in vars(experts).items():
+        if not key.startswith("_") and key not in ("num_experts", "training") and not isinstance(
+                value, (nn.Module, torch.Tensor)):
+            setattr(local, key, value)
+    for name, child in experts.named_children():
+        local._modules[name] = child
+    for name, p in experts.named_parameters(recurse=False):
+        local._parameters[name] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
+    local.train(experts.training)
+    return local
+
+
 class AllGatherExperts(nn.Module):
     """The popular port's expert parallelism, for comparison only (wrong backward).
 
@@ -59,7 +75,7 @@ class AllGatherExperts(nn.Module):
         super().__init__()
         El = experts.num_experts // ep_size
         self.lo, self.hi, self.ep_rank, self.group = ep_rank * El, (ep_rank + 1) * El, ep_rank, group
-        self.local = shard_experts(experts, self.lo, self.hi)
+        self.local = _slice_experts(experts, self.lo, self.hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         E, M, D = x.shape

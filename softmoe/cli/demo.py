@@ -31,6 +31,12 @@ def run(args) -> int:
                      backbone={"patch_size": 2}, recipe=demo_config("vit_micro", steps=steps), threads=args.threads,
                      command=f"softmoe demo --workdir {args.workdir} --steps {steps} --seeds {args.seeds} "
                              f"--models {args.models}")
+    from softmoe.compare import report as report_mod
+
+    # compare printed the cost and results tables; the demo adds what the router did.
+    for section in report_mod.markdown(report).split("\n## ")[1:]:
+        if section.startswith("Routing"):
+            print("\n## " + section.rstrip())
     soft = next((m for m in report["models"] if m["key"] == "soft"), None)
     print(f"\n== demo: digits, {steps} steps per run, {time.perf_counter() - t0:.0f} s ==")
     if soft is not None:

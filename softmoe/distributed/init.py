@@ -27,14 +27,14 @@ hundred small draws for the largest models), never in a forward pass.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..layers.experts import Experts
-from .expert_parallel import ExpertParallel
+from .expert_parallel import is_sharded, local, local_region
 
 
 def param_key(seed: int, *parts) -> int:
@@ -62,44 +62,82 @@ def _run_seeded(key: int, device: torch.device, fn) -> None:
         ctx.__exit__(None, None, None)
 
 
-def _experts_of(module: nn.Module) -> tuple[nn.Module, int, int] | None:
-    """(the module whose `reset_parameters` draws the experts, global offset of its first expert,
-    global expert count) for an experts module (whole or an expert-parallel shard), else None."""
-    if isinstance(module, ExpertParallel):
-        return module.local, module.expert_offset, module.num_experts
-    if isinstance(module, Experts):
-        return module, 0, module.num_experts
+def _full_like(p: torch.Tensor, shape=None) -> nn.Parameter:
+    """An uninitialised plain parameter of `p`'s global shape (or `shape`), dtype and device."""
+    t = local(p)
+    return nn.Parameter(torch.empty(p.shape if shape is None else shape, dtype=t.dtype, device=t.device),
+                        requires_grad=False)
+
+
+def _experts_of(module: nn.Module) -> tuple[nn.Module, int] | None:
+    """(the experts module, global expert count) for an experts module (whole, sharded over
+    "ep" and/or "dp", as DTensors or plain tensors), else None."""
+    if isinstance(module, Experts) or is_sharded(module):
+        return module, module.num_experts
     return None
 
 
-def _one_expert_view(experts: nn.Module, i: int) -> nn.Module:
-    """A shallow copy of `experts` whose parameters are views of row i of its own (writes land
-    in `experts`' tensors), with num_experts 1, for that module's `reset_parameters`."""
-    view = copy.copy(experts)
-    view._parameters = {k: nn.Parameter(p.data[i:i + 1], requires_grad=False) for k, p in
-                        experts._parameters.items()}
-    view.num_experts = 1
-    return view
+def _draw_expert(experts: nn.Module, params: dict, key: int, device) -> dict[str, torch.Tensor]:
+    """One expert's parameters {name: (1, ...)} drawn by `experts.reset_parameters` under `key`:
+    for the call, the module's parameter slots hold fresh one-expert tensors and its
+    num_experts is 1 (both restored after; its own tensors are not touched)."""
+    drawn = {k: _full_like(p, (1, *p.shape[1:])) for k, p in params.items()}
+    saved = experts.num_experts
+    experts._parameters.update(drawn)
+    experts.__dict__["num_experts"] = 1
+    try:
+        _run_seeded(key, device, experts.reset_parameters)
+    finally:
+        experts._parameters.update(params)
+        experts.__dict__["num_experts"] = saved
+    return {k: v.data for k, v in drawn.items()}
 
 
 @torch.no_grad()
-def _init_experts(name: str, experts: nn.Module, offset: int, total: int, seed: int) -> None:
-    params = list(experts._parameters.values())
+def _init_experts(name: str, experts: nn.Module, total: int, seed: int) -> None:
+    params = dict(experts._parameters)
     if not params:
         return
-    local = params[0].shape[0]
-    if any(p.dim() == 0 or p.shape[0] != local for p in params):
-        raise ValueError(f"{name}: every expert parameter must have the local expert count {local} as dim 0")
-    if offset + local > total:
-        raise ValueError(f"{name}: experts {offset}..{offset + local - 1} exceed num_experts={total}")
-    device = params[0].device
-    if getattr(experts, "expert_init", "distinct") == "identical":
-        _run_seeded(param_key(seed, name), device, _one_expert_view(experts, 0).reset_parameters)
-        for p in params:
-            p.data[1:] = p.data[:1]
-        return
-    for i in range(local):  # initialisation only: one small draw per local expert
-        _run_seeded(param_key(seed, name, offset + i), device, _one_expert_view(experts, i).reset_parameters)
+    if any(p.dim() == 0 or p.shape[0] != total for p in params.values()):
+        raise ValueError(f"{name}: every expert parameter must have num_experts={total} as dim 0")
+    regions = {k: local_region(p) for k, p in params.items()}
+    device = local(next(iter(params.values()))).device
+    identical = getattr(experts, "expert_init", "distinct") == "identical"
+    one = _draw_expert(experts, params, param_key(seed, name), device) if identical else None
+    rows = sorted({e for r in regions.values() for e in range(r[0].start, r[0].stop)})
+    for e in rows:  # initialisation only: one small draw per local expert
+        drawn = one if identical else _draw_expert(experts, params, param_key(seed, name, e), device)
+        for k, p in params.items():
+            r = regions[k]
+            if r[0].start <= e < r[0].stop:
+                local(p)[e - r[0].start] = drawn[k][(0, *r[1:])]
+
+
+def _init_module(name: str, module: nn.Module, seed: int, reset) -> None:
+    """`reset()` under key (seed, name). A DTensor parameter of `module` or a descendant (an
+    FSDP shard; experts excluded: they are drawn per expert) is drawn whole into a temporary
+    plain tensor in its slot, filled with NaN first: what `reset` wrote (not NaN) is copied
+    into this rank's block, what it left alone (a descendant's parameter that this reset does
+    not re-draw) is kept. Only one module's tensors are ever whole, and modules with a
+    `reset_parameters` are small (a Linear, an Attention, an Mlp, a router)."""
+    swapped = []
+    for pname, p in module.named_parameters():
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if isinstance(p, DTensor) and _experts_of(owner) is None:
+            swapped.append((owner, leaf, p, _full_like(p).fill_(float("nan"))))
+    for owner, leaf, _, full in swapped:
+        owner._parameters[leaf] = full
+    try:
+        device = local(next(module.parameters(), torch.empty(0))).device
+        _run_seeded(param_key(seed, name), device, reset)
+    finally:
+        for owner, leaf, p, _ in swapped:
+            owner._parameters[leaf] = p
+    with torch.no_grad():
+        for _, _, p, full in swapped:
+            drawn = full.data[local_region(p)]
+            local(p).copy_(torch.where(drawn.isnan(), local(p), drawn))
 
 
 @torch.no_grad()
@@ -108,7 +146,7 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
     `reset_parameters`, keyed by (seed, module name[, global expert index]) as the module
     docstring says. ValueError for a parameter that no `reset_parameters` of its module or an
     ancestor initialises, or a meta tensor. Returns `model`."""
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    meta = [n for n, p in model.named_parameters() if local(p).is_meta]
     if meta:
         raise ValueError(f"parameters {meta[:3]} are on the meta device: materialise first (smd.materialize, "
                          f"or model.to_empty(device=...))")
@@ -121,8 +159,7 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
             continue
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
-            device = next(module.parameters(), torch.empty(0)).device
-            _run_seeded(param_key(seed, name), device, reset)
+            _init_module(name, module, seed, reset)
             covered.update(id(p) for p in module.parameters())
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     if missing:

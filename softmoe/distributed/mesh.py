@@ -6,8 +6,12 @@ contiguous: rank r has ep_rank = r % ep and dp_rank = r // ep.
     ep group of rank r:  ranks dp_rank*ep .. dp_rank*ep + ep - 1  (together they hold all E experts)
     dp group of rank r:  ranks ep_rank, ep_rank + ep, ...          (replicas of the same expert shard)
 
-Every process group is created with a timeout, so a rank that dies or stops calling
-collectives makes the others fail with an error after at most that long instead of hanging.
+The grid is a `torch.distributed.device_mesh.DeviceMesh` of shape (dp, ep) with dimension names
+("dp", "ep") (`Mesh.device_mesh`): experts are DTensors sharded over "ep" (expert_parallel.py),
+FSDP2 shards them over "dp" and everything else over the flattened ("dp", "ep") mesh
+(`Mesh.dense_mesh`, fsdp.py). Every process group is created with a timeout, so a rank that
+dies or stops calling collectives makes the others fail with an error after at most that long
+instead of hanging.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from ..layers.common import check_positive_int
 
@@ -63,6 +68,9 @@ class Mesh:
     ep_group: object = None
     dp_group: object = None
     device: torch.device = torch.device("cpu")
+    device_mesh: object = None  # DeviceMesh (dp, ep), None for a single process
+    dense_mesh: object = None  # the 1-D DeviceMesh "dp_shard" = (dp, ep) flattened: all W ranks
+    io_group: object = None  # all W ranks (gloo) with the checkpoint I/O timeout, or None: the default group
 
     @property
     def dp_size(self) -> int:
@@ -82,10 +90,14 @@ class Mesh:
         return Mesh(world_size=1, rank=0, ep_size=1)
 
 
-def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S, io_timeout_s: float | None = None) -> Mesh:
     """The (dp, ep) mesh over the initialised world. Collective: every rank calls it, in the
-    same order relative to other group creations."""
+    same order relative to other group creations. `io_timeout_s`: also a gloo group of every
+    rank whose collectives wait that long (`Mesh.io_group`, for the barriers and DCP's
+    coordination around checkpoint I/O, which can outlast the training collectives' timeout)."""
     check_positive_int("ep_size", ep_size)
+    if io_timeout_s is not None and not (isinstance(io_timeout_s, (int, float)) and io_timeout_s > 0):
+        raise ValueError(f"io_timeout_s must be a number of seconds > 0 or None, got {io_timeout_s!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("torch.distributed is not initialised: call softmoe.distributed.init_process_group() "
                          "(or launch with torchrun and call it) before init_mesh / parallelize")
@@ -93,16 +105,25 @@ def init_mesh(ep_size: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
     if world % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide the world size {world} (world = dp x ep)")
     dp_size = world // ep_size
-    timeout = datetime.timedelta(seconds=float(timeout_s))
-    ep_group = dp_group = None
-    if 1 < ep_size < world:
-        ep_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(d * ep_size, (d + 1) * ep_size)) for d in range(dp_size)], timeout=timeout)
-    if 1 < dp_size < world:
-        dp_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(e, world, ep_size)) for e in range(ep_size)], timeout=timeout)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return Mesh(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group, device=device)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def options():  # every sub-group gets the collective timeout (DeviceMesh's default is 30 min)
+        opts = dist.ProcessGroupNCCL.Options() if nccl else dist.ProcessGroupGloo._Options()
+        opts._timeout = datetime.timedelta(seconds=float(timeout_s))
+        return opts
+
+    backend = "nccl" if nccl else "gloo"
+    override = {name: (backend, options()) for name, size in (("dp", dp_size), ("ep", ep_size)) if 1 < size < world}
+    device_mesh = init_device_mesh(device.type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"),
+                                   backend_override=override or None)
+    dense_mesh = device_mesh["dp", "ep"]._flatten("dp_shard")
+    ep_group = device_mesh["ep"].get_group() if 1 < ep_size < world else None
+    dp_group = device_mesh["dp"].get_group() if 1 < dp_size < world else None
+    io_group = None if io_timeout_s is None else dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=float(io_timeout_s)))
+    return Mesh(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group, device=device,
+                device_mesh=device_mesh, dense_mesh=dense_mesh, io_group=io_group)
 
 
 def shard_batch(batch: torch.Tensor, mesh: Mesh) -> torch.Tensor:

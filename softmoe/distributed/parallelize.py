@@ -24,7 +24,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..layers import MoELayer
-from .expert_parallel import ExpertParallel
+from .expert_parallel import is_sharded, local, shard_experts
 from .mesh import Mesh, init_mesh
 
 BUCKET_BYTES = 25 << 20  # the DDP default bucket size
@@ -52,7 +52,7 @@ def parallelize(model: nn.Module, mesh: Mesh | None = None, *, ep_size: int | No
             if E % mesh.ep_size:
                 raise ValueError(f"ep_size={mesh.ep_size} must divide num_experts={E} of every MoE layer")
         for layer in layers:
-            layer.experts = ExpertParallel(layer.experts, mesh.ep_rank, mesh.ep_size, mesh.ep_group)
+            shard_experts(layer.experts, mesh.device_mesh["ep"])  # in place: DTensors, hooks
     model.parallel_mesh = mesh
     return model
 
@@ -64,9 +64,10 @@ def mesh_of(model: nn.Module) -> Mesh:
 
 
 def expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every expert-parallel shard in `model` (sharded along dim 0)."""
+    """(name, parameter) of every expert-parallel parameter in `model` (DTensors, "ep" shards
+    along dim 0; `local(p)` is this rank's tensor)."""
     for prefix, module in model.named_modules():
-        if isinstance(module, ExpertParallel):
+        if is_sharded(module):
             for name, p in module.named_parameters(recurse=False):
                 yield f"{prefix}.{name}", p
 
@@ -109,7 +110,7 @@ def _all_reduce_mean(params: Iterable[nn.Parameter], group, world: int) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
+        grads.append(local(p.grad))
     for bucket in _buckets(grads):
         flat = _flatten_dense_tensors(bucket)
         if group is not False:
@@ -142,8 +143,8 @@ def broadcast_parameters(model: nn.Module) -> None:
         return
     sharded = {id(p) for _, p in expert_parameters(model)}
     for t in [p for p in model.parameters() if id(p) not in sharded] + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
+        dist.broadcast(local(t.data), src=0)
     if mesh.ep_size > 1 and mesh.dp_size > 1:
         src = mesh.ep_rank  # global rank of dp_rank 0 in this rank's dp group
         for _, p in expert_parameters(model):
-            dist.broadcast(p.data, src=src, group=mesh.dp_group)
+            dist.broadcast(local(p.data), src=src, group=mesh.dp_group)

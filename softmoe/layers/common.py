@@ -88,6 +88,26 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def standard_normal(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, group_size: int = 1
+                    ) -> torch.Tensor:
+    """The MoE layers' default `noise_sampler`: `torch.randn(shape)` from the global RNG.
+
+    shape[0] counts routing groups of `group_size` consecutive sequences of the layer's batch
+    (Soft MoE: one sequence per group); a sampler that knows which rows of a larger (global)
+    batch these are uses it (softmoe.distributed.key_noise_by_global_rows); this one ignores it."""
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def draw_noise(layer: MoELayer, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               group_size: int = 1) -> torch.Tensor:
+    """`layer.noise_sampler(shape, dtype, device, group_size)`, checked to have `shape`."""
+    noise = layer.noise_sampler(shape, dtype, device, group_size)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"{type(layer).__name__}.noise_sampler must return a tensor of shape {tuple(shape)}, "
+                         f"got {tuple(noise.shape)}")
+    return noise
+
+
 def cv_squared(v: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation along the last axis: var / mean^2 (population var),
     as vmoe computes it (no sqrt, so the gradient is defined at zero variance).
@@ -109,6 +129,13 @@ class MoELayer(nn.Module):
         `record_metrics` is True, else it is left empty (computing them costs extra passes);
       - `routing_weights` holds the dispatch/combine weights when `record_weights` is True.
 
+    Training noise on the routing logits (layers with noise_std > 0) is drawn by
+    `noise_sampler(shape, dtype, device, group_size) -> (shape) standard normal`, where
+    shape[0] counts the batch's routing groups of group_size consecutive sequences. Default
+    `standard_normal` (torch.randn from the global RNG); `softmoe.distributed.
+    key_noise_by_global_rows` replaces it so that a rank's rows get the noise one process
+    would draw for them (docs/design.md §6).
+
     A forward re-run by activation checkpointing (during the backward) leaves these as the
     original forward set them. A copy (`copy.deepcopy`, pickling) keeps `aux_loss` detached.
     """
@@ -121,6 +148,7 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
         self.routing_weights: dict[str, torch.Tensor] = {}
+        self.noise_sampler = standard_normal
 
     def publish(self, aux_loss: torch.Tensor | None, metrics, weights) -> None:
         """Store a forward's routing outputs: `aux_loss`, and `metrics()` / `weights()` (called

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import fused
-from .common import MoELayer, check_input, check_nonneg_float, check_positive_int, routing_dtype
+from .common import MoELayer, check_input, check_nonneg_float, check_positive_int, draw_noise, routing_dtype
 from .experts import Experts
 from .router import WEIGHT_MODES, SoftRouter
 
@@ -37,7 +37,7 @@ class SoftMoE(MoELayer):
       slots_per_expert: P (the paper uses 1; the slot count does not change with N).
       hidden_dim: expert hidden width H (default 4*dim, the ViT MLP ratio).
       noise_std: std of Gaussian noise added to the logits in training only (default 0, as
-        every paper run).
+        every paper run); drawn by `self.noise_sampler` (see `MoELayer`), one row per sequence.
       dispatch, combine: "soft" (the paper), "uniform" (Table 2 ablations: every slot is the
         mean of the tokens / every token the mean of the slot outputs) or "identity" (token i
         -> slot i; needs N == E*P).
@@ -87,7 +87,7 @@ class SoftMoE(MoELayer):
         E, P, S = self.num_experts, self.slots_per_expert, self.num_slots
         noise = None
         if self.training and self.noise_std > 0:  # training noise on the logits, in routing dtype
-            noise = self.noise_std * torch.randn(B, N, S, dtype=routing_dtype(x.dtype), device=x.device)
+            noise = self.noise_std * draw_noise(self, (B, N, S), routing_dtype(x.dtype), x.device)  # (B, N, S)
         slots, routing = self.router.dispatch(x, mask, noise)  # (E, P*B, D)
         ys = self.experts(slots)  # (E, P*B, D)
         y = self.router.combine(ys, routing)  # (B, N, D)

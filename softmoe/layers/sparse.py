@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import fused
-from .common import MoELayer, check_finite_positive, check_input, check_nonneg_float, check_positive_int
+from .common import MoELayer, check_finite_positive, check_input, check_nonneg_float, check_positive_int, draw_noise
 from .experts import Experts
 from .router import Gate
 
@@ -44,11 +44,13 @@ class SparseMoE(MoELayer):
 
     def _gate_logits(self, xg: torch.Tensor):
         """Clean and (in training, noise_std > 0) noisy gate logits, (R, T, E) float32+.
-        The noise std is noise_std / E, as in V-MoE."""
+        The noise std is noise_std / E, as in V-MoE; the noise is drawn by `self.noise_sampler`
+        (see `MoELayer`), one row per routing group of group_size sequences."""
         logits = self.gate(xg)
         noise_sd = self.noise_std / self.num_experts
         if self.training and noise_sd > 0:
-            return logits, logits + noise_sd * torch.randn_like(logits), noise_sd
+            noise = draw_noise(self, tuple(logits.shape), logits.dtype, logits.device, self.group_size)  # (R, T, E)
+            return logits, logits + noise_sd * noise, noise_sd
         return logits, None, noise_sd
 
     def _run_experts(self, buf: torch.Tensor) -> torch.Tensor:

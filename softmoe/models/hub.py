@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from softmoe._io import atomic_write
+from softmoe._io import atomic_write, atomic_write_text
 
 from .config import ViTConfig
 from .registry import apply_overrides
@@ -74,27 +74,33 @@ def save_pretrained(model: VisionTransformer, directory) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"directory {str(directory)!r} is a file; save_pretrained writes a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
-                "config": model.config.to_dict()}
-    try:
-        text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model.config is not JSON-serialisable ({e}); config: {model.config}") from e
     tensors = {}
     for key, value in model.state_dict().items():
         if value.is_meta:
             raise ValueError(f"cannot save {key!r}: it is a meta tensor (the model was built without memory)")
         # clone() so that no two entries share storage (safetensors refuses shared tensors).
         tensors[key] = value.detach().to("cpu").contiguous().clone()
+    text = _config_text(model.config)
     metadata = {"format": "pt", "softmoe_format_version": str(FORMAT_VERSION)}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(directory / CONFIG_NAME, write_config)
+    atomic_write_text(directory / CONFIG_NAME, text)
     return directory
+
+
+def _config_text(config: ViTConfig) -> str:
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
+                "config": config.to_dict()}
+    try:
+        return json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.config is not JSON-serialisable ({e}); config: {config}") from e
+
+
+def save_config(config: ViTConfig, directory) -> Path:
+    """Write only `config.json` (what `save_pretrained` writes besides the weights) into the
+    existing `directory`: the model description of a DCP checkpoint (`DCP_DIR` holds the
+    weights). Returns the file's path."""
+    return atomic_write_text(Path(directory) / CONFIG_NAME, _config_text(config))
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -352,6 +358,27 @@ def saved_architecture(directory) -> str | None:
     return doc.get("architecture") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
 
 
+def is_dcp_dir(directory) -> bool:
+    """True if `directory` is a checkpoint of a parallel run: a softmoe config.json and a DCP
+    checkpoint folder `DCP_DIR` (not validated)."""
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() and (directory / DCP_DIR).is_dir()
+
+
+def from_dcp(directory) -> VisionTransformer:
+    """The model of a DCP checkpoint directory (config.json + `DCP_DIR`), read in this process
+    without any process group: built on meta from the config, allocated on the CPU, every
+    tensor loaded from the shards (whatever layout wrote them). Train mode, as from_pretrained."""
+    from softmoe.distributed.checkpoint import load_checkpoint
+
+    cfg = load_config(directory)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    load_checkpoint(Path(directory) / DCP_DIR, model)
+    return model.train()
+
+
 def is_pretrained_dir(directory) -> bool:
     """True if `directory` has a softmoe config.json and a weights file (not validated)."""
     directory = Path(directory)
@@ -363,9 +390,10 @@ def is_pretrained_dir(directory) -> bool:
 # save_pretrained directory plus train_config.json and train_state.pt (see softmoe.train.checkpoint).
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
+DCP_DIR = "dcp"  # a parallel run's checkpoint: model and optimizer state as DCP shards (softmoe.distributed)
 TRAIN_CONFIG = "train_config.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE)
+_CHECKPOINT_FILES = (CONFIG_NAME, TRAIN_STATE)  # and the weights: WEIGHTS_NAME, or DCP_DIR of a parallel run
 
 
 def checkpoint_dir(workdir: str | os.PathLike, step: int) -> Path:
@@ -380,7 +408,8 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[tuple[int, Path]]:
     out = []
     for entry in root.iterdir():
         m = _STEP_DIR.match(entry.name)
-        if m and entry.is_dir() and all((entry / f).is_file() for f in _CHECKPOINT_FILES):
+        if m and entry.is_dir() and all((entry / f).is_file() for f in _CHECKPOINT_FILES) and (
+                (entry / WEIGHTS_NAME).is_file() or (entry / DCP_DIR / "COMPLETE").is_file()):
             out.append((int(m.group(1)), entry))
     return sorted(out)
 
@@ -401,12 +430,12 @@ def load_model(path: str | os.PathLike) -> tuple[VisionTransformer, dict | None]
     if not p.is_dir():
         raise ValueError(f"checkpoint path {str(p)!r} must be a directory (workdir, checkpoint or save_pretrained dir)")
     ckpt = p
-    if not is_pretrained_dir(p):
+    if not (is_pretrained_dir(p) or is_dcp_dir(p)):
         ckpt = latest_checkpoint(p)
         if ckpt is None:
-            raise FileNotFoundError(f"{str(p)!r} holds no model: expected {CONFIG_NAME} + {WEIGHTS_NAME}, or a "
-                                    f"training workdir with {CHECKPOINTS}/step_* checkpoints")
-    model = from_pretrained(ckpt)
+            raise FileNotFoundError(f"{str(p)!r} holds no model: expected {CONFIG_NAME} + {WEIGHTS_NAME} (or + "
+                                    f"{DCP_DIR}/), or a training workdir with {CHECKPOINTS}/step_* checkpoints")
+    model = from_pretrained(ckpt) if is_pretrained_dir(ckpt) else from_dcp(ckpt)
     return model, _training_config(ckpt, workdir=ckpt.parent.parent if ckpt != p else None)
 
 
@@ -425,4 +454,5 @@ def _training_config(ckpt: Path, workdir: Path | None) -> dict | None:
 
 __all__ = ["save_pretrained", "from_pretrained", "load_config", "load_safetensors", "load_weights", "check_dtypes",
            "adapt_state_dict", "resample_pos_embed", "is_pretrained_dir", "load_model", "list_checkpoints",
-           "latest_checkpoint", "checkpoint_dir", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "latest_checkpoint", "checkpoint_dir", "CONFIG_NAME", "WEIGHTS_NAME", "save_config", "is_dcp_dir",
+           "from_dcp", "DCP_DIR"]

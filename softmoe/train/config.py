@@ -121,7 +121,12 @@ class TrainConfig:
     # parallelism under torchrun (softmoe/train/parallel.py): experts sharded over ep_size ranks,
     # data over world / ep_size; a checkpoint resumes at any layout
     ep_size: int = _resumable(1)
+    # the data-parallel engine under torchrun: "fsdp" (FSDP2: every parameter and its optimizer
+    # state sharded, experts over their dp group) or "ddp" (DDP for the replicated parameters,
+    # experts sharded over ep only, replicated over dp: less communication, more memory)
+    data_parallel: str = _resumable("fsdp")
     dist_timeout_s: float = _resumable(300.0)  # a collective waiting longer (a dead rank) raises
+    checkpoint_timeout_s: float = _resumable(1800.0)  # the collectives around checkpoint I/O (slow disks)
     # logging, evaluation, checkpoints (resumable: they change what is logged or saved, never the weights)
     log_every: int = _resumable(10)
     eval_every: int = _resumable(0)  # test accuracy every N steps (0: only at the end)
@@ -164,7 +169,8 @@ class TrainConfig:
         check_fields(self, "TrainConfig")
         choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
                   "schedule": ("rsqrt", "cosine", "constant"), "loss": ("softmax", "sigmoid"),
-                  "test_split": ("test", "val"), "task": ("classify", "lm")}
+                  "test_split": ("test", "val"), "task": ("classify", "lm"),
+                  "data_parallel": ("fsdp", "ddp")}
         for key, allowed in choice.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -174,7 +180,7 @@ class TrainConfig:
         if self.steps < 0 or self.epochs < 0:
             raise ValueError(f"steps and epochs must be >= 0, got steps={self.steps}, epochs={self.epochs}")
         positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale", "ep_size",
-                    "dist_timeout_s"]
+                    "dist_timeout_s", "checkpoint_timeout_s"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

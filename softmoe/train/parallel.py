@@ -2,20 +2,19 @@
 docs/design.md §6). The trainer calls these few hooks; a run without torchrun never reaches them.
 
     setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
+    parallelize      on the meta model: experts sharded over "ep" (DTensors), then FSDP2 or DDP
     rows             this rank's rows of the global batch the single-process run would draw
-    finish_step      gradients averaged over the global batch, the logged loss/accuracy made global
-    clip_grad_norm   the global gradient norm (expert shards summed over the ep group), then clip
-    save_sharded     a checkpoint directory every layout (and `softmoe eval`) can load
+    finish_step      gradients of the global batch, the EP-aware clip, the update; logged values global
+    save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads
 
 Checkpoint of a parallel run (checkpoints/step_N/, renamed into place by rank 0 when complete):
-    sharded/         the library's per-rank shards + index.json + COMPLETE (model and optimizer)
-    config.json + model.safetensors   the full model (rank 0 gathers it by reading the shards
-                     into an unparallelised copy: small models only, and what eval/from_pretrained read)
-    train_config.json, train_state.pt (step, RNG states, data position; no optimizer: it is sharded)
+    dcp/             model and optimizer state as DCP shards, every rank writing its own
+                     (softmoe.distributed.save_checkpoint); no whole-model file is written in the job
+    config.json      the model's config (what `softmoe export` / `from_dcp` build the model from)
+    train_config.json, train_state.pt (step, RNG states, data position; the optimizer is in dcp/)
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def setup_parallel(ep_size: int, batch_size: int, timeout_s: float):
+def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s: float | None = None):
     """The mesh of this torchrun rank, or None for a plain single-process run (ep_size 1, no
     WORLD_SIZE). ValueError for an inconsistent launch, before any process group exists."""
     if not launched():
@@ -52,7 +51,28 @@ def setup_parallel(ep_size: int, batch_size: int, timeout_s: float):
         return None
     if not dist.is_initialized():
         smd.init_process_group(timeout_s=timeout_s)
-    return smd.init_mesh(ep_size, timeout_s=timeout_s)
+    return smd.init_mesh(ep_size, timeout_s=timeout_s, io_timeout_s=io_timeout_s)
+
+
+def parallelize(model: nn.Module, mesh, data_parallel: str) -> nn.Module | None:
+    """Shard the meta `model` over `mesh`: experts over "ep" (in place), then FSDP2 on every
+    block, the experts and the root ("fsdp"), or nothing more ("ddp": the DDP wrapper is made by
+    `ddp_wrapper` once the model is materialised). Returns `model`."""
+    smd.parallelize(model, mesh)
+    if data_parallel == "fsdp":
+        smd.apply_fsdp(model, mesh)
+    return model
+
+
+def ddp_wrapper(model: nn.Module, data_parallel: str):
+    """The DDP module to call forward on ("ddp": it averages the replicated parameters' gradients,
+    bucketed and overlapped with backward; the expert shards are left out), or None."""
+    if data_parallel != "ddp":
+        return None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, smd.ignored_params(model))
+    return DDP(model, broadcast_buffers=False)
 
 
 def has_process_group() -> bool:
@@ -84,29 +104,8 @@ def rows(mesh, batch_size: int) -> tuple[int, int] | None:
 
 
 def num_params(model: nn.Module) -> int:
-    """Parameters of the whole model (an expert shard counts ep_size times)."""
-    ep = smd.mesh_of(model).ep_size
-    expert = {id(p) for _, p in smd.expert_parameters(model)}
-    return sum(p.numel() * (ep if id(p) in expert else 1) for p in model.parameters())
-
-
-def clip_grad_norm(model: nn.Module, params: list, max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` over the whole (unsharded) model: the squared norms of the expert shards
-    are summed over the ep group; replicated gradients are equal on every rank after the sync."""
-    mesh = smd.mesh_of(model)
-    expert = {id(p) for _, p in smd.expert_parameters(model)}
-    grads_r = [p.grad for p in params if p.grad is not None and id(p) not in expert]
-    grads_e = [p.grad for p in params if p.grad is not None and id(p) in expert]
-    zero = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    sq_r = sum((g.float().pow(2).sum() for g in grads_r), zero)
-    sq_e = sum((g.float().pow(2).sum() for g in grads_e), zero.clone())
-    if mesh.ep_size > 1:
-        dist.all_reduce(sq_e, group=mesh.ep_group)
-    total = (sq_r + sq_e).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads_r + grads_e:
-        g.mul_(coef)
-    return total
+    """Parameters of the whole model (a DTensor counts its global size)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -122,34 +121,30 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def save_sharded(final: Path, model: nn.Module, optimizer, train_state: dict, train_config: dict,
-                 build_model, keep: int) -> Path:
-    """Write the parallel checkpoint `final` (collective). Every rank writes its shards into a
-    hidden temporary directory; rank 0 adds the full model, the config and the train state and
-    renames it to `final` only when all of it is on disk."""
-    from softmoe.models.hub import TRAIN_CONFIG, TRAIN_STATE, list_checkpoints, save_pretrained
+def save_parallel(final: Path, model: nn.Module, optimizer, train_state: dict, train_config: dict, keep: int,
+                  mesh) -> Path:
+    """Write the parallel checkpoint `final` (collective). Every rank writes its DCP shards into
+    a hidden temporary directory; rank 0 adds the model config, the train config and the train
+    state and renames it to `final` only when all of it is on disk. The barriers and DCP's
+    coordination run on `mesh.io_group` (the checkpoint timeout)."""
+    from softmoe._io import atomic_write, atomic_write_json
+    from softmoe.models.hub import DCP_DIR, TRAIN_CONFIG, TRAIN_STATE, list_checkpoints, save_config
 
-    mesh = smd.mesh_of(model)
     root = final.parent
     tmp = root / f".tmp-{final.name}-parallel"
+    group = mesh.io_group
     if mesh.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
-    smd.save_checkpoint(tmp / SHARDED, model, optimizer, extra={"step": train_state["step"]})  # ends in a barrier
+    dist.barrier(group=group)
+    smd.save_checkpoint(tmp / DCP_DIR, model, optimizer, extra={"step": train_state["step"]},
+                        process_group=group)  # ends in a barrier: every shard is on disk
     if mesh.rank == 0:
         try:
-            full = build_model()
-            smd.load_checkpoint(tmp / SHARDED, full)
-            save_pretrained(full, tmp)
-            with open(tmp / TRAIN_CONFIG, "w", encoding="utf-8") as f:
-                json.dump(train_config, f, indent=2, sort_keys=True)
-                f.write("\n")
-            with open(tmp / TRAIN_STATE, "wb") as f:
-                torch.save(train_state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            save_config(model.config, tmp)
+            atomic_write_json(tmp / TRAIN_CONFIG, train_config, sort_keys=True)
+            atomic_write(tmp / TRAIN_STATE, lambda path: torch.save(train_state, path))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -158,52 +153,39 @@ def save_sharded(final: Path, model: nn.Module, optimizer, train_state: dict, tr
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    dist.barrier()
+    dist.barrier(group=group)
     return final
 
 
-def load_sharded_or_full(checkpoint: Path, model: nn.Module, optimizer, train_state: dict) -> None:
-    """Weights and optimizer state of `checkpoint` into `model` at any layout: the sharded
-    format of a parallel run, or the single-file one of a single-process run (whole tensors;
-    each expert shard keeps its rows of the weights and of their optimizer state)."""
-    from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
+def load_any(checkpoint: Path, model: nn.Module, optimizer, train_state: dict, mesh) -> None:
+    """Weights and optimizer state of `checkpoint` into `model` (parallel at any layout, or one
+    process): a parallel run's DCP shards (dcp/), or a single-process run's whole tensors
+    (model.safetensors + the optimizer in train_state.pt: each rank keeps its blocks)."""
+    from softmoe.models.hub import DCP_DIR, WEIGHTS_NAME, load_safetensors
 
-    if (checkpoint / SHARDED).is_dir():
-        smd.load_checkpoint(checkpoint / SHARDED, model, optimizer)
+    if (checkpoint / DCP_DIR).is_dir():
+        smd.load_checkpoint(checkpoint / DCP_DIR, model, optimizer, process_group=getattr(mesh, "io_group", None))
         return
-    model.load_state_dict(load_safetensors(checkpoint / WEIGHTS_NAME), strict=True)  # shards slice full tensors
-    optimizer.load_state_dict(_shard_optimizer_state(model, optimizer, train_state["optimizer"]))
-
-
-def _shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
-    """A single-process optimizer state_dict with every expert parameter's state tensors
-    (Adam's moments, (E, ...)) cut to this rank's experts; the rest unchanged. The optimizer
-    was built from the parallelised model the same way, so parameter i is the same tensor."""
-    rows = {}
-    for module in model.modules():
-        if isinstance(module, smd.ExpertParallel):
-            lo = module.expert_offset
-            for p in module._parameters.values():
-                rows[id(p)] = (lo, lo + module.num_local_experts, module.num_experts)
-    if not rows:
-        return state
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    out = {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        lo, hi, experts = rows.get(id(params[int(index)]), (None, None, None))
-        out["state"][index] = {k: (v[lo:hi].clone() if lo is not None and torch.is_tensor(v) and v.dim()
-                                   and v.shape[0] == experts else v) for k, v in entry.items()}
-    return out
+    if (checkpoint / SHARDED).is_dir():
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is in the hand-made sharded format of an older softmoe "
+                         f"({SHARDED}/); this softmoe resumes DCP checkpoints ({DCP_DIR}/) and single-process ones "
+                         f"(its {WEIGHTS_NAME} holds the weights but not the optimizer state)")
+    if "optimizer" not in train_state:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has no optimizer state (train_state.pt) and no {DCP_DIR}/")
+    smd.load_full_state_dict(model, load_safetensors(checkpoint / WEIGHTS_NAME))
+    optimizer.load_state_dict(smd.shard_optimizer_state(model, optimizer, train_state["optimizer"]))
 
 
 def finish_step(run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, aux, max_norm: float, result):
-    """After this rank's backward: average the gradients over the global batch, clip by the
-    global norm, update; the returned `result` (trainer._StepResult) holds global-batch values."""
-    smd.sync_gradients(run.model)
-    if run.mesh.ep_size > 1:
-        grad_norm = clip_grad_norm(run.model, run.params, max_norm)
-    else:  # every gradient is whole and equal on every rank: the single-process clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    """After this rank's backward: the gradients of the global batch (FSDP2 reduce-scattered
+    them, but for the 0-dim ones; DDP averaged the replicated ones, the expert shards are summed
+    over their dp group here), clip by the global norm, update; the returned `result`
+    (trainer._StepResult) holds global-batch values."""
+    if smd.is_fsdp(run.model):
+        smd.sync_ignored_gradients(run.model)
+    else:
+        smd.sync_gradients(run.model, replicated=run.ddp is None)
+    grad_norm = smd.clip_grad_norm_(run.params, max_norm)
     run.optimizer.step()
     correct = reduce_sum((logits.detach().argmax(-1) == y).sum())
     return result(reduce_mean(loss), grad_norm.detach(), correct, len(y) * run.mesh.world_size,

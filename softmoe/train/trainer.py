@@ -41,6 +41,7 @@ from . import checkpoint as ckpt_mod
 from . import logs
 from . import parallel
 from .config import TrainConfig, resumable_fields
+from .evaluation import evaluate
 from .optim import build_optimizer, make_schedule, set_lr
 from .timing import StepClock
 
@@ -83,29 +84,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, l
             targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
     raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {kind!r}")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, img_size: int, batch_size: int, device: torch.device, autocast,
-             loss_kind: str = "softmax") -> dict:
-    """Accuracy and mean loss over the whole `dataset` (eval mode, no augmentation). The sums
-    stay on the device until the end (float64 loss sum: the same numbers as summing on the host)."""
-    from softmoe.data import eval_batches
-
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    for x, y in eval_batches(dataset, batch_size, img_size, device):
-        with autocast():
-            logits = model(x)
-        logits = logits.float()  # (B, C)
-        total_loss += classification_loss(logits, y, loss_kind).double() * len(y)
-        correct += (logits.argmax(-1) == y).sum()
-        n += len(y)
-    model.train(was_training)
-    return {"test_accuracy": int(correct) / n, "test_loss": float(total_loss) / n, "test_examples": n}
 
 
 def resolve_config(cfg: TrainConfig, train_ds, workdir: Path) -> TrainConfig:
@@ -241,6 +219,7 @@ class _Run:
     params: list = dataclasses.field(default_factory=list)  # what the gradient is clipped over
     moe: list = dataclasses.field(default_factory=list)  # the model's MoE layers
     mesh: object = None  # softmoe.distributed.Mesh under torchrun (world > 1), else None
+    ddp: object = None  # the DDP module forward runs through (data_parallel "ddp"), else None
 
     @property
     def is_main(self) -> bool:
@@ -260,7 +239,7 @@ class _Run:
         the MoE layers' routing diagnostics (router/<layer>/<metric>) on 256 of those images."""
         def score(ds):
             return evaluate(self.model, ds, self.cfg.img_size, self.cfg.eval_batch_size, self.device, self.autocast,
-                            self.cfg.loss)
+                            self.cfg.loss, mesh=self.mesh)  # under torchrun: sharded over the ranks
 
         rec = {"kind": "eval", "step": step}
         if self.moe and self.mesh is None:  # routing diagnostics over time (softmoe.eval.routing)
@@ -281,9 +260,9 @@ class _Run:
                           "steps_per_epoch": self.steps_per_epoch},
                  "train_config": json.dumps(self.resolved)}
         if self.mesh is not None:
-            del state["optimizer"]  # sharded with the weights
-            path = parallel.save_sharded(ckpt_mod.checkpoint_dir(self.workdir, step), self.model, self.optimizer,
-                                         state, self.resolved, self.cfg.model.build, self.cfg.keep_checkpoints)
+            del state["optimizer"]  # in the DCP shards with the weights
+            path = parallel.save_parallel(ckpt_mod.checkpoint_dir(self.workdir, step), self.model, self.optimizer,
+                                          state, self.resolved, self.cfg.keep_checkpoints, self.mesh)
         else:
             path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
                                             keep=self.cfg.keep_checkpoints)
@@ -299,7 +278,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
-    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s)
+    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s, cfg.checkpoint_timeout_s)
     if mesh is not None and mesh.rank != 0:
         log = _quiet
     device = resolve_device(cfg.device)
@@ -335,17 +314,20 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     random.seed(cfg.seed)
     with torch.device("meta"):  # no rank (nor a single process) ever holds more than its own shards
         model = cfg.model.build()
-    if mesh is not None:
-        smd.parallelize(model, mesh)  # the local expert shards, still on meta
-    smd.materialize(model, device, cfg.seed)  # keyed init: the same numbers at every layout
+    if mesh is not None:  # experts as DTensors over "ep", then FSDP2 (or DDP below); still on meta
+        parallel.parallelize(model, mesh, cfg.data_parallel)
+    smd.materialize(model, device, cfg.seed)  # local shards only; keyed init: the same numbers at every layout
+    if mesh is not None:  # router noise: each rank draws one process's noise for its rows (docs/distributed.md)
+        smd.key_noise_by_global_rows(model, parallel.rows(mesh, cfg.batch_size), cfg.batch_size)
     model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
+    ddp = parallel.ddp_wrapper(model, cfg.data_parallel) if mesh is not None else None
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     run = _Run(cfg=cfg, workdir=workdir, device=device, use_bf16=use_bf16, train_ds=train_ds, test_ds=test_ds,
                val_ds=val_ds, model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
-               moe=[m for _, m in moe_layers(model)], mesh=mesh)
+               moe=[m for _, m in moe_layers(model)], mesh=mesh, ddp=ddp)
     if latest is not None:
         _restore(run, latest, log)
     if run.is_main:
@@ -407,7 +389,7 @@ def _restore(run: _Run, checkpoint: Path, log) -> None:
     after it are dropped (this session writes them again)."""
     state = ckpt_mod.load_train_state(checkpoint)
     if run.mesh is not None or "optimizer" not in state:  # a parallel run, or a parallel run's checkpoint
-        parallel.load_sharded_or_full(checkpoint, run.model, run.optimizer, state)
+        parallel.load_any(checkpoint, run.model, run.optimizer, state, run.mesh)
     else:
         ckpt_mod.load_model_weights(run.model, checkpoint)  # dtypes checked per tensor
         run.optimizer.load_state_dict(state["optimizer"])
@@ -435,7 +417,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     set_lr(optimizer, lr)
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
-        logits = model(x)  # (B, num_classes)
+        logits = (run.ddp or model)(x)  # (B, num_classes)
     logits = logits.float()
     loss = classification_loss(logits, y, cfg.loss, cfg.label_smoothing)
     # Logged only for layers that have one (Soft MoE and Experts Choice have none; then

@@ -73,7 +73,8 @@ def test_model_section_errors():
 def test_resumable_fields_are_marked_on_the_dataclass():
     assert resumable_fields() == {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every",
                                   "checkpoint_every", "keep_checkpoints", "tensorboard", "plots", "workdir",
-                                  "num_threads", "device", "reuse_buffers", "ep_size", "dist_timeout_s"}
+                                  "num_threads", "device", "reuse_buffers", "ep_size", "dist_timeout_s",
+                                  "data_parallel", "checkpoint_timeout_s"}
 
 
 def test_set_rejects_unknown_keys_with_suggestion():
@@ -94,6 +95,10 @@ def test_set_rejects_wrong_types_and_values():
         apply_overrides(TrainConfig(steps=1), ["bf16=maybe"])
     with pytest.raises(ValueError, match="schedule must be one of"):
         apply_overrides(TrainConfig(steps=1), ["schedule=linear"])
+    with pytest.raises(ValueError, match=r"data_parallel must be one of \['fsdp', 'ddp'\], got 'zero'"):
+        apply_overrides(TrainConfig(steps=1), ["data_parallel=zero"])
+    with pytest.raises(ValueError, match="checkpoint_timeout_s"):
+        apply_overrides(TrainConfig(steps=1), ["checkpoint_timeout_s=0"])
     with pytest.raises(ValueError, match="exactly one of steps"):
         apply_overrides(TrainConfig(steps=1), ["epochs=2"])
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):

@@ -54,7 +54,14 @@ def ok(result):
 
 
 def weights(workdir: Path, step: int) -> dict:
-    return load_file(str(workdir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    """The weights of checkpoint `step`: a single-process run's model.safetensors, or a parallel
+    run's DCP shards read in this process (what `softmoe eval` and `softmoe export` read)."""
+    ckpt = workdir / "checkpoints" / f"step_{step:08d}"
+    if (ckpt / "model.safetensors").is_file():
+        return load_file(str(ckpt / "model.safetensors"))
+    from softmoe.models.hub import from_dcp
+
+    return {k: v.detach() for k, v in from_dcp(ckpt).state_dict().items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -70,9 +77,10 @@ def single(tmp_path_factory):
     return wd
 
 
-@pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 2)])
-def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep):
-    out = ok(train(tmp_path, 6, nproc, ep))
+@pytest.mark.parametrize("nproc,ep,engine", [(2, 2, "fsdp"), (4, 2, "fsdp"), (2, 2, "ddp")])
+def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine):
+    """FSDP2 (the default) and DDP (experts replicated over dp) at EP=2 equal one process."""
+    out = ok(train(tmp_path, 6, nproc, ep, extra=["--set", f"data_parallel={engine}"]))
     assert out.count("summary:") == 1  # rank 0 alone prints
     diff = max_diff(weights(tmp_path, 6), weights(single, 6))
     assert diff < TOL, diff
@@ -96,8 +104,15 @@ def test_checkpoint_moves_between_layouts(single, tmp_path):
     resumes the previous one's checkpoint and ends at the single-process weights."""
     wd = tmp_path / "down"
     ok(train(wd, 6, 4, 4, extra=EVERY2))
-    assert (wd / "checkpoints" / "step_00000002" / "sharded" / "COMPLETE").is_file()
+    assert (wd / "checkpoints" / "step_00000002" / "dcp" / "COMPLETE").is_file()
+    assert not (wd / "checkpoints" / "step_00000002" / "model.safetensors").exists()  # nothing whole in the job
     assert max_diff(weights(wd, 2), weights(single, 2)) < TOL
+    from softmoe.cli import main  # `softmoe export` of the 4-rank DCP checkpoint: the single-process weights
+
+    assert main(["export", str(wd / "checkpoints" / "step_00000002"), str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert any(t.dim() == 0 for t in exported.values())  # router.scale, 0-dim, exported too
+    assert max_diff(exported, weights(single, 2)) < TOL
     rewind(wd, 2)
     assert "resuming from" in ok(train(wd, 6, 2, 2, extra=EVERY2))
     assert max_diff(weights(wd, 6), weights(single, 6)) < TOL
@@ -135,7 +150,7 @@ def test_single_process_checkpoint_resumes_expert_parallel(single, tmp_path, npr
     step6 = wd / "checkpoints" / "step_00000006"
     model, _ = load_model(step6)
     opt = build_optimizer(model, TrainConfig.from_dict(read_run_config(wd / "config.json")))
-    smd.load_checkpoint(step6 / "sharded", model, opt)
+    smd.load_checkpoint(step6 / "dcp", model, opt)
     want = load_train_state(single / "checkpoints" / "step_00000006")["optimizer"]["state"]
     got = opt.state_dict()["state"]
     assert got.keys() == want.keys()

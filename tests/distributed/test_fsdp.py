@@ -1,0 +1,84 @@
+"""FSDP2 + DTensor expert parallelism + DCP checkpoints on 2 and 4 gloo processes (CPU) equal
+one process on the global batch (float32, 1e-5: reduction order only): at (dp, ep) in
+{(1, 2), (2, 1)} and {(2, 2), (1, 4), (4, 1)} the keyed init is bitwise equal, step 1's
+per-parameter gradients (Adam would hide a W-fold error) and 3 AdamW steps (with an active
+clip) match; DCP checkpoints move between every pair of those layouts and into one process
+without a process group; a checkpoint missing a shard is a clear error. The per-process code
+is in dist_scenarios.py; every launch has a hard timeout."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import dist_scenarios as sc
+from softmoe import distributed as smd
+from test_distributed import assert_ok, launch
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """Both worlds' FSDP runs (their logs) and their checkpoints after step 3."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    logs = {world: assert_ok(launch("fsdp", world, tmp, timeout_s=900)) for world in (2, 4)}  # 2 shared cores
+    return tmp, logs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_layouts_equal_one_process(fsdp_runs, world):
+    _, logs = fsdp_runs
+    for dp, ep in sc.layouts_of(world):
+        assert f"ok fsdp dp={dp} ep={ep} fsdp: init, gradients, 3 steps match" in logs[world], logs[world]
+    dp, ep = sc.layouts_of(world)[0]  # the sync_gradients oracle, no FSDP
+    assert f"ok fsdp dp={dp} ep={ep} none: init, gradients, 3 steps match" in logs[world], logs[world]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dcp_checkpoints_move_between_layouts(fsdp_runs, world):
+    tmp, _ = fsdp_runs
+    log = assert_ok(launch("fsdp_resume", world, tmp, timeout_s=900))
+    for dp, ep in sc.layouts_of(world):
+        assert f"ok resume dp={dp} ep={ep}: 5 checkpoints, step 4 matches" in log, log
+
+
+@pytest.mark.parametrize("src", ["ck_dp1_ep2", "ck_dp2_ep1", "ck_dp2_ep2", "ck_dp1_ep4", "ck_dp4_ep1"])
+def test_dcp_checkpoint_loads_in_one_process_without_a_process_group(fsdp_runs, src):
+    tmp, _ = fsdp_runs
+    assert not torch.distributed.is_initialized()
+    world = 2 if src in ("ck_dp1_ep2", "ck_dp2_ep1") else 4
+    states, _, _ = sc.fsdp_reference(world, 4)
+    model = sc.micro_model()
+    opt = sc.make_optimizer(model)
+    assert smd.load_checkpoint(tmp / src, model, opt) == {"step": 3}
+    assert set(model.state_dict()) == set(states[3])
+    sc.check_weights(model, states[3], f"one process from {src}")
+    images, labels = sc.batches(world, 4)[3]
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), sc.MAX_NORM)
+    opt.step()
+    sc.check_weights(model, states[4], f"one process step 4 from {src}")
+
+
+def test_dcp_writers_are_balanced_and_a_missing_shard_is_a_clear_error(fsdp_runs, tmp_path):
+    tmp, _ = fsdp_runs
+    files = smd.checkpoint.shard_files(tmp / "ck_dp2_ep2")
+    assert files == [f"__{r}_0.distcp" for r in range(4)]  # every rank writes its own shards
+    sizes = [(tmp / "ck_dp2_ep2" / f).stat().st_size for f in files]
+    assert max(sizes) < 0.5 * sum(sizes), sizes  # replicated tensors spread over the ranks, not all on rank 0
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp / "ck_dp2_ep2", broken)
+    (broken / files[2]).unlink()
+    model = sc.micro_model()
+    with pytest.raises(ValueError, match=r"missing shard files \['__2_0.distcp'\]"):
+        smd.load_checkpoint(broken, model)
+    (broken / smd.checkpoint.MARKER).unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        smd.load_checkpoint(broken, model)
+
+
+def test_bf16_mixed_precision_gradients_are_within_the_bf16_bound(tmp_path):
+    assert "ok bf16 mixed precision" in assert_ok(launch("fsdp_bf16", 2, tmp_path, timeout_s=300))
