@@ -111,17 +111,19 @@ def test_not_initialised_and_incomplete_checkpoint(tmp_path):
 
 def test_rank_raising_stops_the_others(tmp_path):
     """Rank 1 raises mid-step and exits: rank 0, inside an all-to-all, fails with a clear error
-    long before the collective timeout."""
+    long before the collective timeout (240 s; the bound of 180 s leaves room for a loaded machine's
+    start-up, and is still far from what waiting for the timeout would take)."""
     t0 = time.monotonic()
-    (rc0, log0), (rc1, log1) = launch("rank_raises", 2, tmp_path, timeout_s=90, collective_timeout_s=60)
+    (rc0, log0), (rc1, log1) = launch("rank_raises", 2, tmp_path, timeout_s=300, collective_timeout_s=240)
     assert rc1 != 0 and "injected failure on rank 1" in log1
     assert rc0 != 0 and "expert-parallel all_to_all (backward) failed on rank 0" in log0, log0[-3000:]
-    assert time.monotonic() - t0 < 45
+    assert time.monotonic() - t0 < 180
 
 
 def test_rank_hanging_times_out(tmp_path):
     """Rank 1 stays alive but stops calling collectives: rank 0 fails after the timeout (3 s)."""
     t0 = time.monotonic()
-    (rc0, log0), (rc1, _) = launch("rank_hangs", 2, tmp_path, timeout_s=60, collective_timeout_s=3, grace_s=0)
+    (rc0, log0), (rc1, _) = launch("rank_hangs", 2, tmp_path, timeout_s=240, collective_timeout_s=3, grace_s=0)
     assert rc0 != 0 and "expert-parallel all_to_all (forward) failed on rank 0" in log0, log0[-3000:]
-    assert rc1 != 0 and time.monotonic() - t0 < 40  # rank 1 was killed once rank 0 failed
+    # rank 1 was killed once rank 0 failed, not by the launch's own 240 s limit (bound: loaded-machine start-up)
+    assert rc1 != 0 and time.monotonic() - t0 < 180
