@@ -160,9 +160,10 @@ class SoftRouter(nn.Module):
         return y if routing.out_dtype is None else y.to(routing.out_dtype)
 
     def extra_repr(self) -> str:
+        logits = f", logits_dtype={self.logits_dtype!r}" if self.logits_dtype != "float32" else ""
         return (f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
                 f"normalize={self.normalize}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}, "
-                f"impl={self.impl!r}" + (f", logits_dtype={self.logits_dtype!r}" if self.logits_dtype != "float32" else ""))
+                f"impl={self.impl!r}{logits}")
 
 
 class SoftRouting(NamedTuple):
