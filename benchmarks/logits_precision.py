@@ -93,7 +93,8 @@ def main(argv=None) -> int:
                 layer.load_state_dict(base.state_dict())
                 layers[option] = layer
                 got = one_pass(layer, x, dy, ac)
-                print(f"| {E} | {scale:g} | {option} | " + " | ".join(f"{rel(got[k], want[k]):.1e}" for k in want) + " |")
+                errors = " | ".join(f"{rel(got[k], want[k]):.1e}" for k in want)
+                print(f"| {E} | {scale:g} | {option} | {errors} |")
             if scale == a.scales[0]:
                 runs = {"float32": ("float32", ac), "autocast": ("autocast", ac), "fp32 layer": ("float32", None)}
                 times = {k: [] for k in runs}

@@ -7,6 +7,7 @@ import torch
 import timm_suite
 
 timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.cpu_only  # timm's own suite, in a subprocess, on the CPU
 
 # The models whose timm contract is checked here. vit_ti16 passes too (8 tests, 43 s on 2 busy cores: left
 # out for time). soft_moe_ti16 (226M parameters) passes its 8 tests one by one but is left out for time: 175 s of
