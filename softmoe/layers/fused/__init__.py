@@ -11,10 +11,10 @@ The fused path computes the same function as the reference code (tested equal in
   - large CPU buffers reused from step to step (`buffers.BufferPool`, one per component),
   - an inference forward that runs the experts a few at a time (`experts.inference`).
 It supports first-order gradients only; `impl="reference"` supports double backward.
-It runs under bf16/fp16 autocast too (float32 parameters): routing in float32, the experts in
-the autocast dtype, as autocast runs the reference path. Where it does not apply (`applies`
-is False: other dtypes, the meta device, torch.compile or tracing, Soft MoE's Table-2
-ablations) the reference path runs.
+It runs under bf16/fp16 autocast too (float32 parameters): routing and mixing in float32, the
+experts in the autocast dtype, as the reference path computes them there (docs/design.md §1.3).
+Where it does not apply (`applies` is False: other dtypes, the meta device, torch.compile or
+tracing, Soft MoE's Table-2 ablations) the reference path runs.
 Measured speed: see docs/benchmarks.md.
 """
 from __future__ import annotations
