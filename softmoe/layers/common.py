@@ -46,6 +46,14 @@ def autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on `x` compute in: autocast's (bf16/fp16) while autocast is on
+    for x's device and x is a float type autocast casts (not float64), else x's own."""
+    if x.dtype != torch.float64 and x.is_floating_point() and autocast_on(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def no_autocast(device_type: str):
     """A context that turns autocast off on `device_type` (a no-op where there is none)."""
     if not torch.amp.is_autocast_available(device_type):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import fused
-from .common import check_choice, check_positive_int
+from .common import check_choice, check_positive_int, compute_dtype, no_autocast
 from .functional import expert_mlp
 from .fused.buffers import pool_of
 from .fused.experts import experts_forward
@@ -88,16 +88,19 @@ class Experts(nn.Module):
                 b.normal_(0.0, self.bias_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (E, M, D) -> (E, M, D)."""
+        """x (E, M, D) -> (E, M, D), in the autocast dtype under autocast, else x's dtype."""
         w = (self.w1, self.b1, self.w2, self.b2)
         if self.fused_applies(x):
             train = fused.records_graph(x, self)
-            return experts_forward(x, *w, self.act.approximate, pool_of(self) if train else None, train)
+            dtype = compute_dtype(x)  # under autocast the MLP runs in its dtype, as autocast would run it
+            with no_autocast(x.device.type):
+                return experts_forward(x.to(dtype), *(t.to(dtype) for t in w), self.act.approximate,
+                                       pool_of(self) if train else None, train)
         return expert_mlp(x, *w, self.act, self.drop1, self.drop2)  # (E, M, D)
 
     def fused_applies(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) takes the fused path: `fused.applies` (impl, dtype, device,
-        autocast, compile), a GELU activation (exact or tanh) and no dropout that is active."""
+        """Whether forward(x) takes the fused path: `fused.applies` (impl, dtypes, device,
+        compile), a GELU activation (exact or tanh) and no dropout that is active."""
         return (isinstance(self.act, nn.GELU) and not (self.training and (_active(self.drop1) or _active(self.drop2)))
                 and fused.applies(self, x))
 

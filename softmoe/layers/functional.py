@@ -22,14 +22,22 @@ def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
 
 
-def soft_logits(x: torch.Tensor, w: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def soft_logits(x: torch.Tensor, w: torch.Tensor, normalize: bool,
+                matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logits = rsqrt(|x|^2 + 1e-6) * (x @ w)` (B, N, S) and that factor r (B, N, 1) (None
     without normalisation), for x (B, N, D) and slot weights w (D, S) in one dtype.
 
     Algebraically `l2_normalize(x) @ w`, but the per-token factor is applied to the (B, N, S)
     logits instead of materialising a normalised copy of x (B, N, D), and |x|^2 comes from
-    one fused reduction (vector_norm) instead of a squared copy of x."""
-    logits = torch.matmul(x, w)  # (B, N, S)
+    one fused reduction (vector_norm) instead of a squared copy of x.
+
+    `matmul_dtype` (e.g. bfloat16; None: x's dtype): the dtype of the operands of `x @ w`
+    only (the router's `logits_dtype="autocast"`); the product is cast back to x's dtype
+    before r and everything after it (docs/design.md §1.3)."""
+    if matmul_dtype is None or matmul_dtype == x.dtype:
+        logits = torch.matmul(x, w)  # (B, N, S)
+    else:
+        logits = torch.matmul(x.to(matmul_dtype), w.to(matmul_dtype)).to(x.dtype)
     if not normalize:
         return logits, None
     r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + 1e-6)  # (B, N, 1)
@@ -59,18 +67,21 @@ def slot_view(slots: torch.Tensor, B: int, S: int) -> torch.Tensor:
 
 def dispatch_tokens(x: torch.Tensor, dispatch: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Slots (E, P*B, D), item p*B + b being slot p of sequence b, from x (B, N, D) and
-    dispatch weights (B, N, S): every slot a weighted sum of its sequence's tokens."""
+    dispatch weights (B, N, S): every slot a weighted sum of its sequence's tokens, computed
+    in the wider of the two dtypes (float32 routing weights are never rounded to bf16)."""
     B, _, D = x.shape
     S = dispatch.shape[2]
-    slots = torch.bmm(dispatch.to(x.dtype).transpose(1, 2), x)  # (B, S, D)
+    dtype = torch.promote_types(x.dtype, dispatch.dtype)
+    slots = torch.bmm(dispatch.to(dtype).transpose(1, 2), x.to(dtype))  # (B, S, D)
     return slots.transpose(0, 1).reshape(num_experts, S // num_experts * B, D)
 
 
 def combine_slots(ys: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
     """y (B, N, D) from expert outputs (E, P*B, D) and combine weights (B, N, S): every token a
-    weighted sum of all slot outputs of its sequence."""
+    weighted sum of all slot outputs of its sequence, computed in the wider of the two dtypes."""
     B, _, S = combine.shape
-    return torch.bmm(combine.to(ys.dtype), slot_view(ys, B, S))  # (B, N, D)
+    dtype = torch.promote_types(ys.dtype, combine.dtype)
+    return torch.bmm(combine.to(dtype), slot_view(ys.to(dtype), B, S))  # (B, N, D)
 
 
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,

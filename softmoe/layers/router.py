@@ -1,4 +1,5 @@
-"""Routers: compute routing logits in float32 (at least), whatever the autocast state.
+"""Routers: compute routing logits in float32 (at least), whatever the autocast state
+(Soft MoE's `logits_dtype="autocast"` opts the logits matmul's operands into autocast's dtype).
 
 Einsum letters: B batch, N tokens, D width, E experts, P slots per expert, S = E*P slots.
 """
@@ -11,12 +12,13 @@ import torch
 from torch import nn
 
 from . import fused
-from .common import check_choice, check_positive_int, no_autocast, routing_dtype
+from .common import autocast_on, check_choice, check_positive_int, compute_dtype, no_autocast, routing_dtype
 from .fused.buffers import pool_of
 from .fused.routing import FusedCombine, FusedSoftRouting
 from .functional import combine_slots, dispatch_tokens, l2_normalize, soft_combine, soft_dispatch, soft_logits
 
 WEIGHT_MODES = ("soft", "uniform", "identity")
+LOGITS_DTYPES = ("float32", "autocast")
 
 # Flax's truncated-normal initialisers divide by this to keep the requested std after the
 # truncation at +-2 standard deviations.
@@ -37,12 +39,22 @@ class SoftRouter(nn.Module):
     mean of the tokens / every token the mean of the slot outputs) or "identity" (token i ->
     slot i; needs N == E*P).
     impl: "fused" (default): the soft/soft routing through `softmoe.layers.fused.routing`
-    (hand-written backwards, its own buffer pool) wherever that applies; "reference": the
-    steps of `softmoe.layers.functional` in plain autograd.
+    (hand-written backwards, its own buffer pool) wherever that applies, under bf16/fp16
+    autocast too; "reference": the steps of `softmoe.layers.functional` in plain autograd.
+
+    Precision (docs/design.md §1.3): the normalisation, the logits, both softmaxes and both
+    mixing matmuls run in float32 (float64 for float64 inputs), with autocast off; the slots
+    and the output are then cast to the compute dtype (autocast's under autocast, else x's).
+    logits_dtype: "float32" (default) or "autocast": under autocast, the operands of the
+      logits matmul `x @ phi` (B*N*D*S multiply-adds, a third of the routing's) are cast to
+      the autocast dtype and the product back to float32; the normalisation factors, the
+      softmaxes and the routing weights stay float32. Outside autocast it changes nothing.
+      Its error against float64 is measured in docs/benchmarks.md.
     """
 
     def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, normalize: bool = True,
-                 dispatch: str = "soft", combine: str = "soft", impl: str = "fused") -> None:
+                 dispatch: str = "soft", combine: str = "soft", impl: str = "fused",
+                 logits_dtype: str = "float32") -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.num_experts = check_positive_int("num_experts", num_experts)
@@ -53,6 +65,7 @@ class SoftRouter(nn.Module):
         self.dispatch_mode = check_choice("dispatch", dispatch, WEIGHT_MODES)
         self.combine_mode = check_choice("combine", combine, WEIGHT_MODES)
         self.impl = fused.check_impl(impl)
+        self.logits_dtype = check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
         self.phi = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
         self.scale = nn.Parameter(torch.ones(()))
         self.reset_parameters()
@@ -78,10 +91,18 @@ class SoftRouter(nn.Module):
             phi = l2_normalize(phi, dim=0)
         return phi * self.scale.to(dtype)
 
+    def logits_matmul_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The operand dtype of the logits matmul on x: autocast's with logits_dtype="autocast"
+        under autocast (x not float64), else None (the routing dtype)."""
+        if self.logits_dtype == "autocast" and x.dtype != torch.float64 and autocast_on(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = routing_dtype(x.dtype)
+        matmul_dtype = self.logits_matmul_dtype(x)
         with no_autocast(x.device.type):
-            return soft_logits(x.to(dtype), self.slot_weights(dtype), self.normalize)[0]  # (B, N, S)
+            return soft_logits(x.to(dtype), self.slot_weights(dtype), self.normalize, matmul_dtype)[0]  # (B, N, S)
 
     def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None, noise: torch.Tensor | None = None):
         """Dispatch and combine weights, each (B, N, S) in routing dtype (float32+), of x
@@ -109,36 +130,51 @@ class SoftRouter(nn.Module):
         return dispatch, combine
 
     def dispatch(self, x: torch.Tensor, mask: torch.Tensor | None = None, noise: torch.Tensor | None = None):
-        """Slots (E, P*B, D) of x (B, N, D) (slot-major, see `softmoe.layers.functional`) and the
-        routing of this forward (`SoftRouting`: the dispatch and combine weights, (B, N, S))."""
+        """Slots (E, P*B, D) of x (B, N, D) (slot-major, see `softmoe.layers.functional`) in the
+        compute dtype (autocast's under autocast, else x's), and the routing of this forward
+        (`SoftRouting`: the dispatch and combine weights, (B, N, S), in routing dtype). The
+        mixing matmul runs in routing dtype (float32+) with autocast off."""
+        out_dtype, dtype = compute_dtype(x), routing_dtype(x.dtype)
         if self.dispatch_mode == self.combine_mode == "soft" and fused.applies(self, x):
             pool = pool_of(self) if fused.records_graph(x, self) else None
-            slots, dispatch, combine = FusedSoftRouting.apply(
-                x, self.slot_weights(x.dtype), mask, noise, self.normalize, self.num_experts,
-                self.slots_per_expert, pool)
-            return slots, SoftRouting(dispatch, combine, True, pool)
+            matmul_dtype = self.logits_matmul_dtype(x)
+            with no_autocast(x.device.type):
+                slots, dispatch, combine = FusedSoftRouting.apply(
+                    x.to(dtype), self.slot_weights(dtype), mask, noise, self.normalize, self.num_experts,
+                    self.slots_per_expert, pool, matmul_dtype)
+            return slots.to(out_dtype), SoftRouting(dispatch, combine, True, pool, out_dtype)
         dispatch, combine = self.weights(x, mask, noise)
-        return dispatch_tokens(x, dispatch, self.num_experts), SoftRouting(dispatch, combine, False, None)
+        with no_autocast(x.device.type):
+            slots = dispatch_tokens(x, dispatch, self.num_experts)
+        return slots.to(out_dtype), SoftRouting(dispatch, combine, False, None, out_dtype)
 
     def combine(self, ys: torch.Tensor, routing: SoftRouting) -> torch.Tensor:
-        """y (B, N, D) from the expert outputs ys (E, P*B, D) and this forward's `routing`."""
-        if routing.fused and ys.dtype == routing.combine.dtype:
-            return FusedCombine.apply(ys, routing.combine, routing.pool)
-        return combine_slots(ys, routing.combine)
+        """y (B, N, D) from the expert outputs ys (E, P*B, D) and this forward's `routing`: the
+        mixing matmul in routing dtype (float32+, autocast off), y in the compute dtype of the
+        `dispatch` that made `routing`."""
+        with no_autocast(ys.device.type):
+            if routing.fused:
+                y = FusedCombine.apply(ys.to(routing.combine.dtype), routing.combine, routing.pool)
+            else:
+                y = combine_slots(ys, routing.combine)
+        return y if routing.out_dtype is None else y.to(routing.out_dtype)
 
     def extra_repr(self) -> str:
+        logits = f", logits_dtype={self.logits_dtype!r}" if self.logits_dtype != "float32" else ""
         return (f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
                 f"normalize={self.normalize}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}, "
-                f"impl={self.impl!r}")
+                f"impl={self.impl!r}{logits}")
 
 
 class SoftRouting(NamedTuple):
     """One forward's routing: the dispatch and combine weights (B, N, S) (the combine weights
-    carry gradients into `SoftRouter.combine`), whether the fused path made them, and its pool."""
+    carry gradients into `SoftRouter.combine`), whether the fused path made them, its pool,
+    and the dtype `combine` casts its output to (None: the mixing matmul's)."""
     dispatch: torch.Tensor
     combine: torch.Tensor
     fused: bool
     pool: object
+    out_dtype: torch.dtype | None = None
 
 
 # -- Table 2 ablations: fixed (B, N, S) weights; m (B, N, 1) bool | None ------------------------

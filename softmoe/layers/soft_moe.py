@@ -47,6 +47,13 @@ class SoftMoE(MoELayer):
         experts' fast paths (`softmoe.layers.fused`) wherever each applies (first-order
         gradients only); "reference": plain autograd through softmoe/layers/functional.py
         (double backward works). Passed on to the router and the experts.
+      logits_dtype: "float32" (default: all of the routing in float32, as the paper's code)
+        or "autocast" (under autocast, the logits matmul's operands in the autocast dtype;
+        softmaxes and routing weights stay float32); see `SoftRouter` and docs/design.md §1.3.
+
+    Precision (docs/design.md §1.3): under bf16/fp16 autocast the routing (normalisation,
+    logits, both softmaxes, both mixing matmuls) runs in float32 and the experts in the
+    autocast dtype; the output has the autocast dtype. Both impls compute it so.
 
     forward(x: (B, N, D), mask: (B, N) bool | None) -> (B, N, D)
 
@@ -65,7 +72,7 @@ class SoftMoE(MoELayer):
     def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, hidden_dim: int | None = None,
                  noise_std: float = 0.0, dispatch: str = "soft", combine: str = "soft",
                  expert_init: str = "identical", normalize: bool = True, check_finite: bool = False,
-                 impl: str = "fused") -> None:
+                 impl: str = "fused", logits_dtype: str = "float32") -> None:
         super().__init__()
         hidden_dim = 4 * dim if hidden_dim is None else hidden_dim
         self.dim = check_positive_int("dim", dim)
@@ -77,7 +84,7 @@ class SoftMoE(MoELayer):
         self.impl = fused.check_impl(impl)
         self.num_slots = num_experts * slots_per_expert
         self.router = SoftRouter(dim, num_experts, slots_per_expert, normalize=normalize, dispatch=dispatch,
-                                 combine=combine, impl=impl)
+                                 combine=combine, impl=impl, logits_dtype=logits_dtype)
         self.dispatch, self.combine = self.router.dispatch_mode, self.router.combine_mode
         self.experts = Experts(num_experts, dim, hidden_dim, expert_init=expert_init, impl=impl)
 

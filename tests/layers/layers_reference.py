@@ -1,6 +1,8 @@
 """Float64 references for the layer tests, written from the formulas in docs/design.md §1-2 and
 deliberately independent of softmoe's helpers (no router/experts/softmax code reused):
 explicit exp/sum softmaxes, an explicit tanh-GELU, Python loops over sequences/tokens.
+They compute on the device of their inputs (float64 exists on CUDA too), so the
+device-agnostic tests (SOFTMOE_TEST_DEVICE, tests/conftest.py) compare on the device.
 
 The module name is unique on purpose: the tests directory has no __init__.py files, so
 pytest puts tests/layers on sys.path and a generic name could collide with another folder.
@@ -55,9 +57,9 @@ def soft_moe_reference(layer, x: torch.Tensor, mask: torch.Tensor | None = None,
     params = expert_params(layer.experts)
     B, N, D = x.shape
     _, E, P = phi.shape
-    out = torch.zeros(B, N, D, dtype=torch.float64)
+    out = torch.zeros(B, N, D, dtype=torch.float64, device=x.device)  # on x's device (CUDA has float64)
     for b in range(B):
-        real = torch.ones(N, dtype=torch.bool) if mask is None else mask[b]
+        real = torch.ones(N, dtype=torch.bool, device=x.device) if mask is None else mask[b]
         if not real.any():
             continue
         xr = x[b][real]  # (n, D) real tokens only

@@ -1,5 +1,8 @@
 """TokensChoiceMoE (V-MoE top-K + BPR, docs/design.md §2): dense equivalence, priority, capacity,
-groups, masks and the auxiliary losses against hand-computed values."""
+groups, masks and the auxiliary losses against hand-computed values.
+
+Device-agnostic (tests/conftest.py): layers and inputs on the `device` under test; the float64
+references compute there (the numpy/scipy one for the auxiliary losses on CPU copies)."""
 
 import numpy as np
 import pytest
@@ -11,19 +14,19 @@ from layers_reference import assert_close64, expert_mlp, expert_params, randomiz
 from softmoe import SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics, record_routing
 
 
-def make_layer(D=6, E=4, H=5, seed=0, **kw) -> TokensChoiceMoE:
+def make_layer(device, D=6, E=4, H=5, seed=0, **kw) -> TokensChoiceMoE:
     layer = TokensChoiceMoE(D, E, hidden_dim=H, **kw).double().eval()
     randomize_(layer, seed=seed)
-    return layer
+    return layer.to(device)
 
 
-def hand_gated(gates, **kw):
+def hand_gated(device, gates, **kw):
     """A layer whose gate logits are the input itself (D = E, gate.weight = I), and the input
     x = log(gates): softmax(x) = gates, so the test chooses every gate value by hand.
     gates: (B, N, E) rows summing to 1."""
-    gates = torch.as_tensor(gates, dtype=torch.float64)
+    gates = torch.as_tensor(gates, dtype=torch.float64, device=device)
     E = gates.shape[-1]
-    layer = make_layer(D=E, E=E, **kw)
+    layer = make_layer(device, D=E, E=E, **kw)
     with torch.no_grad():
         layer.gate.weight.copy_(torch.eye(E))
     return layer, gates.log()
@@ -50,11 +53,11 @@ def dense_top_k(layer, x):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("batch_priority", [True, False])
 @pytest.mark.parametrize("group_size", [1, 2])
-def test_large_capacity_equals_dense_top_k(k, batch_priority, group_size):
+def test_large_capacity_equals_dense_top_k(k, batch_priority, group_size, device):
     N = 8
-    layer = make_layer(k=k, batch_priority=batch_priority, group_size=group_size, capacity=N * group_size)
+    layer = make_layer(device, k=k, batch_priority=batch_priority, group_size=group_size, capacity=N * group_size)
     layer.record_metrics = True
-    x = torch.randn(4, N, 6, dtype=torch.float64)
+    x = torch.randn(4, N, 6, dtype=torch.float64, device=device)
     assert_close64(layer(x), dense_top_k(layer, x))
     assert layer.metrics["dropped_choices_fraction"] == 0
     # Training with noise_std = 0 routes exactly as eval.
@@ -62,10 +65,10 @@ def test_large_capacity_equals_dense_top_k(k, batch_priority, group_size):
     assert_close64(layer.train()(x), dense_top_k(layer, x))
 
 
-def test_noisy_gates_route_and_combine_only_in_training():
-    layer = make_layer(k=2, capacity=8, noise_std=1.0)
+def test_noisy_gates_route_and_combine_only_in_training(device):
+    layer = make_layer(device, k=2, capacity=8, noise_std=1.0)
     layer.record_weights = True
-    x = torch.randn(2, 8, 6, dtype=torch.float64)
+    x = torch.randn(2, 8, 6, dtype=torch.float64, device=device)
     y_eval = layer(x)
     assert torch.equal(layer(x), y_eval)
     clean = torch.softmax(x @ layer.gate.weight.detach(), -1)
@@ -97,15 +100,15 @@ PRIORITY_CASES = {
 
 
 @pytest.mark.parametrize("case", PRIORITY_CASES)
-def test_first_choices_before_second_choices(case):
+def test_first_choices_before_second_choices(case, device):
     bpr, gates, kept, position = PRIORITY_CASES[case]
-    layer, x = hand_gated([gates], k=2, capacity=2, batch_priority=bpr)
+    layer, x = hand_gated(device, [gates], k=2, capacity=2, batch_priority=bpr)
     layer.record_weights = layer.record_metrics = True
     y = layer(x)
     rw = layer.routing_weights
     assert rw["kept"][0].tolist() == kept
     assert rw["position"][0].tolist() == position
-    assert rw["expert_index"][0].tolist() == torch.tensor(gates).argsort(-1, descending=True).tolist()
+    assert rw["expert_index"][0].tolist() == torch.tensor(gates, device=device).argsort(-1, descending=True).tolist()
     assert layer.metrics["dropped_choices_fraction"].item() == pytest.approx(2 / 6, abs=1e-7)  # a float32 metric
     assert layer.metrics["tokens_unprocessed_fraction"].item() == 0
     # Each token's output: its kept choices only, weighted by their gates.
@@ -118,12 +121,12 @@ def test_first_choices_before_second_choices(case):
 
 @pytest.mark.parametrize("bpr,kept", [(True, [False, True, False, True, False]),  # two largest gates
                                       (False, [True, True, False, False, False])])  # two first positions
-def test_batch_priority_vs_position_order(bpr, kept):
-    top = torch.tensor([0.6, 0.9, 0.7, 0.95, 0.55])  # every token prefers expert 0
-    layer, x = hand_gated(torch.stack([top, 1 - top], -1)[None], k=1, capacity=2, batch_priority=bpr)
+def test_batch_priority_vs_position_order(bpr, kept, device):
+    top = torch.tensor([0.6, 0.9, 0.7, 0.95, 0.55], device=device)  # every token prefers expert 0
+    layer, x = hand_gated(device, torch.stack([top, 1 - top], -1)[None], k=1, capacity=2, batch_priority=bpr)
     layer.record_weights = layer.record_metrics = True
     y = layer(x)
-    kept = torch.tensor(kept)
+    kept = torch.tensor(kept, device=device)
     assert layer.routing_weights["kept"][0, :, 0].tolist() == kept.tolist()
     assert torch.all(y[0, ~kept] == 0)  # a dropped token adds nothing (the residual carries it)
     params = expert_params(layer.experts)
@@ -148,77 +151,77 @@ def test_capacity_formula(kw, T, expected):
     assert TokensChoiceMoE(4, E, **kw).capacity_for(T) == expected
 
 
-def test_capacity_used_in_forward_follows_group_tokens():
+def test_capacity_used_in_forward_follows_group_tokens(device):
     for G, expected in [(1, 2), (2, 3)]:  # T = 6 -> ceil(1.5) = 2; T = 12 -> 3
-        layer = make_layer(E=4, capacity_factor=1.0, capacity_multiple_of=1, group_size=G)
+        layer = make_layer(device, E=4, capacity_factor=1.0, capacity_multiple_of=1, group_size=G)
         layer.record_metrics = True
-        layer(torch.randn(2, 6, 6, dtype=torch.float64))
+        layer(torch.randn(2, 6, 6, dtype=torch.float64, device=device))
         assert layer.metrics["capacity"].item() == expected
 
 
-def test_capacity_below_one_is_an_error():
-    layer = TokensChoiceMoE(4, 8, capacity_factor=0.1, capacity_rounding="round")
+def test_capacity_below_one_is_an_error(device):
+    layer = TokensChoiceMoE(4, 8, capacity_factor=0.1, capacity_rounding="round").to(device)
     with pytest.raises(ValueError, match="capacity"):
         layer.capacity_for(4)  # round(0.05) = 0
     with pytest.raises(ValueError, match="capacity_factor"):
-        layer(torch.randn(1, 4, 4))
+        layer(torch.randn(1, 4, 4, device=device))
     with pytest.raises(ValueError, match="capacity"):
         TokensChoiceMoE(4, 8, capacity=0)
 
 
 # -- groups ---------------------------------------------------------------------------------
-def test_group_shares_capacity():
+def test_group_shares_capacity(device):
     # Two sequences of two tokens, all preferring expert 0; capacity 2 per group.
-    top = torch.tensor([[0.9, 0.8], [0.7, 0.95]])
+    top = torch.tensor([[0.9, 0.8], [0.7, 0.95]], device=device)
     gates = torch.stack([top, 1 - top], -1)
     for G, kept in [(1, [[True, True], [True, True]]), (2, [[True, False], [False, True]])]:
-        layer, x = hand_gated(gates, k=1, capacity=2, group_size=G)
+        layer, x = hand_gated(device, gates, k=1, capacity=2, group_size=G)
         layer.record_weights = True
         layer(x)
         assert layer.routing_weights["kept"][..., 0].tolist() == kept
 
 
-def test_group_equals_concatenated_sequence_and_groups_are_independent():
-    g2 = make_layer(k=2, capacity_factor=1.0, group_size=2)
-    g1 = make_layer(k=2, capacity_factor=1.0, group_size=1)  # same seed => same parameters
-    x = torch.randn(4, 5, 6, dtype=torch.float64)
+def test_group_equals_concatenated_sequence_and_groups_are_independent(device):
+    g2 = make_layer(device, k=2, capacity_factor=1.0, group_size=2)
+    g1 = make_layer(device, k=2, capacity_factor=1.0, group_size=1)  # same seed => same parameters
+    x = torch.randn(4, 5, 6, dtype=torch.float64, device=device)
     y = g2(x)
     assert_close64(y, g1(x.reshape(2, 10, 6)).reshape(4, 5, 6))
     x2 = x.clone()
-    x2[2:] = torch.randn(2, 5, 6, dtype=torch.float64)
+    x2[2:] = torch.randn(2, 5, 6, dtype=torch.float64, device=device)
     assert torch.equal(g2(x2)[:2], y[:2])
 
 
-def test_group_size_must_divide_batch():
-    layer = make_layer(group_size=3)
+def test_group_size_must_divide_batch(device):
+    layer = make_layer(device, group_size=3)
     with pytest.raises(ValueError, match="group_size"):
-        layer(torch.randn(4, 5, 6, dtype=torch.float64))
+        layer(torch.randn(4, 5, 6, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("cls_kw", [dict(), dict(capacity=3)])
-def test_sequences_independent_with_group_size_one(cls_kw):
-    layer = make_layer(k=2, **cls_kw)
-    x = torch.randn(3, 6, 6, dtype=torch.float64)
+def test_sequences_independent_with_group_size_one(cls_kw, device):
+    layer = make_layer(device, k=2, **cls_kw)
+    x = torch.randn(3, 6, 6, dtype=torch.float64, device=device)
     y = layer(x)
     x[1:] *= -3
     assert torch.equal(layer(x)[0], y[0])
 
 
 # -- masks ----------------------------------------------------------------------------------
-def test_masked_tokens_take_no_capacity_and_output_zero():
-    top = torch.tensor([0.99, 0.8, 0.7])  # the masked token 0 has the largest gate
-    layer, x = hand_gated(torch.stack([top, 1 - top], -1)[None], k=1, capacity=1)
+def test_masked_tokens_take_no_capacity_and_output_zero(device):
+    top = torch.tensor([0.99, 0.8, 0.7], device=device)  # the masked token 0 has the largest gate
+    layer, x = hand_gated(device, torch.stack([top, 1 - top], -1)[None], k=1, capacity=1)
     layer.record_weights = True
-    mask = torch.tensor([[False, True, True]])
+    mask = torch.tensor([[False, True, True]], device=device)
     y = layer(x, mask)
     assert layer.routing_weights["kept"][0, :, 0].tolist() == [False, True, False]
     assert torch.all(y[0, 0] == 0)
 
 
-def test_masked_output_equals_output_without_masked_tokens():
-    layer = make_layer(k=2, capacity=8)
-    x = torch.randn(2, 8, 6, dtype=torch.float64)
-    mask = torch.ones(2, 8, dtype=torch.bool)
+def test_masked_output_equals_output_without_masked_tokens(device):
+    layer = make_layer(device, k=2, capacity=8)
+    x = torch.randn(2, 8, 6, dtype=torch.float64, device=device)
+    mask = torch.ones(2, 8, dtype=torch.bool, device=device)
     mask[0, [2, 5]] = False
     mask[1, 7] = False
     y = layer(x, mask)
@@ -228,13 +231,13 @@ def test_masked_output_equals_output_without_masked_tokens():
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_all_padding_group_gives_finite_losses_and_gradients(impl):
+def test_all_padding_group_gives_finite_losses_and_gradients(impl, device):
     # A routing group with no real token has all-zero importance and load: its CV^2 is 0 (not
     # 0/0 = NaN), and the other groups' losses and gradients are those of the batch without it.
     torch.manual_seed(0)
-    layer = TokensChoiceMoE(6, num_experts=4, k=2, capacity=8, impl=impl).double().train()
-    x = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
-    mask = torch.ones(3, 8, dtype=torch.bool)
+    layer = TokensChoiceMoE(6, num_experts=4, k=2, capacity=8, impl=impl).double().train().to(device)
+    x = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True, device=device)
+    mask = torch.ones(3, 8, dtype=torch.bool, device=device)
     mask[1] = False  # sequence (group) 1 is all padding
     torch.manual_seed(1)
     y = layer(x, mask)
@@ -255,15 +258,15 @@ def aux_reference(layer, x, mask, noise):
     B, N, D = x.shape
     G, E, K = layer.group_size, layer.num_experts, layer.k
     R = B // G
-    xg = x.reshape(R, G * N, D).numpy()
-    mg = np.ones((R, G * N), bool) if mask is None else mask.reshape(R, G * N).numpy()
-    W = layer.gate.weight.detach().double().numpy()
+    xg = x.reshape(R, G * N, D).cpu().numpy()
+    mg = np.ones((R, G * N), bool) if mask is None else mask.reshape(R, G * N).cpu().numpy()
+    W = layer.gate.weight.detach().double().cpu().numpy()
     sd = layer.noise_std / E
     out = {"importance_loss": [], "load_loss": [], "gshard_loss": []}
     for r in range(R):
         real = mg[r]
         logits = xg[r][real] @ W  # (n, E)
-        noisy = logits + sd * noise[r][real].numpy()
+        noisy = logits + sd * noise[r][real].cpu().numpy()
         gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
         ngates = np.exp(noisy) / np.exp(noisy).sum(-1, keepdims=True)
         out["importance_loss"].append(cv2(gates.sum(0)))
@@ -276,22 +279,22 @@ def aux_reference(layer, x, mask, noise):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_aux_losses_equal_hand_computed(masked):
+def test_aux_losses_equal_hand_computed(masked, device):
     B, N, E, K, G = 4, 5, 4, 2, 2
     weights = dict(importance_loss_weight=0.3, load_loss_weight=0.7, gshard_loss_weight=0.11)
-    layer = make_layer(E=E, k=K, group_size=G, noise_std=1.0, **weights).train()
+    layer = make_layer(device, E=E, k=K, group_size=G, noise_std=1.0, **weights).train()
     with torch.no_grad():
         layer.gate.weight.mul_(0.3)  # moderate logits so noise_std/E = 0.25 noise matters
     layer.record_metrics = layer.record_weights = True
-    x = torch.randn(B, N, 6, dtype=torch.float64)
+    x = torch.randn(B, N, 6, dtype=torch.float64, device=device)
     mask = None
     if masked:
-        mask = torch.ones(B, N, dtype=torch.bool)
+        mask = torch.ones(B, N, dtype=torch.bool, device=device)
         mask[0, 1] = mask[3, 2:] = False
     torch.manual_seed(123)
     layer(x, mask)
     torch.manual_seed(123)
-    noise = torch.randn(B // G, G * N, E, dtype=torch.float64)  # the draw the layer made
+    noise = torch.randn(B // G, G * N, E, dtype=torch.float64, device=device)  # the draw the layer made
     # The replayed noise reproduces the layer's noisy gates (so the reference uses the same draw).
     logits = x.reshape(B // G, G * N, 6) @ layer.gate.weight.detach()
     assert_close64(layer.routing_weights["gates"].reshape(B // G, G * N, E),
@@ -306,33 +309,33 @@ def test_aux_losses_equal_hand_computed(masked):
     assert layer.gate.weight.grad.abs().sum() > 0
 
 
-def test_aux_loss_none_in_eval_or_with_zero_weights():
-    layer = make_layer()
-    layer(torch.randn(2, 5, 6, dtype=torch.float64))
+def test_aux_loss_none_in_eval_or_with_zero_weights(device):
+    layer = make_layer(device)
+    layer(torch.randn(2, 5, 6, dtype=torch.float64, device=device))
     assert layer.aux_loss is None
-    layer = make_layer(importance_loss_weight=0.0, load_loss_weight=0.0).train()
-    layer(torch.randn(2, 5, 6, dtype=torch.float64))
+    layer = make_layer(device, importance_loss_weight=0.0, load_loss_weight=0.0).train()
+    layer(torch.randn(2, 5, 6, dtype=torch.float64, device=device))
     assert layer.aux_loss is None
 
 
-def test_no_load_loss_without_noise():
-    layer = make_layer(noise_std=0.0, importance_loss_weight=0.2, load_loss_weight=5.0).train()
+def test_no_load_loss_without_noise(device):
+    layer = make_layer(device, noise_std=0.0, importance_loss_weight=0.2, load_loss_weight=5.0).train()
     layer.record_metrics = True
-    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, device=device)
     layer(x)
     assert "load_loss" not in layer.metrics
     assert layer.aux_loss.item() == pytest.approx(0.2 * layer.metrics["importance_loss"].item(), rel=1e-12)
 
 
-def test_collect_aux_loss_over_several_layers():
+def test_collect_aux_loss_over_several_layers(device):
     torch.manual_seed(0)
     model = nn.Sequential(TokensChoiceMoE(6, 4, hidden_dim=8), SoftMoE(6, 4, hidden_dim=8),
-                          TokensChoiceMoE(6, 4, hidden_dim=8, k=2, gshard_loss_weight=0.1)).train()
+                          TokensChoiceMoE(6, 4, hidden_dim=8, k=2, gshard_loss_weight=0.1)).train().to(device)
     zero = collect_aux_loss(model)  # nothing has run yet: a zero that adds to any loss
     assert zero.shape == () and zero.dtype == torch.float32 and zero.item() == 0 and not zero.requires_grad
     with record_routing(model) as layers:
         assert len(layers) == 3 and all(m.record_metrics for m in layers)
-        y = model(torch.randn(2, 5, 6))
+        y = model(torch.randn(2, 5, 6, device=device))
     assert not any(m.record_metrics for m in layers)  # flags restored
     total = collect_aux_loss(model)
     assert model[1].aux_loss is None
@@ -345,22 +348,22 @@ def test_collect_aux_loss_over_several_layers():
     assert collect_aux_loss(nn.Linear(2, 2).double()).dtype == torch.float64  # the model's (routing) dtype
     assert collect_aux_loss(nn.Linear(2, 2).to("meta")).device.type == "meta"  # and device
     model.eval()
-    model(torch.randn(2, 5, 6))
-    loss = torch.tensor(1.5) + collect_aux_loss(model)  # the README's line, in eval mode (no aux loss)
+    model(torch.randn(2, 5, 6, device=device))
+    loss = torch.tensor(1.5, device=device) + collect_aux_loss(model)  # the README's line, in eval mode (no aux loss)
     assert loss.item() == 1.5
 
 
 # -- gradients ------------------------------------------------------------------------------
 @pytest.mark.parametrize("capacity", [6, 1])  # every choice kept / most dropped
-def test_gradcheck_input_with_fixed_routing(capacity):
-    layer = make_layer(D=3, E=3, H=4, k=2, capacity=capacity, noise_std=0.0)
-    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_input_with_fixed_routing(capacity, device):
+    layer = make_layer(device, D=3, E=3, H=4, k=2, capacity=capacity, noise_std=0.0)
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True, device=device)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_check_finite_raises():
-    layer = make_layer(check_finite=True)
-    x = torch.randn(1, 4, 6, dtype=torch.float64)
+def test_check_finite_raises(device):
+    layer = make_layer(device, check_finite=True)
+    x = torch.randn(1, 4, 6, dtype=torch.float64, device=device)
     x[0, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         layer(x)

@@ -320,6 +320,7 @@ def test_exports():
     assert hub.CONFIG_NAME == "config.json" and hub.WEIGHTS_NAME == "model.safetensors"
 
 
+@pytest.mark.cpu_only  # a subprocess
 def test_load_model_finds_a_training_workdir_without_softmoe_train(tmp_path):
     """softmoe.models reads training work directories itself: evaluation never imports
     softmoe.train (and softmoe.models never does)."""

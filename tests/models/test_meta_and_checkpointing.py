@@ -75,13 +75,14 @@ def training_step(model, x, y):
 
 
 @pytest.mark.parametrize("name", ["soft_moe_micro", "tc_moe_micro", "ec_moe_micro"])
-def test_checkpointed_blocks_equal_plain_blocks(name):
+def test_checkpointed_blocks_equal_plain_blocks(name, device):
     torch.manual_seed(0)
-    model = create_model(name).train()
+    model = create_model(name).train().to(device)
     ckpt = copy.deepcopy(model)
     ckpt.blocks = nn.ModuleList(Checkpointed(b) for b in ckpt.blocks)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g, device=device)
+    y = torch.randint(0, 10, (4,), generator=g, device=device)
     torch.manual_seed(5)  # the same routing noise in both (checkpoint replays it in the recompute)
     plain = training_step(model, x, y)
     torch.manual_seed(5)

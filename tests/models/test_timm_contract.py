@@ -234,6 +234,7 @@ def test_timm_data_pipeline_and_training_loop(tmp_path):
     assert 0 <= top1.item() <= 100
 
 
+@pytest.mark.cpu_only  # a subprocess
 def test_timm_register_module_registers_on_import():
     """`train.py --device-modules softmoe.models.timm_register` (docs/models.md): train.py imports
     timm first, then the module, then builds the model. A fresh interpreter, as train.py is."""

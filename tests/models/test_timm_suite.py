@@ -8,6 +8,7 @@ import torch
 import timm_suite
 
 timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.cpu_only  # timm's own suite, in a subprocess, on the CPU
 
 # The models whose timm contract is checked here: every `*_micro` model, and the two 224-px models
 # in a test of their own (slow: soft_moe_ti16, 226M parameters, takes about 175 s on 2 busy cores, 132 s of it

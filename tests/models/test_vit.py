@@ -1,5 +1,8 @@
 """The ViT of docs/design.md §3: exact forward math against an independent float64 reference,
-initialisation, MoE placement, the model surface (contracts.md) and input validation."""
+initialisation, MoE placement, the model surface (contracts.md) and input validation.
+
+The forward tests are device-agnostic (tests/conftest.py): model and input on the `device`
+under test, the float64 reference (einsums on the raw parameters) computed there too."""
 import json
 import math
 
@@ -77,9 +80,10 @@ def reference_forward(model, x):
     return t, pooled, pooled @ P["head.weight"].T + P["head.bias"]
 
 
-def _randomised(cfg):
-    """float64 model with every parameter random (zero heads / identical experts would hide bugs)."""
-    model = build_model(cfg).double().eval()
+def _randomised(device, cfg):
+    """float64 model on `device` with every parameter random (zero heads / identical experts
+    would hide bugs)."""
+    model = build_model(cfg).double().eval().to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 and p.numel() <= 16 else 0.0))
@@ -88,10 +92,10 @@ def _randomised(cfg):
 
 @pytest.mark.parametrize("pool", ["gap", "token"])
 @pytest.mark.parametrize("moe", [False, True])
-def test_forward_matches_float64_reference(pool, moe):
+def test_forward_matches_float64_reference(pool, moe, device):
     extra = dict(moe=MoEConfig("SoftMoE", 3, slots_per_expert=2)) if moe else {}
-    model = _randomised(ViTConfig(**MICRO, pool=pool, **extra))
-    x = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    model = _randomised(device, ViTConfig(**MICRO, pool=pool, **extra))
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64, device=device) * 2 - 1
     tokens, pooled, logits = reference_forward(model, x)
     n_tok = 16 + (pool == "token")
     assert model.forward_features(x).shape == (3, n_tok, 32)
@@ -101,9 +105,9 @@ def test_forward_matches_float64_reference(pool, moe):
     torch.testing.assert_close(model(x), logits, rtol=0, atol=1e-10)
 
 
-def test_map_head_matches_reference():
-    model = _randomised(ViTConfig(**MICRO, pool="map"))
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+def test_map_head_matches_reference(device):
+    model = _randomised(device, ViTConfig(**MICRO, pool="map"))
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, device=device)
     t = model.forward_features(x)
     P = dict(model.named_parameters())
     D, h = 32, 2
@@ -140,10 +144,10 @@ def test_initialisation_follows_vmoe():
     assert not torch.equal(create_model("vit_micro").pos_embed, create_model("vit_micro").pos_embed)
 
 
-def test_gelu_is_tanh_approximation():
-    model = create_model("vit_micro").double()
+def test_gelu_is_tanh_approximation(device):
+    model = create_model("vit_micro").double().to(device)
     mlp = model.blocks[0].mlp
-    x = torch.randn(5, 64, dtype=torch.float64) * 3
+    x = torch.randn(5, 64, dtype=torch.float64, device=device) * 3
     ref = _gelu_tanh(x @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
     torch.testing.assert_close(mlp(x), ref, rtol=0, atol=1e-12)
     exact = F.gelu(x @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
@@ -174,11 +178,11 @@ def test_bad_placement_is_a_value_error(bad):
 
 @pytest.mark.parametrize("name,cls", [("soft_moe_micro", SoftMoE), ("tc_moe_micro", TokensChoiceMoE),
                                       ("ec_moe_micro", ExpertsChoiceMoE)])
-def test_moe_families_build_run_and_backprop(name, cls):
-    model = create_model(name)
+def test_moe_families_build_run_and_backprop(name, cls, device):
+    model = create_model(name).to(device)
     moes = [b.mlp for b in model.blocks if isinstance(b.mlp, cls)]
     assert len(moes) == 2 and all(m.num_experts == 8 for m in moes)
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x = torch.rand(4, 3, 32, 32, device=device) * 2 - 1
     model.train()
     loss = model(x).logsumexp(-1).mean()
     from softmoe import collect_aux_loss
@@ -202,10 +206,10 @@ def test_moe_kwargs_are_passed_and_checked():
         create_model("soft_moe_micro", moe_kwargs={"hidden_dim": 2})
 
 
-def test_soft_moe_model_is_per_image_deterministic():
+def test_soft_moe_model_is_per_image_deterministic(device):
     """Soft MoE routes each image on its own: an image's logits never depend on the batch."""
-    model = create_model("soft_moe_micro").double().eval()
-    x = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    model = create_model("soft_moe_micro").double().eval().to(device)
+    x = torch.rand(5, 3, 32, 32, dtype=torch.float64, device=device)
     torch.testing.assert_close(model(x)[2:3], model(x[2:3]), rtol=0, atol=1e-12)
 
 
@@ -291,12 +295,12 @@ def test_bad_config_values(kwargs, match):
         ViTConfig.from_dict(kwargs)
 
 
-def test_bad_inputs_at_forward():
-    model = create_model("vit_micro")
+def test_bad_inputs_at_forward(device):
+    model = create_model("vit_micro").to(device)
     with pytest.raises(ValueError, match=r"in_chans=3.*got \(2, 1, 32, 32\)"):
-        model(torch.rand(2, 1, 32, 32))
+        model(torch.rand(2, 1, 32, 32, device=device))
     with pytest.raises(ValueError, match="img_size=32.*got 48x48"):
-        model(torch.rand(2, 3, 48, 48))
+        model(torch.rand(2, 3, 48, 48, device=device))
     with pytest.raises(ValueError, match="ViTConfig"):
         VisionTransformer({"embed_dim": 3})
 

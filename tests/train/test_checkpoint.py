@@ -107,6 +107,7 @@ def _train_cmd(config, workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only  # subprocesses of `softmoe train` (CPU config)
 def test_sigkill_and_resume_gives_bitwise_identical_weights(tmp_path):
     config = tmp_path / "crash.py"
     config.write_text(CRASH_CONFIG)

@@ -1,10 +1,13 @@
 """`softmoe demo` end to end with a few steps (the real run is ~2 minutes; its figures are in the report)."""
 import json
 
+import pytest
+
 from softmoe.cli import main
 from softmoe.train.presets import DEMO_STEPS, demo_config
 
 
+@pytest.mark.cpu_only  # the demo is the CPU miniature of `softmoe compare` (device "auto")
 def test_demo_command_is_a_miniature_compare(tmp_path, capsys):
     args = ["demo", "--workdir", str(tmp_path), "--steps", "3", "--seeds", "2", "--models", "dense,soft"]
     assert main(args) == 0

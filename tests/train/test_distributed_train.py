@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.cpu_only]  # gloo on CPU, torchrun subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--set", "batch_size=16", "--set", "num_threads=1", "--set", "tensorboard=false", "--set", "plots=false",

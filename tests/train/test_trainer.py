@@ -25,9 +25,9 @@ def weights(ckpt):
     return load_file(str(ckpt / "model.safetensors"))
 
 
-def test_run_writes_the_documented_workdir(tmp_path):
+def test_run_writes_the_documented_workdir(tmp_path, device):
     wd = tmp_path / "run"
-    s = train(tiny_config(plots=True, eval_every=6), wd, log=quiet)
+    s = train(tiny_config(device, plots=True, eval_every=6), wd, log=quiet)
     assert [step for step, _ in list_checkpoints(wd)] == [4, 8, 12]
     cfg = json.loads((wd / "config.json").read_text())
     assert cfg["model"]["name"] == "soft_moe_micro" and cfg["data"] == "digits" and "data_root" in cfg
@@ -56,12 +56,12 @@ def test_run_writes_the_documented_workdir(tmp_path):
         assert torch.equal(model.state_dict()[key], value)
 
 
-def test_training_learns_digits(tmp_path):
+def test_training_learns_digits(tmp_path, device):
     """A tiny model must beat chance clearly in 60 steps (a broken loop stays near 10%)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        s = train(tiny_config(steps=60, lr=3e-3, augment="none", checkpoint_every=0, routing_metrics_every=0),
+        s = train(tiny_config(device, steps=60, lr=3e-3, augment="none", checkpoint_every=0, routing_metrics_every=0),
                   tmp_path / "learn", log=quiet)
         assert torch.get_num_threads() == 2 and s["threads"] == 1  # the run's setting does not leak
     finally:
@@ -69,17 +69,17 @@ def test_training_learns_digits(tmp_path):
     assert s["test_accuracy"] > 0.5
 
 
-def test_resume_is_exact_in_process(tmp_path):
+def test_resume_is_exact_in_process(tmp_path, device):
     full = tmp_path / "full"
-    train(tiny_config(), full, log=quiet)
+    train(tiny_config(device), full, log=quiet)
     part = tmp_path / "part"
-    train(tiny_config(), part, log=quiet)
+    train(tiny_config(device), part, log=quiet)
     # pretend the run died after step 4: drop the later checkpoints, keep the metrics it wrote
     for step, d in list_checkpoints(part):
         if step > 4:
             shutil.rmtree(d)
     logs = []
-    train(tiny_config(), part, log=logs.append)
+    train(tiny_config(device), part, log=logs.append)
     assert any("resuming from" in msg and "step 4/12" in msg for msg in logs)
     a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -92,17 +92,17 @@ def test_resume_is_exact_in_process(tmp_path):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
-def test_resume_refuses_a_different_run(tmp_path):
+def test_resume_refuses_a_different_run(tmp_path, device):
     wd = tmp_path / "r"
-    train(tiny_config(steps=4), wd, log=quiet)
+    train(tiny_config(device, steps=4), wd, log=quiet)
     with pytest.raises(ValueError, match=r"different run \(lr: 0.001 -> 0.002\)"):
-        train(tiny_config(steps=4, lr=2e-3), wd, log=quiet)
-    train(tiny_config(steps=4, log_every=1), wd, log=quiet)  # logging changes are fine
+        train(tiny_config(device, steps=4, lr=2e-3), wd, log=quiet)
+    train(tiny_config(device, steps=4, log_every=1), wd, log=quiet)  # logging changes are fine
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        train(tiny_config(), tmp_path / "empty", resume=True, log=quiet)
+        train(tiny_config(device), tmp_path / "empty", resume=True, log=quiet)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, device):
     real = trainer_mod.classification_loss
     calls = {"n": 0}
 
@@ -114,44 +114,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "classification_loss", poisoned)
     wd = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match=r"diverged at step 7: the loss is nan.*step_00000004"):
-        train(tiny_config(), wd, log=quiet)
+        train(tiny_config(device), wd, log=quiet)
     assert [s for s, _ in list_checkpoints(wd)] == [4]
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     # found at step 8 (the next log line) without a sync per step, reported for step 7; nothing after it
     assert records[-1]["kind"] == "diverged" and records[-1]["step"] == 7 and math.isnan(records[-1]["loss"])
-    assert records[-1]["lr"] == trainer_mod.make_schedule(tiny_config(), 12)(6)
+    assert records[-1]["lr"] == trainer_mod.make_schedule(tiny_config(device), 12)(6)
     assert [r["step"] for r in records[:-1]] == [1, 2, 3, 4, 6, 6]  # routing 1, 3, 6; train 2, 4, 6
 
 
-def test_absurd_learning_rate_diverges(tmp_path):
+def test_absurd_learning_rate_diverges(tmp_path, device):
     with pytest.raises(TrainingDiverged, match="diverged at step"):
-        train(tiny_config(lr=1e30, warmup_steps=0, grad_clip=0.0, schedule="constant", steps=50,
+        train(tiny_config(device, lr=1e30, warmup_steps=0, grad_clip=0.0, schedule="constant", steps=50,
                           checkpoint_every=0), tmp_path / "big", log=quiet)
     assert latest_checkpoint(tmp_path / "big") is None
 
 
-def test_bad_input_fails_before_writing(tmp_path):
+def test_bad_input_fails_before_writing(tmp_path, device):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="work directory .* is not writable"):
-        train(tiny_config(), blocker / "run", log=quiet)
+        train(tiny_config(device), blocker / "run", log=quiet)
     assert blocker.read_text() == "x"
     with pytest.raises(ValueError, match="batch_size=5000 is larger than the 'digits' train split"):
-        train(tiny_config(batch_size=5000), tmp_path / "b", log=quiet)
+        train(tiny_config(device, batch_size=5000), tmp_path / "b", log=quiet)
     with pytest.raises(ValueError, match="unknown model name 'soft_moe_mirco'"):
-        train(tiny_config(model="soft_moe_mirco"), tmp_path / "m", log=quiet)
+        train(tiny_config(device, model="soft_moe_mirco"), tmp_path / "m", log=quiet)
     with pytest.raises(ValueError, match="unknown dataset 'digit'"):
-        train(tiny_config(data="digit"), tmp_path / "d", log=quiet)
+        train(tiny_config(device, data="digit"), tmp_path / "d", log=quiet)
     with pytest.raises(ValueError, match="model.in_chans=3 disagrees with the dataset"):
-        train(tiny_config(model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "in_chans": 3})), tmp_path / "c",
+        train(tiny_config(device, model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "in_chans": 3})), tmp_path / "c",
               log=quiet)
     with pytest.raises(ValueError, match="warmup_steps=50 must be smaller than the run's 12 steps"):
-        train(tiny_config(warmup_steps=50), tmp_path / "w", log=quiet)
+        train(tiny_config(device, warmup_steps=50), tmp_path / "w", log=quiet)
     for name in ("b", "m", "d", "c", "w"):
         assert not (tmp_path / name).exists()
 
 
-def test_read_only_workdir(tmp_path):
+def test_read_only_workdir(tmp_path, device):
     if os.geteuid() == 0:
         pytest.skip("root ignores directory permissions")
     ro = tmp_path / "ro"
@@ -159,17 +159,18 @@ def test_read_only_workdir(tmp_path):
     ro.chmod(0o500)
     try:
         with pytest.raises(PermissionError, match="not writable"):
-            train(tiny_config(), ro, log=quiet)
+            train(tiny_config(device), ro, log=quiet)
     finally:
         ro.chmod(0o700)
 
 
-def test_cli_train_and_errors(tmp_path, capsys):
+def test_cli_train_and_errors(tmp_path, capsys, device):
     from softmoe.cli import main
 
     wd = tmp_path / "cli"
     code = main(["train", "--config", "debug", "--set", "steps=4", "--set", "checkpoint_every=2",
                  "--set", "model.depth=2", "--set", "model.moe.num_experts=4", "--set", "plots=false",
+                 "--set", f"device={device}",
                  "--workdir", str(wd), "--no-progress"])
     assert code == 0 and latest_checkpoint(wd).name == "step_00000004"
     saved = json.loads((wd / "config.json").read_text())
@@ -185,11 +186,11 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["data"] == "nope"
 
 
-def test_epochs_bf16_sigmoid_and_inception_options(tmp_path):
-    """The other config paths run: epochs instead of steps, bf16 autocast (CPU here),
+def test_epochs_bf16_sigmoid_and_inception_options(tmp_path, device):
+    """The other config paths run: epochs instead of steps, bf16 autocast (on the device under test),
     sigmoid loss with label smoothing, inception crop at a larger img_size, rsqrt + cooldown,
     a separate head decay."""
-    s = train(tiny_config(steps=0, epochs=0.5, bf16=True, loss="sigmoid", label_smoothing=0.1,
+    s = train(tiny_config(device, steps=0, epochs=0.5, bf16=True, loss="sigmoid", label_smoothing=0.1,
                           augment="inception_crop", img_size=12, schedule="rsqrt", cooldown_steps=5,
                           head_weight_decay=3.0, checkpoint_every=0), tmp_path / "e", log=quiet)
     assert s["steps"] == 22  # ceil(0.5 * (1438 // 32 = 44))
@@ -216,7 +217,7 @@ def test_classification_losses_match_formulas():
     assert torch.allclose(trainer_mod.classification_loss(logits, labels, "sigmoid", 0.1), bce_s, atol=1e-12)
 
 
-def test_train_on_image_folder_with_resize(tmp_path, monkeypatch):
+def test_train_on_image_folder_with_resize(tmp_path, monkeypatch, device):
     """An ImageFolder of RGB PNGs of mixed sizes, resized to 8x8 while decoding."""
     import numpy as np
     from PIL import Image
@@ -230,7 +231,7 @@ def test_train_on_image_folder_with_resize(tmp_path, monkeypatch):
                 side = 8 + i % 3
                 Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
                     tmp_path / "imgs" / split / cls / f"{i}.png")
-    s = train(tiny_config(data=str(tmp_path / "imgs"), data_image_size=8, test_split="val", steps=3,
+    s = train(tiny_config(device, data=str(tmp_path / "imgs"), data_image_size=8, test_split="val", steps=3,
                           batch_size=16), tmp_path / "run", log=quiet)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"]["overrides"]["in_chans"] == 3 and cfg["model"]["overrides"]["num_classes"] == 2
@@ -256,9 +257,9 @@ def _old_format(workdir, step):
                                                   "config": vit}))
 
 
-def test_old_format_workdir_resumes_exactly(tmp_path):
+def test_old_format_workdir_resumes_exactly(tmp_path, device):
     full = tmp_path / "full"
-    train(tiny_config(), full, log=quiet)
+    train(tiny_config(device), full, log=quiet)
     part = tmp_path / "part"
     shutil.copytree(full, part)
     for step, d in list_checkpoints(part):  # as if the run died after step 4
@@ -269,13 +270,13 @@ def test_old_format_workdir_resumes_exactly(tmp_path):
     model, train_cfg = load_model(part)  # evaluation reads the old layout too
     assert train_cfg["model"] == "soft_moe_micro" and model.config.moe.num_experts == 4
     logs = []
-    train(tiny_config(), part, log=logs.append)
+    train(tiny_config(device), part, log=logs.append)
     assert any("resuming from" in msg and "step 4/12" in msg for msg in logs)
     a, b = weights(latest_checkpoint(full)), weights(latest_checkpoint(part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((part / "config.json").read_text())["model"]["name"] == "soft_moe_micro"  # rewritten new
     with pytest.raises(ValueError, match=r"different run \(model: .*'num_experts': 4.* -> .*'num_experts': 2"):
-        train(tiny_config(model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 2}})), part,
+        train(tiny_config(device, model=ModelConfig("soft_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 2}})), part,
               log=quiet)
 
 
@@ -285,23 +286,23 @@ def _metrics(workdir):
             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_aux_loss_as_none_or_zero_tensor_gives_the_same_run(tmp_path, monkeypatch):
+def test_aux_loss_as_none_or_zero_tensor_gives_the_same_run(tmp_path, monkeypatch, device):
     """softmoe.collect_aux_loss may return a 0-dim zero instead of None when no layer has an
     auxiliary loss: the run (metrics, weights) must not change, and no aux_loss is logged."""
-    train(tiny_config(), tmp_path / "none", log=quiet)
+    train(tiny_config(device), tmp_path / "none", log=quiet)
     real = trainer_mod.collect_aux_loss
     monkeypatch.setattr(trainer_mod, "collect_aux_loss", lambda m: torch.zeros(()) if real(m) is None else real(m))
-    train(tiny_config(), tmp_path / "zero", log=quiet)
+    train(tiny_config(device), tmp_path / "zero", log=quiet)
     assert _metrics(tmp_path / "none") == _metrics(tmp_path / "zero")
     assert not any("aux_loss" in r for r in _metrics(tmp_path / "zero"))
     a, b = weights(latest_checkpoint(tmp_path / "none")), weights(latest_checkpoint(tmp_path / "zero"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tokens_choice_aux_loss_is_logged_and_trained(tmp_path):
+def test_tokens_choice_aux_loss_is_logged_and_trained(tmp_path, device):
     tc = dict(model=ModelConfig("tc_moe_micro", TINY_MODEL), steps=4, checkpoint_every=0, routing_metrics_every=0)
-    train(tiny_config(**tc), tmp_path / "w1", log=quiet)
-    train(tiny_config(**tc, aux_loss_weight=0.0), tmp_path / "w0", log=quiet)
+    train(tiny_config(device, **tc), tmp_path / "w1", log=quiet)
+    train(tiny_config(device, **tc, aux_loss_weight=0.0), tmp_path / "w0", log=quiet)
     records = [r for r in _metrics(tmp_path / "w1") if r["kind"] == "train"]
     assert all(r["aux_loss"] > 0 for r in records)
     a, b = weights(latest_checkpoint(tmp_path / "w1")), weights(latest_checkpoint(tmp_path / "w0"))
@@ -325,10 +326,11 @@ def test_window_totals_stay_on_the_device_and_match_host_sums():
     assert float(tally.win_loss) == 0 and tally.steps == 7 and tally.images == 56
 
 
-def test_val_split_evaluates_val_during_training_and_test_once(tmp_path):
+def test_val_split_evaluates_val_during_training_and_test_once(tmp_path, device):
     from softmoe.train.logs import read_metrics
 
-    s = train(tiny_config(steps=8, eval_every=4, val_split=0.1), tmp_path / "r", progress=False, log=lambda m: None)
+    s = train(tiny_config(device, steps=8, eval_every=4, val_split=0.1), tmp_path / "r", progress=False,
+              log=lambda m: None)
     evals = [m for m in read_metrics(tmp_path / "r") if m["kind"] == "eval"]
     assert [("val_accuracy" in m, "test_accuracy" in m) for m in evals] == [(True, False), (True, True)]
     from softmoe.data import load_dataset, stratified_split
@@ -343,6 +345,6 @@ def test_val_split_evaluates_val_during_training_and_test_once(tmp_path):
     assert evals[-1][f"router/{layer}/scale"] == float(model.get_submodule(layer).router.scale)
     assert all(0 < m[f"router/{layer}/dispatch_entropy"] <= 1 + 1e-9 for m in evals)
     with pytest.raises(ValueError, match="val_split"):
-        tiny_config(val_split=1.0).validate()
+        tiny_config(device, val_split=1.0).validate()
     with pytest.raises(ValueError, match="test_split='val'"):
-        tiny_config(val_split=0.1, test_split="val").validate()
+        tiny_config(device, val_split=0.1, test_split="val").validate()

@@ -11,8 +11,10 @@ The fused path computes the same function as the reference code (tested equal in
   - large CPU buffers reused from step to step (`buffers.BufferPool`, one per component),
   - an inference forward that runs the experts a few at a time (`experts.inference`).
 It supports first-order gradients only; `impl="reference"` supports double backward.
-Where it does not apply (`applies` is False: other dtypes, autocast, the meta device,
-torch.compile or tracing, Soft MoE's Table-2 ablations) the reference path runs.
+It runs under bf16/fp16 autocast too (float32 parameters): routing and mixing in float32, the
+experts in the autocast dtype, as the reference path computes them there (docs/design.md §1.3).
+Where it does not apply (`applies` is False: other dtypes, the meta device, torch.compile or
+tracing, Soft MoE's Table-2 ablations) the reference path runs.
 Measured speed: see docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -34,13 +36,20 @@ def check_impl(impl) -> str:
 
 def applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `module` (impl "fused") runs its fused path on `x`: float32/float64 `x` of the
-    parameters' dtype, a real device, no autocast, not under torch.compile or tracing."""
-    if check_impl(module.impl) != "fused" or x.dtype not in (torch.float32, torch.float64):
+    parameters' dtype; or, under bf16/fp16 autocast, float32 parameters and `x` float32 or of
+    the autocast dtype (the component then computes what autocast would: routing in float32,
+    experts in the autocast dtype, docs/design.md §1.3); a real device; not under
+    torch.compile or tracing."""
+    if check_impl(module.impl) != "fused" or x.device.type == "meta":
         return False
-    if x.device.type == "meta" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     p = next(module.parameters(), None)
-    return (p is None or p.dtype == x.dtype) and not autocast_on(x.device.type)
+    dtype = x.dtype if p is None else p.dtype
+    if autocast_on(x.device.type):
+        low = torch.get_autocast_dtype(x.device.type)
+        return low in (torch.bfloat16, torch.float16) and dtype == torch.float32 and x.dtype in (torch.float32, low)
+    return x.dtype in (torch.float32, torch.float64) and dtype == x.dtype
 
 
 def records_graph(x: torch.Tensor, module: torch.nn.Module) -> bool:

@@ -14,8 +14,14 @@ from .buffers import pooled_empty, pooled_scratch
 
 
 class FusedSoftRouting(torch.autograd.Function):
-    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P, pool) -> slots (E, P*B, D),
-    dispatch (B, N, S) (for metrics only, not differentiable), combine (B, N, S).
+    """(x (B, N, D), w (D, S), mask, noise, normalize, E, P, pool, matmul_dtype) -> slots
+    (E, P*B, D), dispatch (B, N, S) (for metrics only, not differentiable), combine (B, N, S).
+
+    x and w in one dtype, float32 or float64, with autocast off (the router casts and turns it
+    off: under autocast this whole node is the float32 routing). `matmul_dtype` (None, or the
+    autocast dtype for `logits_dtype="autocast"`): the operand dtype of the two matmuls of
+    the logits `x w` and of their two backward matmuls (dx through the logits, and dw), whose
+    products are cast back, exactly as autograd through `soft_logits(..., matmul_dtype)`.
 
     The forward computes exactly `soft_logits` + `soft_dispatch` / `soft_combine` +
     `dispatch_tokens`, writing the slots straight into slot-major layout. The backward,
@@ -36,16 +42,16 @@ class FusedSoftRouting(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, mask, noise, normalize, E, P, pool):
+    def forward(ctx, x, w, mask, noise, normalize, E, P, pool, matmul_dtype):
         B, _, D = x.shape
-        logits, r = reference.soft_logits(x, w, normalize)  # (B, N, S), (B, N, 1) | None
+        logits, r = reference.soft_logits(x, w, normalize, matmul_dtype)  # (B, N, S), (B, N, 1) | None
         noisy = logits if noise is None else logits + noise
         m = None if mask is None else mask.unsqueeze(-1)  # (B, N, 1)
         dispatch = reference.soft_dispatch(noisy, m)  # (B, N, S)
         combine = reference.soft_combine(noisy, m)  # (B, N, S)
         slots = bmm_slot_major(dispatch.transpose(1, 2), x, pooled_empty(pool, "slots", (E, P * B, D), x))
         ctx.save_for_backward(x, w, logits, r, dispatch, combine)
-        ctx.pool = pool
+        ctx.pool, ctx.matmul_dtype = pool, matmul_dtype
         ctx.mark_non_differentiable(dispatch)
         ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, not zeros
         return slots, dispatch, combine
@@ -74,19 +80,26 @@ class FusedSoftRouting(torch.autograd.Function):
             g = torch.mul(combine, g_combine, out=g) if g_slots is None else g.addcmul_(combine, g_combine)
             g.addcmul_(combine, s_c, value=-1.0)
         elif g_slots is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if r is not None:
             g.mul_(r)  # dL/d(x w)
+        low = ctx.matmul_dtype
+        if low is None or low == x.dtype:
+            gm, xm, wm = g.reshape(B * N, S), x.reshape(B * N, D), w
+        else:  # the logits matmul's operands were cast to `low`: so are its backward's
+            gm, xm, wm = g.reshape(B * N, S).to(low), x.reshape(B * N, D).to(low), w.to(low)
         # dw (D, S) as the transpose of g^T x: MKL computes that orientation faster here
-        dw = torch.mm(g.reshape(B * N, S).t(), x.reshape(B * N, D)).t() if need_w else None
+        dw = torch.mm(gm.t(), xm).t().to(w.dtype) if need_w else None
         if need_x:
             if dx is None:
-                dx = torch.mm(g.reshape(B * N, S), w.t()).view(B, N, D)
+                dx = torch.mm(gm, wm.t()).to(x.dtype).view(B, N, D)
+            elif gm.dtype == dx.dtype:
+                dx.view(B * N, D).addmm_(gm, wm.t())
             else:
-                dx.view(B * N, D).addmm_(g.reshape(B * N, S), w.t())
+                dx.view(B * N, D).add_(torch.mm(gm, wm.t()))
             if r is not None:  # through r: r^2 sum_s(dL/dlogits * logits) = r sum_s(dL/d(x w) * logits)
                 dx.addcmul_(x, torch.mul(g, logits, out=tmp).sum(-1, keepdim=True) * r, value=-1.0)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 class FusedCombine(torch.autograd.Function):
