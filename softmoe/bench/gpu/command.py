@@ -16,9 +16,12 @@ from softmoe._tables import markdown_table
 
 from . import correctness, resume, speed
 
+# mm_n: the size of the square matmul whose rate is the "% of mm" reference (None: 2048 on a CPU, 8192 on a GPU;
+# small in --smoke, where a CPU that emulates bf16 would spend minutes on 2048^3).
 FULL = dict(base=dict(tokens=196, dim=384, hidden=1536, slots=1), batches=[32, 256], experts=[128, 8], repeats=10,
+            mm_n=None,
             train=dict(models=["soft_moe_s16", "vit_s16"], batch=128, img=224, steps=10, overrides={}))
-SMOKE = dict(base=dict(tokens=5, dim=8, hidden=16, slots=1), batches=[2], experts=[4], repeats=2,
+SMOKE = dict(base=dict(tokens=5, dim=8, hidden=16, slots=1), batches=[2], experts=[4], repeats=2, mm_n=128,
              train=dict(models=["soft_moe_micro", "vit_micro"], batch=4, img=8, steps=2,
                         overrides={"patch_size": 4}))
 
@@ -42,7 +45,7 @@ def _parts(device: torch.device, args, sizes: dict, workdir: Path):
     yield "correctness", lambda: correctness.check(device, dtypes)
     yield "layer", lambda: speed.layer_rows(device, ["fp32", "bf16"], sizes["batches"], sizes["experts"],
                                             sizes["base"], sizes["repeats"], args.compile, args.peak_tflops,
-                                            args.peak_gbs)
+                                            args.peak_gbs, mm_n=sizes["mm_n"])
     yield "training", lambda: [{"model": m, "batch": t["batch"], "img_size": t["img"], "bf16": True,
                                 "img_per_s": speed.train_img_per_s(device, m, t["batch"], t["steps"], t["img"], True,
                                                                    t["overrides"])} for m in models]

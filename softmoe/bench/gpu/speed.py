@@ -15,13 +15,15 @@ _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 
 def layer_rows(device: torch.device, dtypes: list[str], batches: list[int], experts: list[int], base: dict,
-               repeats: int, compile_: bool, peak_tflops: float | None, peak_gbs: float | None) -> list[dict]:
+               repeats: int, compile_: bool, peak_tflops: float | None, peak_gbs: float | None,
+               mm_n: int | None = None) -> list[dict]:
     """`softmoe bench layer`'s rows (all installed implementations, one process, CUDA events,
-    2 warm-up rounds, medians of `repeats`) per (dtype, B, E), tagged with dtype, B and compile."""
+    2 warm-up rounds, medians of `repeats`) per (dtype, B, E), tagged with dtype, B and compile.
+    `mm_n`: the square matmul whose rate is the reference (None: 2048 on a CPU, 8192 on a GPU)."""
     impls = [i.name for i in available_impls() if i.name != "naive-loop"]
     rows = []
     for dtype in dtypes:
-        n = 2048 if device.type == "cpu" else 8192
+        n = mm_n or (2048 if device.type == "cpu" else 8192)
         mm = matmul_gflops(n=n, dtype=_TORCH_DTYPES[dtype], device=device)
         peaks = device_peaks(str(device), dtype, peak_tflops, peak_gbs)
         for compiled in ([False, True] if compile_ else [False]):
@@ -50,7 +52,7 @@ def train_img_per_s(device: torch.device, model_name: str, batch: int, steps: in
     model = create_model(model_name, num_classes=10, img_size=img_size, **(overrides or {})).to(device).train()
     cfg = TrainConfig(model=ModelConfig(model_name, dict(overrides or {})), data="digits", device=str(device),
                       bf16=bf16, batch_size=batch, img_size=img_size)
-    run = types.SimpleNamespace(cfg=cfg, model=model, optimizer=build_optimizer(model, cfg), mesh=None,
+    run = types.SimpleNamespace(cfg=cfg, model=model, optimizer=build_optimizer(model, cfg), mesh=None, ddp=None,
                                 params=[p for p in model.parameters() if p.requires_grad],
                                 moe=[m for _, m in moe_layers(model)],
                                 autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
