@@ -26,14 +26,9 @@ def _check_args(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from softmoe._io import check_output_dir
+    from softmoe.eval.loading import check_model_dir
 
-    src = Path(args.source)
-    if not src.exists():
-        raise FileNotFoundError(f"RUN_OR_CHECKPOINT {args.source!r} does not exist (give a training workdir, a "
-                                f"checkpoints/step_* directory or a save_pretrained directory)")
-    if not src.is_dir():
-        raise ValueError(f"RUN_OR_CHECKPOINT {args.source!r} is a file; give a directory (a training workdir, a "
-                         f"checkpoints/step_* directory or a save_pretrained directory)")
+    src = check_model_dir(args.source, "RUN_OR_CHECKPOINT")
     out = Path(args.out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"OUT {args.out!r} must lie outside RUN_OR_CHECKPOINT {args.source!r}")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .family import split_arm
-from .runner import RUN_RECORD, Run, check_plan, parse_seeds, plan_runs
+from .runner import RUN_RECORD, Run, check_plan, parse_seeds, plan_runs, train_run, write_record
 from .stats import paired_bootstrap_values, summarize
 
 DEFAULT_ARMS = "gpt_micro,soft_moe_gpt_micro,soft_moe_gpt_micro:rotate=false"
@@ -150,20 +150,9 @@ def completed(run: Run) -> dict | None:
 
 def execute_lm(run: Run) -> dict:
     """Train one run (resuming an interrupted one) and write its record."""
-    from softmoe._io import atomic_write_json
-    from softmoe.train import TrainConfig, train
-
-    cfg = TrainConfig.from_dict(run.config)
-    Path(run.workdir).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(Path(run.workdir) / "train.log", "a", encoding="utf-8") as f:
-        summary = train(cfg, run.workdir, progress=False, log=lambda m: print(m, file=f, flush=True))
-    record = {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
-              "run_s": time.perf_counter() - t0}
-    atomic_write_json(Path(run.workdir) / RUN_RECORD, record, sort_keys=True)
-    if run.record_copy:
-        atomic_write_json(Path(run.record_copy), record, sort_keys=True)
-    return record
+    _, summary, seconds = train_run(run)
+    return write_record(run, {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
+                              "run_s": seconds})
 
 
 def run_serial(runs: list[Run], log, report_only: bool = False) -> list[dict]:

@@ -143,11 +143,8 @@ def _completed_at(path: Path, run: Run) -> dict | None:
     return rec if same else None
 
 
-def execute(run: Run) -> dict:
-    """Train one run (resuming if it was interrupted), measure it, write its record."""
-    import torch
-
-    from softmoe._io import atomic_write_json
+def train_run(run: Run):
+    """Train one run (resuming if it was interrupted), its log in <workdir>/train.log: (config, summary, seconds)."""
     from softmoe.train import TrainConfig, train
 
     cfg = TrainConfig.from_dict(run.config)
@@ -155,15 +152,29 @@ def execute(run: Run) -> dict:
     t0 = time.perf_counter()
     with open(Path(run.workdir) / "train.log", "a", encoding="utf-8") as f:
         summary = train(cfg, run.workdir, progress=False, log=lambda m: print(m, file=f, flush=True))
-    threads = cfg.num_threads or torch.get_num_threads()
-    measured = measure(run.workdir, cfg, threads)
-    record = {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
-              "run_s": time.perf_counter() - t0, "history": history(run.workdir), **measured}
+    return cfg, summary, time.perf_counter() - t0
+
+
+def write_record(run: Run, record: dict) -> dict:
+    """`record` written atomically into the run's workdir and, if asked, to its committed copy."""
+    from softmoe._io import atomic_write_json
+
     atomic_write_json(Path(run.workdir) / RUN_RECORD, record, sort_keys=True)
     if run.record_copy:
         Path(run.record_copy).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(run.record_copy), record, sort_keys=True)
     return record
+
+
+def execute(run: Run) -> dict:
+    """Train one run (resuming if it was interrupted), measure it, write its record."""
+    import torch
+
+    cfg, summary, seconds = train_run(run)
+    threads = cfg.num_threads or torch.get_num_threads()
+    measured = measure(run.workdir, cfg, threads)
+    return write_record(run, {"key": run.key, "seed": run.seed, "config": run.config, "summary": summary,
+                              "run_s": seconds, "history": history(run.workdir), **measured})
 
 
 def history(workdir: str) -> list[dict]:

@@ -11,16 +11,22 @@ import torch
 from torch import nn
 
 
+def check_model_dir(path: str | os.PathLike, arg: str = "--checkpoint") -> Path:
+    """`path` as a Path if it is a directory; else the CLI error naming argument `arg`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{arg} {str(path)!r} does not exist (give a training workdir, a "
+                                f"checkpoints/step_* directory or a save_pretrained directory)")
+    if not p.is_dir():
+        raise ValueError(f"{arg} {str(path)!r} is a file; give its directory (a training workdir, a "
+                         f"checkpoints/step_* directory or a save_pretrained directory)")
+    return p
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict | None]:
     """(model in eval mode, training config dict or None) for a training workdir (its latest
     checkpoint), a checkpoint directory or a save_pretrained directory."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist (give a training workdir, a "
-                                f"checkpoints/step_* directory or a save_pretrained directory)")
-    if not p.is_dir():
-        raise ValueError(f"--checkpoint {str(path)!r} is a file; give its directory (a training workdir, a "
-                         f"checkpoints/step_* directory or a save_pretrained directory)")
+    p = check_model_dir(path)
     from softmoe.models.hub import load_model
 
     model, train_cfg = load_model(p)
