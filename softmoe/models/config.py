@@ -98,6 +98,9 @@ class MoEConfig:
     combine: str | None = None
     # l2-normalise tokens and phi before the logits (the official code: True; wide models need it).
     normalize: bool | None = None
+    # The router logits' matmul under autocast: "float32" (default, as the official code) or "autocast"
+    # (bf16/fp16 operands, float32 softmaxes; routing weights off by up to ~8e-3, docs/benchmarks.md).
+    logits_dtype: str | None = None
     # -- Tokens Choice / Experts Choice (§2) --------------------------------------------------
     # Experts each token picks (Tokens Choice); V-MoE's K = 1 or 2.
     k: int | None = None
