@@ -105,6 +105,8 @@ def check_plan(out_dir: Path, plan: dict) -> None:
     new = json.loads(json.dumps(plan))
     if path.is_file():
         old = json.loads(path.read_text())
+        if "recipe" in old and "recipe" in new:  # a plan of an older release: its recipe as this release reads it
+            old["recipe"] = _read_recipe(old["recipe"], new["recipe"])
         keys = sorted(k for k in set(old) | set(new) if k not in EXTENSIBLE and old.get(k) != new.get(k))
         if keys:
             raise ValueError(f"--out {str(out_dir)!r} holds another comparison (its plan differs in: "
@@ -114,6 +116,17 @@ def check_plan(out_dir: Path, plan: dict) -> None:
             return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, new, sort_keys=True)
+
+
+def _read_recipe(old: dict, new: dict) -> dict:
+    """`old` (a plan's recipe: TrainConfig fields but model, seed, workdir) with the defaults of the fields
+    `new` has and `old` lacks (added since it was written), so that a new TrainConfig field never turns a
+    resumable comparison into "another comparison" (`completed` reads run records the same way).
+    Fields `old` sets keep their values."""
+    from softmoe.train import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    return {**old, **{k: defaults[k] for k in new if k not in old and k in defaults}}
 
 
 def completed(run: Run) -> dict | None:
