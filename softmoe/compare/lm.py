@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .family import split_arm
-from .runner import RUN_RECORD, Run, check_plan, parse_seeds, plan_runs, train_run, write_record
+from .runner import RUN_RECORD, Run, check_plan, parse_seeds, plan_runs, split_done, train_run, write_record
 from .stats import paired_bootstrap_values, summarize
 
 DEFAULT_ARMS = "gpt_micro,soft_moe_gpt_micro,soft_moe_gpt_micro:rotate=false"
@@ -161,14 +161,7 @@ def run_serial(runs: list[Run], log, report_only: bool = False) -> list[dict]:
     import concurrent.futures as cf
     import multiprocessing
 
-    records = {}
-    todo = []
-    for run in runs:
-        rec = completed(run)
-        if rec is not None:
-            records[(run.key, run.seed)] = rec
-        else:
-            todo.append(run)
+    records, todo = split_done(runs, completed)
     if report_only:
         log(f"report only: {len(records)} of {len(runs)} runs complete")
         return [records[(r.key, r.seed)] for r in runs if (r.key, r.seed) in records]

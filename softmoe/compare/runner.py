@@ -288,18 +288,23 @@ def default_jobs(device: str, threads: int) -> int:
     return max(1, cores // max(1, threads))
 
 
-def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print, report_only: bool = False) -> list[dict]:
-    """Run what is not complete, `jobs` at a time in worker processes (spawned: no state is
-    shared with this process); a progress line per run and an overall ETA. `report_only`:
-    run nothing and return the complete runs' records (the report says what is missing)."""
-    records: dict[tuple[str, int], dict] = {}
-    todo = []
+def split_done(runs: list[Run], is_done) -> tuple[dict, list[Run]]:
+    """({(key, seed): record} of the runs `is_done(run)` finds complete, the other runs in order)."""
+    records, todo = {}, []
     for run in runs:
-        rec = completed(run)
+        rec = is_done(run)
         if rec is not None:
             records[(run.key, run.seed)] = rec
         else:
             todo.append(run)
+    return records, todo
+
+
+def run_all(runs: list[Run], jobs: int, log: Callable[[str], None] = print, report_only: bool = False) -> list[dict]:
+    """Run what is not complete, `jobs` at a time in worker processes (spawned: no state is
+    shared with this process); a progress line per run and an overall ETA. `report_only`:
+    run nothing and return the complete runs' records (the report says what is missing)."""
+    records, todo = split_done(runs, completed)
     if report_only:
         log(f"report only: {len(records)} of {len(runs)} runs complete"
             + (f"; missing: {', '.join(f'{r.key} seed {r.seed}' for r in todo)}" if todo else ""))
