@@ -15,6 +15,7 @@ Checkpoint of a parallel run (checkpoints/step_N/, renamed into place by rank 0 
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -79,11 +80,24 @@ def has_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def close_process_group() -> None:
-    """Destroy the default process group if one exists (its gloo/NCCL threads would otherwise
-    abort the process at exit, turning a clean exit status into SIGABRT)."""
-    if has_process_group():
-        dist.destroy_process_group()
+def close_process_group(finished: bool = False) -> None:
+    """Destroy every process group if one exists (their gloo/NCCL threads would otherwise
+    abort the process at exit, turning a clean exit status into SIGABRT).
+
+    finished: the run ended normally on this rank, so every rank is about to close too: wait
+    for all of them at a barrier first, so that no rank shuts its connections down while a peer
+    is still inside a collective or its backend is still using them. On an error path (a rank
+    died, a collective timed out) there is no barrier: it would only wait out the timeout.
+    Before the groups go, the run's garbage (FSDP/DTensor state that holds group handles, in
+    reference cycles) is collected, so no process group is finalised during interpreter
+    shutdown, when its worker threads can no longer take the GIL."""
+    if not has_process_group():
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def all_ranks_agree(flag: bool) -> bool:

@@ -42,6 +42,7 @@ from . import logs
 from . import parallel
 from .config import TrainConfig, resumable_fields
 from .evaluation import evaluate
+from .memory import PeakMemory
 from .optim import build_optimizer, make_schedule, set_lr
 from .timing import StepClock
 
@@ -159,16 +160,20 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, resume: bo
         return train_lm(cfg, workdir, log, resume=resume)
     threads = torch.get_num_threads()
     had_group = parallel.has_process_group()
+    finished = False
     with contextlib.ExitStack() as held:  # the work directory's lock, once _setup_run takes it
         try:
-            return _train(cfg, workdir, resume, progress, log, held)
+            summary = _train(cfg, workdir, resume, progress, log, held)
+            finished = True
+            return summary
         finally:
             torch.set_num_threads(threads)
             if not had_group:
-                parallel.close_process_group()
+                parallel.close_process_group(finished)
 
 
 def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.ExitStack) -> dict:
+    memory = PeakMemory(resolve_device(cfg.device))  # before the data and the model exist
     run = _setup_run(cfg, workdir, resume, log, held)
     t_run = time.perf_counter()
     if not run.is_main:
@@ -191,6 +196,7 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
         writer.close()
         release_buffers(run.model)  # what the MoE layers kept between steps
     summary = _summary(run, tally, last_eval, final_ckpt, eval_s, time.perf_counter() - t_run, log)
+    summary.update(_memory_summary(run, memory.read()))
     if run.is_main:
         atomic_write_json(run.workdir / "summary.json", summary, sort_keys=True)
     log(summary_table(summary))
@@ -574,6 +580,25 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
         "plots": [str(p) for p in plots],
     }
 
+def _memory_summary(run: _Run, mine: dict) -> dict:
+    """This rank's peak memory, and under torchrun every rank's (an all-gather of a few floats
+    at the end of the run; every rank calls it)."""
+    out = {"memory_kind": mine["kind"], "memory_start_mb": mine["start_mb"], "peak_memory_mb": mine["peak_mb"]}
+    if run.mesh is not None:
+        ranks = [None] * run.mesh.world_size
+        torch.distributed.all_gather_object(ranks, (mine["start_mb"], mine["peak_mb"]))
+        out["memory_start_mb_per_rank"] = [s for s, _ in ranks]
+        out["peak_memory_mb_per_rank"] = [p for _, p in ranks]
+    return out
+
+
+def _memory_line(s: dict) -> str:
+    line = f"{s['peak_memory_mb']:.0f} MB {s['memory_kind']} (run start {s['memory_start_mb']:.0f} MB)"
+    if s.get("peak_memory_mb_per_rank"):
+        line += "; per rank " + " / ".join(f"{p:.0f}" for p in s["peak_memory_mb_per_rank"]) + " MB"
+    return line
+
+
 def summary_table(s: dict) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -588,6 +613,7 @@ def summary_table(s: dict) -> str:
             ("data / step time", f"{fmt(s['data_ms_per_step'], '.2f')} ms / {fmt(s['step_ms_per_step'], '.2f')} ms "
                                  f"per step ({fmt(data_pct, '.1f')}% data)"),
             ("wall time", f"{s['wall_s']:.1f} s on {s['device']} ({s['threads']} threads)"),
+            *([("peak memory", _memory_line(s))] if s.get("peak_memory_mb") is not None else []),
             ("checkpoint", s["checkpoint"]), ("metrics", str(Path(s["workdir"]) / logs.METRICS)),
             ("plots", str(Path(s["workdir"]) / "plots") if s["plots"] else "-")]
     return "summary:\n" + text_table(rows, align="<")

@@ -234,3 +234,44 @@ def test_a_held_work_directory_stops_every_rank_at_once(tmp_path):
     assert "exitcode  : 2" in out, out[-3000:]
     assert elapsed < 45  # far below the process-group timeout (300 s)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def _summary(workdir: Path) -> dict:
+    import json
+
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def test_peak_memory_per_rank_is_its_own_shard_and_no_rank_holds_a_whole_expert_tensor(tmp_path):
+    # soft_moe_micro with 2048 experts per MoE layer: 134M of its 136M parameters are experts, so
+    # parameters + gradients + Adam state are 2.2 GB in one process and 0.55 GB per rank at EP 4.
+    # The peak is the process's resident-set high-water mark (CPU: torch keeps no allocator
+    # statistics); the test compares growth during the run (peak - start), which leaves out the
+    # interpreter and libraries. Measured on 2 loaded cores: 3009 MB in one process, 1095-1130 MB
+    # per rank at 4 (0.37x; 190 MB of each rank's is the data and process groups of every rank).
+    # eval_batch_size 32: evaluation activations (which per rank equal one process's at the same
+    # rows) stay small beside the state. The 4-rank run goes through whole_tensor_guard.py, which
+    # fails it if any op on any rank makes a tensor as large as one whole expert weight (E*D*H).
+    sets = ["--set", "model.moe.num_experts=2048", "--set", "steps=3", "--set", "eval_batch_size=32",
+            "--set", "checkpoint_every=1"]
+    one = tmp_path / "one"
+    ok(train(one, 3, extra=sets, timeout_s=300))
+    four = tmp_path / "four"
+    guard = Path(__file__).with_name("whole_tensor_guard.py")
+    whole = 2048 * 64 * 256  # one expert weight of the model: E x D x H
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+            "--master-port", str(_port()), str(guard), str(whole), "train", "--workdir", str(four),
+            "--set", "ep_size=4", *COMMON, *sets]
+    p = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    for r in range(4):  # the guard ran on every rank and saw real work
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"guard rank {r}:"))
+        checked, largest = int(line.split()[3]), int(line.split()[-2])
+        assert checked > 1000 and whole // 8 <= largest < whole, line  # a local expert shard is E/4 x D x H
+    s1, s4 = _summary(one), _summary(four)
+    grow1 = s1["peak_memory_mb"] - s1["memory_start_mb"]
+    grow4 = [p - s for p, s in zip(s4["peak_memory_mb_per_rank"], s4["memory_start_mb_per_rank"])]
+    assert s1["memory_kind"] == s4["memory_kind"] == "process RSS"
+    assert max(grow4) < 0.5 * grow1, (grow1, grow4)  # every rank well under half of one process
+    assert grow4[0] <= 1.1 * max(grow4[1:]), grow4  # rank 0 holds no more than the others
