@@ -580,6 +580,7 @@ def _summary(run: _Run, tally: _Tally, last_eval: dict, checkpoint: Path, eval_s
         "plots": [str(p) for p in plots],
     }
 
+
 def _memory_summary(run: _Run, mine: dict) -> dict:
     """This rank's peak memory, and under torchrun every rank's (an all-gather of a few floats
     at the end of the run; every rank calls it)."""

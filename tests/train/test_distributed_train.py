@@ -3,6 +3,7 @@ runs equal the single-process run, checkpoints move between layouts, a dead rank
 bad launches exit 2 with a clear message. gloo on CPU, one thread per process, a few steps."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -237,8 +238,6 @@ def test_a_held_work_directory_stops_every_rank_at_once(tmp_path):
 
 
 def _summary(workdir: Path) -> dict:
-    import json
-
     return json.loads((workdir / "summary.json").read_text())
 
 
