@@ -15,6 +15,12 @@ own chunk anchored at or before it, and all S slots of the previous chunk.
     Cw      = softmax over the 2S slots of chunks k-1, k  # (B, K, C, 2S), only completed ones
     y       = Cw [ys_{k-1}; ys_k]                        # (B, T, D)
 
+Precision as Soft MoE's (docs/design.md §1.3): the logits, both masked softmaxes and both
+mixing matmuls run in float32 (float64 for float64 input) with autocast off; the slots are
+cast to the compute dtype (autocast's under autocast, else x's) for the experts, and the
+float32 combine is cast to it once, so under bf16 autocast the output is bf16. `step()`
+decodes with the same arithmetic.
+
 Anchors a(s) = floor(s*C/S) (distinct since S <= C; a(0) = 0, so every token has a completed
 slot of its own chunk). With `rotate=True` slot s of chunk k takes anchor a((s + k) mod S),
 so over S consecutive chunks every expert's slots sit at every anchor: slots are not tied to
@@ -32,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
-from .common import MoELayer, check_input, check_positive_int, no_autocast, routing_dtype
+from .common import MoELayer, check_input, check_positive_int, compute_dtype, no_autocast, routing_dtype
 from .experts import Experts
-from .router import SoftRouter, soft_logits
+from .router import SoftRouter
 
 
 def slot_anchors(chunk_size: int, num_slots: int) -> torch.Tensor:
@@ -83,6 +89,12 @@ class CausalSoftMoE(MoELayer):
       expert_init, normalize: as in `SoftMoE`.
       impl: "fused" (default) or "reference", passed on to the experts (the causal routing
         has no fused kernel: it is always the code below).
+      logits_dtype: "float32" (default) or "autocast": the operand dtype of the logits matmul
+        under autocast, as `SoftMoE`'s (the softmaxes and the mixing stay float32).
+
+    Precision (docs/design.md §1.3, §8): under bf16/fp16 autocast the routing (logits, masked
+    softmaxes, dispatch and combine matmuls) runs in float32 and the experts in the autocast
+    dtype; the output has the autocast dtype. The same holds for `step()`.
 
     forward(x: (B, T, D), mask: (B, T) bool | None) -> (B, T, D). y_t depends on x_{<=t}
     only (and on no other sequence). Masked tokens get zero dispatch weight and zero output;
@@ -94,7 +106,8 @@ class CausalSoftMoE(MoELayer):
 
     def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, chunk_size: int | None = None,
                  hidden_dim: int | None = None, rotate: bool = True, expert_init: str = "identical",
-                 normalize: bool = True, check_finite: bool = False, impl: str = "fused") -> None:
+                 normalize: bool = True, check_finite: bool = False, impl: str = "fused",
+                 logits_dtype: str = "float32") -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.num_experts = check_positive_int("num_experts", num_experts)
@@ -112,7 +125,7 @@ class CausalSoftMoE(MoELayer):
         self.rotate = rotate
         self.check_finite = check_finite
         self.impl = fused.check_impl(impl)
-        self.router = SoftRouter(dim, num_experts, slots_per_expert, normalize=normalize)
+        self.router = SoftRouter(dim, num_experts, slots_per_expert, normalize=normalize, logits_dtype=logits_dtype)
         self.experts = Experts(num_experts, dim, hidden_dim, expert_init=expert_init, impl=impl)
         self.register_buffer("anchors", slot_anchors(self.chunk_size, S), persistent=False)
 
@@ -125,10 +138,9 @@ class CausalSoftMoE(MoELayer):
         return self.anchors[(s + k) % S] if self.rotate else self.anchors.expand(num_chunks, S)
 
     def logits_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Routing logits (..., S) in routing dtype for tokens x (..., D)."""
-        dtype = routing_dtype(x.dtype)
-        with no_autocast(x.device.type):
-            return soft_logits(x.to(dtype), self.router.slot_weights(dtype), self.router.normalize)[0]
+        """Routing logits (..., S) in routing dtype (float32+) for tokens x (..., D): the router's
+        (autocast off; its `logits_dtype` decides the logits matmul's operands)."""
+        return self.router(x)
 
     # -- parallel forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,32 +149,33 @@ class CausalSoftMoE(MoELayer):
         C, S, E, P = self.chunk_size, self.num_slots, self.num_experts, self.slots_per_expert
         K = -(-T // C)
         pad = K * C - T
+        out_dtype = compute_dtype(x)  # the experts' and the output's dtype (autocast's under autocast)
         real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
         if pad:  # padding at the end: future positions, which no real output reads
             x = F.pad(x, (0, 0, 0, pad))
             real = F.pad(real, (0, pad), value=False)
         xc = x.reshape(B, K, C, D)
         realc = real.reshape(B, K, C)
-        logits = self.logits_of(xc)  # (B, K, C, S)
-        neg = torch.finfo(logits.dtype).min
+        logits = self.logits_of(xc)  # (B, K, C, S), routing dtype
         anchors = self.chunk_anchors(K)  # (K, S)
         pos = torch.arange(C, device=x.device)
-        # Dispatch: slot s of chunk k mixes the chunk's real tokens j <= a_k(s).
-        allowed = (pos.view(1, C, 1) <= anchors.unsqueeze(1)).unsqueeze(0) & realc.unsqueeze(-1)  # (B, K, C, S)
-        dispatch = torch.softmax(logits.masked_fill(~allowed, neg), dim=2) * allowed  # (B, K, C, S)
+        with no_autocast(x.device.type):  # routing and mixing in routing dtype (docs/design.md §1.3)
+            # Dispatch: slot s of chunk k mixes the chunk's real tokens j <= a_k(s).
+            allowed = (pos.view(1, C, 1) <= anchors.unsqueeze(1)).unsqueeze(0) & realc.unsqueeze(-1)  # (B,K,C,S)
+            dispatch = masked_softmax(logits, allowed, dim=2)  # (B, K, C, S)
+            slots = torch.matmul(dispatch.transpose(2, 3), xc.to(logits.dtype))  # (B, K, S, D)
         slot_real = allowed.any(dim=2)  # (B, K, S)
-        slots = torch.matmul(dispatch.to(x.dtype).transpose(2, 3), xc)  # (B, K, S, D)
-        xs = slots.permute(2, 0, 1, 3).reshape(E, P * B * K, D)  # item p*B*K + b*K + k
-        ys = self.experts(xs).reshape(S, B, K, D).permute(1, 2, 0, 3)  # (B, K, S, D)
-        # Combine: the previous chunk's usable slots, and this chunk's completed usable ones.
-        done = (anchors.unsqueeze(1) <= pos.view(1, C, 1)).unsqueeze(0) & slot_real.unsqueeze(2)  # (B, K, C, S)
-        prev_ok = F.pad(slot_real, (0, 0, 1, 0), value=False)[:, :K]  # (B, K, S)
-        ok = torch.cat([prev_ok.unsqueeze(2).expand(B, K, C, S), done], dim=-1) & realc.unsqueeze(-1)  # (B,K,C,2S)
-        both = torch.cat([logits, logits], dim=-1)  # (B, K, C, 2S)
-        combine = torch.softmax(both.masked_fill(~ok, neg), dim=-1) * ok  # (B, K, C, 2S)
-        ys_prev = F.pad(ys, (0, 0, 0, 0, 1, 0))[:, :K]  # (B, K, S, D)
-        y = torch.matmul(combine.to(ys.dtype), torch.cat([ys_prev, ys], dim=2))  # (B, K, C, D)
-        y = y.reshape(B, K * C, D)[:, :T]
+        xs = slots.to(out_dtype).permute(2, 0, 1, 3).reshape(E, P * B * K, D)  # item p*B*K + b*K + k
+        ys = self.experts(xs).reshape(S, B, K, D).permute(1, 2, 0, 3)  # (B, K, S, D), autocast dtype
+        with no_autocast(x.device.type):
+            # Combine: the previous chunk's usable slots, and this chunk's completed usable ones.
+            done = (anchors.unsqueeze(1) <= pos.view(1, C, 1)).unsqueeze(0) & slot_real.unsqueeze(2)  # (B,K,C,S)
+            prev_ok = F.pad(slot_real, (0, 0, 1, 0), value=False)[:, :K]  # (B, K, S)
+            ok = torch.cat([prev_ok.unsqueeze(2).expand(B, K, C, S), done], dim=-1) & realc.unsqueeze(-1)  # (B,K,C,2S)
+            combine = masked_softmax(torch.cat([logits, logits], dim=-1), ok, dim=-1)  # (B, K, C, 2S)
+            ys_prev = F.pad(ys, (0, 0, 0, 0, 1, 0))[:, :K]  # (B, K, S, D)
+            y = torch.matmul(combine, torch.cat([ys_prev, ys], dim=2).to(combine.dtype))  # (B, K, C, D)
+        y = y.reshape(B, K * C, D)[:, :T].to(out_dtype)
         self.publish(None,  # no auxiliary loss, as Soft MoE
                      lambda: causal_metrics(dispatch, slot_real, combine, realc),
                      lambda: {"dispatch": dispatch.detach(), "combine": combine.detach()})
@@ -208,6 +221,7 @@ class CausalSoftMoE(MoELayer):
             raise ValueError(f"mask_t must be a torch.bool tensor of shape ({x_t.shape[0]},)")
         B, D = x_t.shape
         C, E, P = self.chunk_size, self.num_experts, self.slots_per_expert
+        out_dtype = compute_dtype(x_t)  # as forward: the experts' and the output's dtype
         k, i = divmod(state.t, C)
         st = state
         if i == 0 and state.t > 0:  # a new chunk: the finished chunk's slots become the previous ones
@@ -215,15 +229,16 @@ class CausalSoftMoE(MoELayer):
             st.ys_prev, st.ok_prev = state.ys_cur, state.real_cur
         real_t = torch.ones(B, dtype=torch.bool, device=x_t.device) if mask_t is None else mask_t
         anchors = self.chunk_anchors(k + 1)[k]  # (S,)
-        logit = self.logits_of(x_t)  # (B, S)
-        # Online softmax over the open slots (anchor >= i) that this real token enters.
-        enter = (anchors >= i).unsqueeze(0) & real_t.unsqueeze(1)  # (B, S)
-        m_new = torch.where(enter, torch.maximum(st.m, logit), st.m)
-        fin = torch.isfinite(m_new)
-        old = torch.where(fin, torch.exp(st.m - torch.where(fin, m_new, 0)), torch.zeros_like(st.m))
-        new = torch.where(enter, torch.exp(logit - torch.where(fin, m_new, 0)), torch.zeros_like(st.m))
-        l_new = st.l * old + new
-        acc = st.acc * old.unsqueeze(-1) + new.unsqueeze(-1) * x_t.to(st.acc.dtype).unsqueeze(1)  # (B, S, D)
+        logit = self.logits_of(x_t)  # (B, S), routing dtype
+        with no_autocast(x_t.device.type):  # the online softmax in routing dtype, as forward's dispatch
+            # Online softmax over the open slots (anchor >= i) that this real token enters.
+            enter = (anchors >= i).unsqueeze(0) & real_t.unsqueeze(1)  # (B, S)
+            m_new = torch.where(enter, torch.maximum(st.m, logit), st.m)
+            fin = torch.isfinite(m_new)
+            old = torch.where(fin, torch.exp(st.m - torch.where(fin, m_new, 0)), torch.zeros_like(st.m))
+            new = torch.where(enter, torch.exp(logit - torch.where(fin, m_new, 0)), torch.zeros_like(st.m))
+            l_new = st.l * old + new
+            acc = st.acc * old.unsqueeze(-1) + new.unsqueeze(-1) * x_t.to(st.acc.dtype).unsqueeze(1)  # (B, S, D)
         real = st.real | enter
         # The slot anchored at i (at most one: anchors are distinct) is complete: run the experts.
         closing = anchors == i  # (S,)
@@ -231,9 +246,9 @@ class CausalSoftMoE(MoELayer):
         if bool(closing.any()):
             s = int(closing.nonzero()[0, 0])
             slot = torch.where(real[:, s:s + 1], acc[:, s] / l_new[:, s:s + 1].clamp_min(1e-30), 0)  # (B, D)
-            xs = x_t.new_zeros(E, P * B, D)
+            xs = x_t.new_zeros(E, P * B, D, dtype=out_dtype)
             e, p = divmod(s, P)
-            xs[e, p * B:(p + 1) * B] = slot.to(x_t.dtype)
+            xs[e, p * B:(p + 1) * B] = slot.to(out_dtype)
             y_s = self.experts(xs)[e, p * B:(p + 1) * B]  # (B, D); the other experts' rows are discarded
             ys_cur = ys_cur.clone()
             ys_cur[:, s] = y_s
@@ -241,9 +256,10 @@ class CausalSoftMoE(MoELayer):
             real_cur[:, s] = real[:, s]
         done = (anchors <= i).unsqueeze(0) & real_cur  # (B, S)
         ok = torch.cat([st.ok_prev, done], dim=-1) & real_t.unsqueeze(1)  # (B, 2S)
-        both = torch.cat([logit, logit], dim=-1)
-        w = torch.softmax(both.masked_fill(~ok, torch.finfo(both.dtype).min), dim=-1) * ok  # (B, 2S)
-        y = torch.einsum("bs,bsd->bd", w.to(ys_cur.dtype), torch.cat([st.ys_prev, ys_cur], dim=1))
+        with no_autocast(x_t.device.type):  # the combine in routing dtype, as forward's
+            w = masked_softmax(torch.cat([logit, logit], dim=-1), ok, dim=-1)  # (B, 2S)
+            ys_all = torch.cat([st.ys_prev, ys_cur], dim=1).to(w.dtype)  # (B, 2S, D)
+            y = torch.bmm(w.unsqueeze(1), ys_all).squeeze(1).to(out_dtype)  # (B, D)
         out = CausalSoftMoEState(t=state.t + 1, m=m_new, l=l_new, acc=acc, real=real, ys_cur=ys_cur,
                                  real_cur=real_cur, ys_prev=st.ys_prev, ok_prev=st.ok_prev, owner=id(self))
         return y, out
@@ -251,6 +267,14 @@ class CausalSoftMoE(MoELayer):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
                 f"chunk_size={self.chunk_size}, rotate={self.rotate}, impl={self.impl!r}")
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax of `logits` along `dim` over the `allowed` (bool, same shape) entries only, in
+    the logits' dtype: excluded entries are exactly 0.0 with exactly zero gradient
+    (docs/design.md §8.2), and a row with none allowed is all zeros."""
+    neg = torch.finfo(logits.dtype).min
+    return torch.softmax(logits.masked_fill(~allowed, neg), dim=dim) * allowed
 
 
 @torch.no_grad()

@@ -1,6 +1,10 @@
 """The fast paths (impl="fused": `FusedSoftRouting`, `ExpertsMLP`, hand-written backwards)
 compute the same function and gradients as plain autograd (impl="reference"), in float64 at
-1e-12."""
+1e-12.
+
+Device-agnostic (tests/conftest.py): layers and inputs on the `device` under test, both impls
+compared there at the same float64 tolerance; the CPU buffer pool's tests (the pool is
+CPU-only by design, docs/design.md §7.2) are `cpu_only`."""
 import math
 
 import pytest
@@ -14,6 +18,7 @@ from softmoe.layers.fused.buffers import fresh_buffer
 
 
 def randomized(layer, seed=0):
+    """Random parameters, drawn on the CPU (the same on every device) and copied to theirs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -21,10 +26,12 @@ def randomized(layer, seed=0):
     return layer
 
 
-def tokens(B, N, D, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    return x * torch.exp(torch.empty(B, N, 1, dtype=torch.float64).uniform_(math.log(0.1), math.log(10), generator=g))
+def tokens(device, B, N, D, seed=1):
+    """float64 tokens (B, N, D) on `device`, drawn there, with norms from 0.1 to 10."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64, device=device)
+    scale = torch.empty(B, N, 1, dtype=torch.float64, device=device).uniform_(math.log(0.1), math.log(10), generator=g)
+    return x * torch.exp(scale)
 
 
 def reference_twin(make, layer):
@@ -37,7 +44,7 @@ def reference_twin(make, layer):
 def run(layer, x, mask, dy):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
-    torch.manual_seed(5)  # same noise draw in both runs
+    torch.manual_seed(5)  # same noise draw in both runs (seeds the CUDA generators too)
     y = layer(x, mask)
     y.backward(dy)
     return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
@@ -63,21 +70,23 @@ def grad_fn_names(t):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("masking", ["none", "partial", "one_sequence_all_masked"])
 @pytest.mark.parametrize("noise", [0.0, 0.7])
-def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
+def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise, device, generator):
     def make(impl="fused"):
-        return SoftMoE(6, 4, slots_per_expert=P, hidden_dim=5, normalize=normalize, noise_std=noise, impl=impl)
+        return SoftMoE(6, 4, slots_per_expert=P, hidden_dim=5, normalize=normalize, noise_std=noise,
+                       impl=impl).to(device)
 
     layer = randomized(make().double())
     with torch.no_grad():
         layer.router.scale.fill_(2.5)
     layer.train(noise > 0)
-    x = tokens(3, 7, 6)
+    x = tokens(device, 3, 7, 6)
     mask = None
     if masking != "none":
-        mask = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+        mask = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool,
+                            device=device)
         if masking == "one_sequence_all_masked":
             mask[1] = False
-    dy = torch.randn(3, 7, 6, dtype=torch.float64)
+    dy = torch.randn(3, 7, 6, dtype=torch.float64, generator=generator, device=device)
     fused = run(layer, x, mask, dy)
     assert "FusedSoftRoutingBackward" in grad_fn_names(layer(x.clone().requires_grad_(), mask))
     twin = reference_twin(make, layer)
@@ -92,21 +101,21 @@ def test_soft_moe_fused_equals_autograd_float64(P, normalize, masking, noise):
 FUSED_NODES = {"FusedSoftRoutingBackward", "FusedCombineBackward", "ExpertsMLPBackward"}
 
 
-def test_plain_autograd_path_where_fusion_does_not_apply():
-    x = tokens(2, 6, 6).float().requires_grad_()
-    layer = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5)
+def test_plain_autograd_path_where_fusion_does_not_apply(device):
+    x = tokens(device, 2, 6, 6).float().requires_grad_()
+    layer = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5).to(device)
     assert grad_fn_names(layer(x)) >= FUSED_NODES
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes the fused path too (test_mixed_precision.py)
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # the fused path too (test_mixed_precision.py)
         assert grad_fn_names(layer(x)) >= FUSED_NODES
         assert not grad_fn_names(layer.double()(x.double())) & FUSED_NODES  # float64 is not autocast's
-    ablation = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5, dispatch="uniform")
+    ablation = SoftMoE(6, 3, slots_per_expert=2, hidden_dim=5, dispatch="uniform").to(device)
     names = grad_fn_names(ablation(x))
     assert "ExpertsMLPBackward" in names and not names & {"FusedSoftRoutingBackward", "FusedCombineBackward"}
-    assert not grad_fn_names(SoftMoE(6, 3, hidden_dim=5, impl="reference")(x)) & FUSED_NODES
-    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5), ExpertsChoiceMoE(6, 3, hidden_dim=5)):
+    assert not grad_fn_names(SoftMoE(6, 3, hidden_dim=5, impl="reference").to(device)(x)) & FUSED_NODES
+    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5).to(device), ExpertsChoiceMoE(6, 3, hidden_dim=5).to(device)):
         assert "ExpertsMLPBackward" in grad_fn_names(sparse(x))
-    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5, impl="reference"),
-                   ExpertsChoiceMoE(6, 3, hidden_dim=5, impl="reference")):
+    for sparse in (TokensChoiceMoE(6, 3, hidden_dim=5, impl="reference").to(device),
+                   ExpertsChoiceMoE(6, 3, hidden_dim=5, impl="reference").to(device)):
         assert sparse.experts.impl == "reference" and "ExpertsMLPBackward" not in grad_fn_names(sparse(x))
 
 
@@ -122,12 +131,13 @@ def test_impl_is_validated_and_shown():
 
 
 @pytest.mark.parametrize("frozen", [(), ("x",), ("w1", "b1"), ("w2", "b2", "x")])
-def test_experts_fused_equals_autograd_float64(frozen):
-    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
-    x = 3 * torch.randn(3, 5, 4, dtype=torch.float64)  # large pre-activations: all of the GELU curve
-    dy = torch.randn(3, 5, 4, dtype=torch.float64)
+def test_experts_fused_equals_autograd_float64(frozen, device, generator):
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double().to(device))
+    x = 3 * torch.randn(3, 5, 4, dtype=torch.float64, generator=generator, device=device)  # all of the GELU curve
+    dy = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator, device=device)
     results = []
-    for module in (ex, reference_twin(lambda impl: Experts(3, 4, 6, expert_init="distinct", impl=impl), ex)):
+    twin = reference_twin(lambda impl: Experts(3, 4, 6, expert_init="distinct", impl=impl).to(device), ex)
+    for module in (ex, twin):
         module.zero_grad(set_to_none=True)
         for name, p in module.named_parameters():
             p.requires_grad_(name not in frozen)
@@ -142,18 +152,19 @@ def test_experts_fused_equals_autograd_float64(frozen):
             assert_close64(got, want)
 
 
-def test_double_backward_needs_the_reference_impl():
-    layer = randomized(SoftMoE(4, 2, hidden_dim=3).double())
-    x = tokens(1, 3, 4).requires_grad_()
+def test_double_backward_needs_the_reference_impl(device):
+    layer = randomized(SoftMoE(4, 2, hidden_dim=3).double().to(device))
+    x = tokens(device, 1, 3, 4).requires_grad_()
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
-    layer = reference_twin(lambda impl: SoftMoE(4, 2, hidden_dim=3, impl=impl), layer)
+    layer = reference_twin(lambda impl: SoftMoE(4, 2, hidden_dim=3, impl=impl).to(device), layer)
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     g.sum().backward()  # plain autograd: second order works
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.cpu_only  # madvise of CPU memory: fresh_buffer advises CPU tensors only
 def test_fresh_buffer_advises_the_aligned_interior(monkeypatch):
     calls = []
     monkeypatch.setattr(experts_mod, "_madvise",
@@ -170,6 +181,7 @@ def test_fresh_buffer_advises_the_aligned_interior(monkeypatch):
     assert length >= big.nbytes - 2 * huge
 
 
+@pytest.mark.cpu_only  # the buffer pool serves CPU tensors only (device allocators cache memory themselves)
 def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     made = []
     real = experts_mod.fresh_buffer
@@ -186,11 +198,11 @@ def test_weight_grads_are_the_fresh_buffers(monkeypatch):
     assert {ex.w1.grad.data_ptr(), ex.w2.grad.data_ptr()} <= set(made)
 
 
-def test_experts_retain_graph_second_backward_works():
+def test_experts_retain_graph_second_backward_works(device, generator):
     # The fused backward writes dL/dh over the saved h only when the graph is not retained;
     # a second backward through a retained graph reads the intact h: the same gradients.
-    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
-    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double().to(device))
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator, device=device, requires_grad=True)
     y = ex(x)
     dy = torch.randn_like(y)
     y.backward(dy, retain_graph=True)
@@ -201,13 +213,13 @@ def test_experts_retain_graph_second_backward_works():
 
 
 @pytest.mark.parametrize("group_bytes", [None, 1, 2 * 5 * 6 * 8])  # all at once; one expert; 2 (last group 1)
-def test_experts_inference_forward_equals_training_forward(group_bytes, monkeypatch):
+def test_experts_inference_forward_equals_training_forward(group_bytes, monkeypatch, device, generator):
     # Without a graph the GELU runs in place, a group of experts at a time: the same numbers (bit
     # for bit in one group; in several, BLAS may round a batch of different size differently).
     if group_bytes is not None:
         monkeypatch.setattr(experts_layer, "INFERENCE_HIDDEN_BYTES", group_bytes)
-    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double())
-    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    ex = randomized(Experts(3, 4, 6, expert_init="distinct").double().to(device))
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator, device=device)
     with torch.no_grad():
         y0 = ex(x)
     if group_bytes is None:
@@ -240,13 +252,13 @@ def test_hugepage_advice_is_opt_in(monkeypatch):
 
 @pytest.mark.parametrize("cls,kwargs", [(TokensChoiceMoE, dict(k=2, capacity_factor=1.0, group_size=3)),
                                         (ExpertsChoiceMoE, dict(capacity_factor=2.0))])
-def test_sparse_layers_fused_equal_reference_float64(cls, kwargs):
+def test_sparse_layers_fused_equal_reference_float64(cls, kwargs, device, generator):
     def make(impl="fused"):
-        return cls(6, 4, hidden_dim=5, noise_std=0.7, impl=impl, **kwargs)
+        return cls(6, 4, hidden_dim=5, noise_std=0.7, impl=impl, **kwargs).to(device)
 
     layer = randomized(make().double()).train()
-    x, dy = tokens(3, 7, 6), torch.randn(3, 7, 6, dtype=torch.float64)
-    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.3
+    x, dy = tokens(device, 3, 7, 6), torch.randn(3, 7, 6, dtype=torch.float64, generator=generator, device=device)
+    mask = torch.rand(3, 7, generator=generator, device=device) > 0.3
     fused = run(layer, x, mask, dy)
     plain = run(reference_twin(make, layer), x, mask, dy)
     for got, want in zip(fused, plain):

@@ -1,4 +1,7 @@
-"""Bad input to any of the three layers: a ValueError that names the argument."""
+"""Bad input to any of the three layers: a ValueError that names the argument.
+
+Device-agnostic (tests/conftest.py): the layers and every input on the `device` under test;
+the constructor checks create no tensors."""
 import pytest
 import torch
 
@@ -12,44 +15,44 @@ LAYERS = {
 
 
 @pytest.fixture(params=list(LAYERS))
-def layer(request):
-    return LAYERS[request.param]()
+def layer(request, device):
+    return LAYERS[request.param]().to(device)
 
 
 @pytest.mark.parametrize("shape", [(8,), (5, 8), (1, 2, 5, 8)])
-def test_wrong_rank(layer, shape):
+def test_wrong_rank(layer, shape, device):
     with pytest.raises(ValueError, match=r"x must have shape \(batch, tokens, dim=8\)"):
-        layer(torch.randn(shape))
+        layer(torch.randn(shape, device=device))
 
 
-def test_wrong_width(layer):
+def test_wrong_width(layer, device):
     with pytest.raises(ValueError, match=r"x.shape\[-1\] must equal dim=8"):
-        layer(torch.randn(2, 5, 7))
+        layer(torch.randn(2, 5, 7, device=device))
 
 
-def test_no_tokens_or_integer_input(layer):
+def test_no_tokens_or_integer_input(layer, device):
     with pytest.raises(ValueError, match="at least one token"):
-        layer(torch.randn(2, 0, 8))
+        layer(torch.randn(2, 0, 8, device=device))
     with pytest.raises(ValueError, match="floating-point"):
-        layer(torch.ones(2, 4, 8, dtype=torch.long))
+        layer(torch.ones(2, 4, 8, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="torch.Tensor"):
         layer([[[0.0] * 8]])
 
 
-def test_mask_shape_and_dtype(layer):
-    x = torch.randn(2, 4, 8)
+def test_mask_shape_and_dtype(layer, device, generator):
+    x = torch.randn(2, 4, 8, generator=generator, device=device)
     with pytest.raises(ValueError, match=r"mask must have shape \(batch, tokens\) = \(2, 4\)"):
-        layer(x, torch.ones(2, 5, dtype=torch.bool))
+        layer(x, torch.ones(2, 5, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match=r"mask must have shape"):
-        layer(x, torch.ones(2, 4, 1, dtype=torch.bool))
+        layer(x, torch.ones(2, 4, 1, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="mask must be a torch.bool tensor"):
-        layer(x, torch.ones(2, 4))
-    layer(x, torch.ones(2, 4, dtype=torch.bool))  # the right mask passes
+        layer(x, torch.ones(2, 4, device=device))
+    layer(x, torch.ones(2, 4, dtype=torch.bool, device=device))  # the right mask passes
 
 
-def test_check_finite(layer):
+def test_check_finite(layer, device, generator):
     layer.check_finite = True
-    x = torch.randn(2, 4, 8)
+    x = torch.randn(2, 4, 8, generator=generator, device=device)
     x[1, 3, 2] = float("nan")
     with pytest.raises(ValueError, match="check_finite=True"):
         layer(x)
@@ -112,6 +115,6 @@ def test_experts_choice_arguments(kw, name):
 
 
 @pytest.mark.parametrize("kind", ["tokens", "experts"])
-def test_group_size_not_dividing_batch(kind):
+def test_group_size_not_dividing_batch(kind, device):
     with pytest.raises(ValueError, match="group_size=2 must divide the batch size, got batch size 3"):
-        LAYERS[kind](group_size=2)(torch.randn(3, 4, 8))
+        LAYERS[kind](group_size=2).to(device)(torch.randn(3, 4, 8, device=device))

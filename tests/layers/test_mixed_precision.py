@@ -19,11 +19,12 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import softmoe.layers.fused.experts as fused_experts
 import softmoe.layers.router as router_mod
 from layers_reference import randomize_
-from softmoe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+from softmoe import CausalSoftMoE, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.layers.experts import Experts
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -263,3 +264,161 @@ def test_mixing_matmuls_run_in_float32_under_autocast(impl, device, generator):
     assert torch.equal(slots, slots32.bfloat16())
     y_from_rounded_ys = router.combine(ys.bfloat16().float(), routing32)  # the experts' bf16 output, mixed in fp32
     assert torch.equal(y, y_from_rounded_ys.bfloat16())
+
+
+# -- CausalSoftMoE (docs/design.md §8): the same precision rule as SoftMoE's -------------------
+# T = 13 with C = 8 (the default C = S = E*P): two chunks, the second partial. Its longest
+# reductions are still H = 32 (D = 16, C = 8, 2S = 16, B*T = 26 tokens into phi's gradient),
+# except the scale's gradient, which sums over every dispatch and combine logit. Measured on
+# the CPU: at most 2 u for every tensor (limit 11.3 u; the scale's 1.6 u, limit 68 u).
+T_CAUSAL = 13
+CAUSAL_REDUCTION = {"router.scale": B * 16 * 3 * E * P}  # B * K*C * (S + 2S) logits
+
+
+def causal_layer(device, seed=0, **kw):
+    layer = CausalSoftMoE(D, E, slots_per_expert=P, hidden_dim=H, **kw)
+    randomize_(layer, std=0.3, seed=seed)
+    with torch.no_grad():
+        layer.router.scale.fill_(2.5)  # sharper routing than at init
+    return layer.to(device)
+
+
+CAUSAL_KW = dict(dim=D, num_experts=E, slots_per_expert=P, hidden_dim=H)
+
+
+def causal_mask(device):
+    mask = torch.ones(B, T_CAUSAL, dtype=torch.bool, device=device)
+    mask[0, 10:] = False
+    mask[2, 1::3] = False  # the first token stays real: every real token has a usable slot
+    return mask
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records (op, operand dtypes, operand shapes) of every matmul and softmax that runs,
+    below autocast (so with the dtypes autocast chose)."""
+    OPS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "dot", "mv", "_softmax"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            ts = [a for a in args if isinstance(a, torch.Tensor)]
+            self.ops.append((name, tuple(t.dtype for t in ts), tuple(tuple(t.shape) for t in ts)))
+        return func(*args, **(kwargs or {}))
+
+    def low_precision_matmuls(self):
+        return [op for op in self.ops if op[0] != "_softmax" and any(d in LOW for d in op[1])]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("logits_dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_under_autocast_matches_float64(dtype, logits_dtype, masked, device, generator):
+    x = torch.randn(B, T_CAUSAL, D, generator=generator, device=device)
+    dy = torch.randn(B, T_CAUSAL, D, generator=generator, device=device)
+    mask = causal_mask(device) if masked else None
+    layer = causal_layer(device, logits_dtype=logits_dtype)
+    _, want = run(float64_twin(layer, CausalSoftMoE, **CAUSAL_KW), x.double(), dy.double(), mask)
+    names = ["y", "x"] + [n for n, _ in layer.named_parameters()]
+    results = {}
+    for impl in ("fused", "reference"):
+        twin = layer if impl == "fused" else CausalSoftMoE(**CAUSAL_KW, impl=impl, logits_dtype=logits_dtype).to(device)
+        twin.load_state_dict(layer.state_dict())
+        y, got = run(twin, x, dy, mask, autocast=dtype)
+        assert y.dtype == dtype  # a drop-in MLP's output dtype under autocast
+        assert all(p.grad.dtype == torch.float32 for p in twin.parameters())
+        for name, g, w in zip(names, got, want):
+            assert_within(g, w, tolerance(dtype, CAUSAL_REDUCTION.get(name, H)), f"causal {impl} {name}")
+        results[impl] = got
+    for name, f, r in zip(names, results["fused"], results["reference"]):
+        assert_within(f, r, tolerance(dtype, CAUSAL_REDUCTION.get(name, H)), f"causal fused vs reference {name}")
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("logits_dtype", ["float32", "autocast"])
+def test_causal_routing_runs_in_float32_under_autocast(impl, logits_dtype, device, generator):
+    # Every softmax input is float32, and the only low-precision matmuls are the experts' own
+    # (plus the logits matmul with logits_dtype="autocast"): the mixing matmuls are float32.
+    layer = causal_layer(device, impl=impl, logits_dtype=logits_dtype)
+    layer.record_weights = True
+    x = torch.randn(B, T_CAUSAL, D, generator=generator, device=device, requires_grad=True)
+    seen = []
+    layer.experts.register_forward_hook(lambda mod, args, out: seen.append((args[0].detach(), out.dtype)))
+    with torch.autocast(device.type, dtype=torch.bfloat16), _MatmulLog() as log:
+        y = layer(x)
+    with torch.autocast(device.type, dtype=torch.bfloat16), _MatmulLog() as experts_log:
+        layer.experts(seen[0][0])
+    assert y.dtype == torch.bfloat16
+    assert seen[0][0].dtype == seen[0][1] == torch.bfloat16  # the experts run in the autocast dtype
+    softmaxes = [op for op in log.ops if op[0] == "_softmax"]
+    assert len(softmaxes) == 2 and all(op[1] == (torch.float32,) for op in softmaxes)  # dispatch, combine
+    logits_matmul = log.ops[0]  # the router's x @ phi, before anything else
+    assert logits_matmul[1] == ((torch.bfloat16,) * 2 if logits_dtype == "autocast" else (torch.float32,) * 2)
+    expected = ([logits_matmul] if logits_dtype == "autocast" else []) + experts_log.low_precision_matmuls()
+    assert experts_log.low_precision_matmuls() and log.low_precision_matmuls() == expected
+    for key in ("dispatch", "combine"):
+        assert layer.routing_weights[key].dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_causal_mixing_matmuls_run_in_float32_under_autocast(impl, device, generator):
+    # The slots are the float32 dispatch rounded once to bf16, and the output the float32
+    # combine of the (bf16) expert outputs rounded once: bit for bit, as SoftMoE's.
+    layer = causal_layer(device, impl=impl)
+    x = torch.randn(B, T_CAUSAL, D, generator=generator, device=device)
+    ys = torch.randn(E, P * B * 2, D, generator=generator, device=device)  # K = 2 chunks
+    slots, out_ys = [], []
+
+    def hook(mod, args, out):
+        slots.append(args[0])
+        return out_ys[0]
+
+    layer.experts.register_forward_hook(hook)
+    out_ys.append(ys.bfloat16().float())  # the experts' bf16 output, as float32 values
+    y32 = layer(x)
+    out_ys[0] = ys.bfloat16()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = layer(x)
+    assert slots[1].dtype == y.dtype == torch.bfloat16
+    assert torch.equal(slots[1], slots[0].bfloat16())
+    assert torch.equal(y, y32.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_causal_exactly_causal_under_autocast(dtype, device, generator):
+    # docs/design.md §8.2 under autocast: the gradient of y_t wrt every future token is exactly
+    # zero (not small), while y_t does depend on its past.
+    layer = causal_layer(device)
+    x = torch.randn(2, T_CAUSAL, D, generator=generator, device=device, requires_grad=True)
+    r = torch.randn(2, T_CAUSAL, D, generator=generator, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    for t in range(T_CAUSAL):
+        (g,) = torch.autograd.grad((y[:, t].float() * r[:, t]).sum(), x, retain_graph=True)
+        assert (g[:, t + 1:] == 0).all(), f"y_{t} depends on the future"
+        assert g[:, :t + 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_decoding_equals_parallel_forward_under_autocast(dtype, masked, device, generator):
+    # Both paths route in float32 and round each slot once to `dtype` before its expert; they
+    # differ only by the float32 rounding of the online vs the chunked softmax (~1e-7), which
+    # may flip a slot entry's rounding by one ulp of `dtype`: the error stays within one
+    # rounding of the expert MLP, the `2 u sqrt(H)` limit of the float64 comparisons above.
+    layer = causal_layer(device).eval()
+    x = torch.randn(B, T_CAUSAL, D, generator=generator, device=device)
+    mask = causal_mask(device) if masked else None
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        y = layer(x, mask)
+        state, steps = layer.init_state(B), []
+        for t in range(T_CAUSAL):
+            y_t, state = layer.step(x[:, t], state, None if mask is None else mask[:, t])
+            steps.append(y_t)
+    assert y.dtype == steps[0].dtype == dtype
+    assert state.m.dtype == state.acc.dtype == torch.float32  # the online softmax runs in float32
+    assert_within(torch.stack(steps, 1), y, tolerance(dtype), "decoding vs forward")

@@ -1,6 +1,10 @@
 """The seam between the layers and their components (docs/design.md §7): every layer calls its
 experts as a module — a custom or converted experts module is run as it is, never bypassed —
-each component runs its own fast path, and softmoe/layers has no import cycle."""
+each component runs its own fast path, and softmoe/layers has no import cycle.
+
+Device-agnostic (tests/conftest.py): layers, experts and inputs on the `device` under test,
+the float64 references computed there; the buffer-pool test is `cpu_only` (the pools serve
+CPU tensors only)."""
 import ast
 from pathlib import Path
 
@@ -16,8 +20,10 @@ from softmoe.models.timm_interop import MlpExperts
 D, E, P, H, B, N = 6, 4, 2, 10, 3, 5
 
 
-def tokens(seed=1, dtype=torch.float64):
-    return torch.randn(B, N, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+def tokens(device, seed=1, dtype=torch.float64):
+    """Tokens (B, N, D) on `device`, drawn there."""
+    return torch.randn(B, N, D, generator=torch.Generator(device=device).manual_seed(seed), dtype=dtype,
+                       device=device)
 
 
 class CountingExperts(nn.Module):
@@ -35,10 +41,10 @@ class CountingExperts(nn.Module):
 
 @pytest.mark.parametrize("make", [lambda: SoftMoE(D, E, P, hidden_dim=H), lambda: TokensChoiceMoE(D, E, H, k=2),
                                   lambda: ExpertsChoiceMoE(D, E, H)], ids=["soft", "tokens", "experts"])
-def test_every_layer_calls_a_custom_experts_module(make):
-    layer = make().double()
-    layer.experts = CountingExperts()
-    x = tokens().requires_grad_()
+def test_every_layer_calls_a_custom_experts_module(make, device):
+    layer = make().double().to(device)
+    layer.experts = CountingExperts().to(device)
+    x = tokens(device).requires_grad_()
     layer(x).sum().backward()
     assert layer.experts.calls == 1
     assert layer.experts.w.grad is not None and layer.experts.w.grad.abs().sum() > 0
@@ -46,22 +52,25 @@ def test_every_layer_calls_a_custom_experts_module(make):
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("act,ref_act", [(nn.ReLU, torch.relu), (lambda: nn.GELU(), gelu_exact)], ids=["relu", "gelu"])
-def test_soft_moe_runs_the_experts_activation(impl, act, ref_act):
+def test_soft_moe_runs_the_experts_activation(impl, act, ref_act, device):
     """The bug this seam fixed: the fused layer ran its own tanh GELU on the raw weights of any
     experts module with an `impl` (a converted timm MLP: exact GELU off by 8e-6, ReLU by 0.23)."""
     layer = SoftMoE(D, E, P, hidden_dim=H, impl=impl).double()
     layer.experts = MlpExperts(E, D, H, act=act(), impl=impl).double()
     randomize_(layer, seed=3)
-    x = tokens()
+    layer = layer.to(device)
+    x = tokens(device)
     assert_close64(layer(x), soft_moe_reference(layer, x, act=ref_act))
 
 
-def test_exact_gelu_experts_keep_the_fused_path_and_agree_with_the_reference():
+def test_exact_gelu_experts_keep_the_fused_path_and_agree_with_the_reference(device):
     fast = Experts(E, D, H, act_layer=nn.GELU).double()
-    slow = Experts(E, D, H, act_layer=nn.GELU, impl="reference").double()
+    slow = Experts(E, D, H, act_layer=nn.GELU, impl="reference").double().to(device)
     randomize_(fast, seed=4)
+    fast = fast.to(device)
     slow.load_state_dict(fast.state_dict())
-    x = torch.randn(E, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(E, 7, D, dtype=torch.float64, generator=torch.Generator(device=device).manual_seed(2),
+                    device=device)
     assert fast.fused_applies(x) and not slow.fused_applies(x)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = fast(xa), slow(xb)
@@ -74,11 +83,11 @@ def test_exact_gelu_experts_keep_the_fused_path_and_agree_with_the_reference():
         assert_close64(p.grad, q.grad)
 
 
-def test_active_dropout_takes_the_reference_path_and_drops():
-    experts = MlpExperts(E, D, H, act=nn.GELU(), drop1=nn.Dropout(0.5)).double()
-    x = torch.randn(E, 7, D, dtype=torch.float64)
+def test_active_dropout_takes_the_reference_path_and_drops(device, generator):
+    experts = MlpExperts(E, D, H, act=nn.GELU(), drop1=nn.Dropout(0.5)).double().to(device)
+    x = torch.randn(E, 7, D, dtype=torch.float64, generator=generator, device=device)
     assert not experts.fused_applies(x)  # training with p = 0.5: the dropout must run
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the dropout draws from the device's default generator, seeded here
     y = experts(x)
     torch.manual_seed(0)
     w = (experts.w1, experts.b1, experts.w2, experts.b2)
@@ -93,10 +102,11 @@ def test_experts_reject_a_bad_activation():
         Experts(E, D, H, act_layer=torch.relu)
 
 
+@pytest.mark.cpu_only  # the buffer pools serve CPU tensors only (device allocators cache memory themselves)
 def test_each_component_owns_its_pool():
     from softmoe.layers.fused.buffers import pool_of
     layer = SoftMoE(D, E, P, hidden_dim=H)
-    layer(tokens(dtype=torch.float32).requires_grad_()).sum().backward()
+    layer(tokens(torch.device("cpu"), dtype=torch.float32).requires_grad_()).sum().backward()
     assert set(pool_of(layer.router)._storages) == {"slots", "y", "g_ys", "dx"}
     assert set(pool_of(layer.experts)._storages) == {"h", "a", "w1_grad", "w2_grad"}
 

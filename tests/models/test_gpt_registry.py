@@ -1,7 +1,11 @@
 """The decoder zoo in the shared registry: listed under task "lm" (never among the vision models,
 so timm registration skips them), built by create_model, counted by the profiler (checked against
 FlopCounterMode and the modules), saved and loaded by softmoe.models' save_pretrained /
-from_pretrained bit-exactly."""
+from_pretrained bit-exactly.
+
+The save/load round trip is device-agnostic (tests/conftest.py: saved from and loaded onto the
+`device` under test, forwards there). The FLOP-counter comparison is `cpu_only`; listing,
+configs and the CLI compute nothing."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -48,6 +52,7 @@ def attention_mix_by_hand(cfg, T):
     ("soft_moe_gpt_micro", {"num_experts": 2, "slots_per_expert": 2, "chunk_size": 5, "block_size": 23}),
     ("soft_moe_gpt_micro", {"moe_type": "SoftMoE"}),  # the leak canary
 ])
+@pytest.mark.cpu_only  # relies on FlopCounterMode leaving the CPU SDPA kernel uncounted (CUDA's are counted)
 def test_profiler_equals_flop_counter_and_modules(name, overrides):
     model = create_model(name, **overrides).eval()
     cfg = model.config
@@ -68,18 +73,18 @@ def test_slots_equal_tokens_cost_the_dense_mlp():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_save_and_load_through_softmoe_models(tmp_path, tie):
+def test_save_and_load_through_softmoe_models(tmp_path, tie, device):
     torch.manual_seed(0)
-    model = create_model("soft_moe_gpt_micro", tie_head=tie, chunk_size=8).eval()
+    model = create_model("soft_moe_gpt_micro", tie_head=tie, chunk_size=8).eval().to(device)
     save_pretrained(model, tmp_path / "a")
     model.save_pretrained(tmp_path / "b")  # the method writes the same files
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-    loaded = from_pretrained(tmp_path / "a").eval()
+    loaded = from_pretrained(tmp_path / "a", device=device).eval()
     assert isinstance(loaded, GPT) and loaded.config == model.config
     assert (loaded.head.weight is loaded.tok_emb.weight) == tie
     sd, sl = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sl.keys() and all(torch.equal(sd[k], sl[k]) for k in sd)
-    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator(device=device).manual_seed(1), device=device)
     assert torch.equal(model(idx), loaded(idx))
     with pytest.raises(ValueError, match="no config overrides"):
         from_pretrained(tmp_path / "a", num_classes=3)

@@ -1,7 +1,12 @@
 """Checkpoints (contracts.md "Checkpoints"): save_pretrained / from_pretrained round trips
 bit-exactly in every dtype, is atomic, never unpickles, rejects foreign / truncated /
 mismatched checkpoints with errors naming the file, key and expected value, and resamples
-the position embedding for another image size (Soft MoE slot count unchanged)."""
+the position embedding for another image size (Soft MoE slot count unchanged).
+
+Device-agnostic where tensors are computed (tests/conftest.py): models saved from and loaded
+onto the `device` under test (`from_pretrained(..., device=device)`), forwards and resampling
+there. The tests of the files themselves (format, atomicity, no unpickling, the errors) are
+`cpu_only`: they compute nothing on a device."""
 import json
 import os
 import pickle
@@ -26,6 +31,10 @@ def _model(name="soft_moe_micro", **overrides):
     return create_model(name, **cfg)
 
 
+# The checkpoint files themselves (bytes, JSON, error messages): nothing to compute on a device.
+FILE_FORMAT = pytest.mark.cpu_only
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """An integer view of the tensor's bytes, so that equality is bitwise (NaN, -0.0 too)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -41,23 +50,24 @@ def _assert_bit_exact(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("name", ["vit_micro", "soft_moe_micro", "tc_moe_micro", "ec_moe_micro"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_round_trip_bit_exact(tmp_path, name, dtype):
-    model = _model(name).to(dtype)
+def test_round_trip_bit_exact(tmp_path, name, dtype, device, generator):
+    model = _model(name).to(dtype).to(device)  # saved from the device under test
     with torch.no_grad():  # non-trivial head and a -0.0 to be sure every bit survives
         model.head.weight.normal_()
         model.pos_embed[0, 0, 0] = -0.0
     out = save_pretrained(model, tmp_path / "a" / "b")  # nested directory is created
     assert out == tmp_path / "a" / "b"
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no temp files left
-    loaded = from_pretrained(out)
+    loaded = from_pretrained(out, device=device)
     assert loaded.config == model.config
     _assert_bit_exact(model.state_dict(), loaded.state_dict())
     assert torch.signbit(loaded.pos_embed[0, 0, 0])
     model.eval(), loaded.eval()
-    x = torch.rand(2, 3, 16, 16).to(dtype) * 2 - 1
+    x = torch.rand(2, 3, 16, 16, generator=generator, device=device).to(dtype) * 2 - 1
     assert torch.equal(model(x), loaded(x))
 
 
+@FILE_FORMAT
 def test_round_trip_keeps_mixed_dtypes_and_method(tmp_path):
     model = _model()
     model.blocks[1].mlp.experts.to(torch.bfloat16)  # e.g. experts stored in bf16, the rest in f32
@@ -69,12 +79,14 @@ def test_round_trip_keeps_mixed_dtypes_and_method(tmp_path):
     assert all(p.requires_grad for p in loaded.parameters())
 
 
-def test_from_pretrained_device_dtype(tmp_path):
+def test_from_pretrained_device_dtype(tmp_path, device):
     save_pretrained(_model(), tmp_path)
-    loaded = from_pretrained(tmp_path, dtype=torch.float64)
+    loaded = from_pretrained(tmp_path, device=device, dtype=torch.float64)
     assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert {p.device for p in loaded.parameters()} == {torch.empty(0, device=device).device}
 
 
+@FILE_FORMAT
 def test_config_json_format(tmp_path):
     model = _model()
     save_pretrained(model, tmp_path)
@@ -94,6 +106,7 @@ OLD_CONFIG = {"format": "softmoe", "format_version": 1, "architecture": "vit", "
     "name": "tc_moe_micro"}}
 
 
+@FILE_FORMAT
 def test_format_version_1_checkpoints_load_unchanged(tmp_path):
     model = _model("tc_moe_micro", moe_placement=[1], moe_kwargs={"k": 2, "capacity_factor": 2.0})
     save_pretrained(model, tmp_path)
@@ -109,6 +122,7 @@ def test_format_version_1_checkpoints_load_unchanged(tmp_path):
     assert load_config(tmp_path).moe is None
 
 
+@FILE_FORMAT
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     old = _model()
     save_pretrained(old, tmp_path)
@@ -126,6 +140,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert after == before  # old checkpoint intact, temp file removed
 
 
+@FILE_FORMAT
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     save_pretrained(_model(), tmp_path)
 
@@ -144,6 +159,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 
 # -- errors ------------------------------------------------------------------------------------
+@FILE_FORMAT
 def test_missing_directory_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "nope")
@@ -163,6 +179,7 @@ def test_missing_directory_and_files(tmp_path):
     ({"format": "softmoe", "format_version": 1, "architecture": "vit", "config": {"embed_dimm": 8}},
      "unknown ViTConfig field.*embed_dimm"),
 ])
+@FILE_FORMAT
 def test_foreign_or_bad_config(tmp_path, doc, match):
     save_pretrained(_model(), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(doc))
@@ -171,6 +188,7 @@ def test_foreign_or_bad_config(tmp_path, doc, match):
     assert "config.json" in str(e.value)
 
 
+@FILE_FORMAT
 def test_invalid_json(tmp_path):
     save_pretrained(_model(), tmp_path)
     (tmp_path / "config.json").write_text("{not json")
@@ -178,6 +196,7 @@ def test_invalid_json(tmp_path):
         from_pretrained(tmp_path)
 
 
+@FILE_FORMAT
 @pytest.mark.parametrize("keep", [0, 5, 100, -10])
 def test_truncated_weights(tmp_path, keep):
     save_pretrained(_model(), tmp_path)
@@ -188,6 +207,7 @@ def test_truncated_weights(tmp_path, keep):
         from_pretrained(tmp_path)
 
 
+@FILE_FORMAT
 def test_shape_mismatch_names_key_and_expected_shape(tmp_path):
     save_pretrained(_model(), tmp_path)
     doc = json.loads((tmp_path / "config.json").read_text())
@@ -198,6 +218,7 @@ def test_shape_mismatch_names_key_and_expected_shape(tmp_path):
         from_pretrained(tmp_path)
 
 
+@FILE_FORMAT
 def test_override_changing_other_shapes_is_an_error(tmp_path):
     save_pretrained(_model(), tmp_path)
     with pytest.raises(ValueError, match=r"'blocks.1.mlp.experts.w1' has shape \(4, 32, 48\), expected \(6, 32, 48\)"):
@@ -211,6 +232,7 @@ def test_override_changing_other_shapes_is_an_error(tmp_path):
         from_pretrained(tmp_path, img_sise=32)
 
 
+@FILE_FORMAT
 def test_missing_and_unexpected_keys(tmp_path):
     model = _model()
     state = model.state_dict()
@@ -221,16 +243,17 @@ def test_missing_and_unexpected_keys(tmp_path):
         load_weights(model, state, source="mine")
 
 
+@FILE_FORMAT
 def test_rejects_non_models(tmp_path):
     with pytest.raises(ValueError, match="VisionTransformer"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
 
 
 # -- image size / position embedding ------------------------------------------------------------
-def test_img_size_override_resamples_pos_embed_only(tmp_path):
-    model = _model()  # 16 px, patch 4: 4x4 grid
+def test_img_size_override_resamples_pos_embed_only(tmp_path, device, generator):
+    model = _model().to(device)  # 16 px, patch 4: 4x4 grid
     save_pretrained(model, tmp_path)
-    big = from_pretrained(tmp_path, img_size=32)  # 8x8 grid
+    big = from_pretrained(tmp_path, img_size=32, device=device)  # 8x8 grid
     assert big.config.img_size == 32 and big.pos_embed.shape == (1, 64, 32)
     assert torch.equal(big.pos_embed, resample_pos_embed(model.pos_embed.detach(), 8))
     src, dst = model.state_dict(), big.state_dict()
@@ -240,77 +263,77 @@ def test_img_size_override_resamples_pos_embed_only(tmp_path):
     # The Soft MoE slot count does not depend on the number of tokens (docs/design.md §1).
     assert big.blocks[1].mlp.num_slots == model.blocks[1].mlp.num_slots == 4
     big.eval()
-    assert big(torch.rand(2, 3, 32, 32)).shape == (2, 5)
-    small = from_pretrained(tmp_path, img_size=8)  # shrinking works too (2x2 grid)
+    assert big(torch.rand(2, 3, 32, 32, generator=generator, device=device)).shape == (2, 5)
+    small = from_pretrained(tmp_path, img_size=8, device=device)  # shrinking works too (2x2 grid)
     assert small.pos_embed.shape == (1, 4, 32)
 
 
-def test_num_classes_override_gives_fresh_head(tmp_path):
-    model = _model()
+def test_num_classes_override_gives_fresh_head(tmp_path, device, generator):
+    model = _model().to(device)
     with torch.no_grad():
         model.head.weight.normal_()
     save_pretrained(model, tmp_path)
-    loaded = from_pretrained(tmp_path, num_classes=3)
-    assert loaded.head.weight.shape == (3, 32) and torch.equal(loaded.head.weight, torch.zeros(3, 32))
-    assert torch.allclose(loaded.head.bias, torch.full((3,), -torch.log(torch.tensor(3.0)).item()))
+    loaded = from_pretrained(tmp_path, num_classes=3, device=device)
+    assert loaded.head.weight.shape == (3, 32) and torch.equal(loaded.head.weight, torch.zeros(3, 32, device=device))
+    assert torch.allclose(loaded.head.bias, torch.full((3,), -torch.log(torch.tensor(3.0)).item(), device=device))
     assert torch.equal(loaded.norm.weight, model.norm.weight)
-    headless = from_pretrained(tmp_path, num_classes=0)
-    assert headless(torch.rand(1, 3, 16, 16)).shape == (1, 32)
+    headless = from_pretrained(tmp_path, num_classes=0, device=device)
+    assert headless(torch.rand(1, 3, 16, 16, generator=generator, device=device)).shape == (1, 32)
 
 
-def test_load_weights_into_model_of_other_size_keeps_its_dtype():
-    src = _model(img_size=32)  # 8x8 grid
-    dst = _model(img_size=16).to(torch.float64)  # 4x4 grid
+def test_load_weights_into_model_of_other_size_keeps_its_dtype(device):
+    src = _model(img_size=32).to(device)  # 8x8 grid
+    dst = _model(img_size=16).to(torch.float64).to(device)  # 4x4 grid
     load_weights(dst, src.state_dict())
     assert dst.pos_embed.dtype == torch.float64
     assert torch.equal(dst.pos_embed, resample_pos_embed(src.pos_embed.detach(), 4).double())
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight.double())
     with pytest.raises(ValueError, match="pos_embed"):
-        adapt_state_dict(dst, {**src.state_dict(), "pos_embed": torch.zeros(1, 64, 16)})  # wrong width
+        adapt_state_dict(dst, {**src.state_dict(), "pos_embed": torch.zeros(1, 64, 16, device=device)})  # wrong width
 
 
-def test_resample_identity_and_constant():
-    pos = torch.randn(1, 16, 8)
+def test_resample_identity_and_constant(device, generator):
+    pos = torch.randn(1, 16, 8, generator=generator, device=device)
     assert resample_pos_embed(pos, 4) is pos
-    const = torch.full((1, 9, 3), 0.7)
+    const = torch.full((1, 9, 3), 0.7, device=device)
     for grid in (6, 2, (3, 5)):
         out = resample_pos_embed(const, grid)
         n = grid * grid if isinstance(grid, int) else grid[0] * grid[1]
         assert out.shape == (1, n, 3)
-        torch.testing.assert_close(out, torch.full((1, n, 3), 0.7), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, torch.full((1, n, 3), 0.7, device=device), rtol=0, atol=1e-6)
 
 
-def test_resample_orientation_and_linear_ramps():
+def test_resample_orientation_and_linear_ramps(device):
     """Channel 0 = row index, channel 1 = column index on an 8x8 grid, upsampled to 16x16:
     rows stay rows (a transposed reshape would swap the channels), and the antialiased
     bicubic kernel (a = -0.5) reproduces linear ramps exactly away from the border."""
     old, new = 8, 16
-    r, c = torch.meshgrid(torch.arange(old, dtype=torch.float64), torch.arange(old, dtype=torch.float64),
-                          indexing="ij")
+    r, c = torch.meshgrid(torch.arange(old, dtype=torch.float64, device=device),
+                          torch.arange(old, dtype=torch.float64, device=device), indexing="ij")
     pos = torch.stack([r, c], -1).reshape(1, old * old, 2)
     out = resample_pos_embed(pos, new).reshape(new, new, 2)
     assert out.dtype == torch.float64
-    src = (torch.arange(new, dtype=torch.float64) + 0.5) * old / new - 0.5  # align_corners=False
+    src = (torch.arange(new, dtype=torch.float64, device=device) + 0.5) * old / new - 0.5  # align_corners=False
     inner = slice(4, new - 4)  # the 4-tap kernel needs no clamped neighbour here
     torch.testing.assert_close(out[inner, inner, 0], src[inner, None].expand(8, 8), rtol=0, atol=1e-12)
     torch.testing.assert_close(out[inner, inner, 1], src[None, inner].expand(8, 8), rtol=0, atol=1e-12)
 
 
-def test_resample_dtype_and_errors():
-    pos = torch.randn(1, 16, 4).bfloat16()
+def test_resample_dtype_and_errors(device, generator):
+    pos = torch.randn(1, 16, 4, generator=generator, device=device).bfloat16()
     out = resample_pos_embed(pos, 6)
     assert out.dtype == torch.bfloat16
     ref = resample_pos_embed(pos.float(), 6).bfloat16()  # computed in float32, rounded once
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="not a square grid"):
-        resample_pos_embed(torch.zeros(1, 12, 4), 4)
-    resample_pos_embed(torch.zeros(1, 12, 4), (6, 4), old_grid=(3, 4))
+        resample_pos_embed(torch.zeros(1, 12, 4, device=device), 4)
+    resample_pos_embed(torch.zeros(1, 12, 4, device=device), (6, 4), old_grid=(3, 4))
     with pytest.raises(ValueError, match="does not match"):
-        resample_pos_embed(torch.zeros(1, 12, 4), 4, old_grid=(3, 3))
+        resample_pos_embed(torch.zeros(1, 12, 4, device=device), 4, old_grid=(3, 3))
     with pytest.raises(ValueError, match="new_grid"):
-        resample_pos_embed(torch.zeros(1, 16, 4), 0)
+        resample_pos_embed(torch.zeros(1, 16, 4, device=device), 0)
     with pytest.raises(ValueError, match=r"shape \(1, tokens, dim\)"):
-        resample_pos_embed(torch.zeros(16, 4), 4)
+        resample_pos_embed(torch.zeros(16, 4, device=device), 4)
 
 
 def test_exports():

@@ -1,6 +1,9 @@
 """The typed model configuration: MoEConfig covers every MoE layer option and passes it to
 the layer, options foreign to the layer type are errors, the legacy flat keys mean what they
-meant, partial `moe` overrides merge, and the one `--set` parser types every value."""
+meant, partial `moe` overrides merge, and the one `--set` parser types every value.
+
+Configuration only: models are built (on the CPU) to read their layers' attributes, nothing is
+computed, so these run unchanged under any SOFTMOE_TEST_DEVICE."""
 import dataclasses
 import inspect
 import json

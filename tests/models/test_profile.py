@@ -1,5 +1,8 @@
 """Parameter and FLOP counting: the analytic FLOP formula against FlopCounterMode on real
-forward passes, and every row of the paper's Table 8 (on the meta device)."""
+forward passes, and every row of the paper's Table 8 (on the meta device).
+
+The FlopCounterMode comparison is device-agnostic (tests/conftest.py): the model runs on the
+`device` under test (the FLOPs of a forward do not depend on it); the rest counts configs."""
 import math
 
 import pytest
@@ -13,7 +16,8 @@ from softmoe.models import (count_flops, count_params, create_model, flop_breakd
 
 
 def measured_flops(model, batch):
-    x = torch.rand(batch, model.config.in_chans, model.config.img_size, model.config.img_size)
+    device = next(model.parameters()).device
+    x = torch.rand(batch, model.config.in_chans, model.config.img_size, model.config.img_size, device=device)
     # The math SDPA backend decomposes attention into bmm's, which FlopCounterMode counts
     # (the fused CPU kernel is not registered with it).
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
@@ -31,8 +35,8 @@ def measured_flops(model, batch):
     ("ec_moe_micro", dict(moe_kwargs={"capacity_factor": 2.0})),
     ("vit_micro", dict(pool="map", img_size=24, patch_size=6, in_chans=1, num_classes=3)),
 ])
-def test_analytic_flops_equal_flop_counter(name, overrides):
-    model = create_model(name, **overrides).eval()
+def test_analytic_flops_equal_flop_counter(name, overrides, device):
+    model = create_model(name, **overrides).eval().to(device)
     assert count_flops(model, batch_size=4) == measured_flops(model, 4)
 
 

@@ -1,4 +1,7 @@
-"""The model registry: names generated from the size tables, overrides and error messages."""
+"""The model registry: names generated from the size tables, overrides and error messages.
+
+The one forward (`test_common_overrides_accepted_by_every_model`) runs on the `device` under
+test (tests/conftest.py); everything else reads configs or builds on the meta device."""
 import pytest
 import torch
 
@@ -59,13 +62,13 @@ def test_micro_models_follow_the_contract():
 
 
 @pytest.mark.parametrize("name", ["vit_micro", "soft_moe_micro", "tc_moe_micro", "ec_moe_micro"])
-def test_common_overrides_accepted_by_every_model(name):
+def test_common_overrides_accepted_by_every_model(name, device):
     moe = name != "vit_micro"
     kw = dict(img_size=24, patch_size=6, in_chans=1, num_classes=5)
     if moe:
         kw["num_experts"] = 4
-    model = create_model(name, **kw)
-    assert model.patch_embed.num_patches == 16 and model(torch.rand(2, 1, 24, 24)).shape == (2, 5)
+    model = create_model(name, **kw).to(device)
+    assert model.patch_embed.num_patches == 16 and model(torch.rand(2, 1, 24, 24, device=device)).shape == (2, 5)
     if moe:
         assert model.blocks[-1].mlp.num_experts == 4
     # None means "not given": keeps the default (argparse-friendly)

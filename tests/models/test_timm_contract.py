@@ -1,7 +1,12 @@
 """softmoe models through timm's tools (issue 19): features_only backbones that train and report
 routing, layer-wise LR decay, timm's data pipeline and training pieces, and timm ViTs converted
 with `timm_to_moe`. timm's own tests/test_models.py is run by test_timm_suite.py. Tiny models only.
-Skipped when timm (which needs torchvision) cannot be imported."""
+Skipped when timm (which needs torchvision) cannot be imported.
+
+Device-agnostic (tests/conftest.py): every model that computes is on the `device` under test,
+images drawn there (timm's loader yields CPU batches, moved there as a training loop does);
+float64 tolerances unchanged. The subprocess test is `cpu_only`; the fx-leaf registration
+test traces symbolically and computes nothing."""
 import math
 
 import pytest
@@ -23,15 +28,15 @@ def _registered():
     register_timm_models("*_micro")
 
 
-def _images(n=2, size=32, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, size, size, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+def _images(n=2, size=32, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g, dtype=torch.float64, device=device) * 2 - 1).to(dtype)
 
 
 # -- 1. features_only backbones: training, routing metrics, aux losses, the fused path -----------
-def test_features_only_soft_moe_backbone_trains_one_step_and_reports_routing():
+def test_features_only_soft_moe_backbone_trains_one_step_and_reports_routing(device):
     torch.manual_seed(0)
-    net = timm.create_model("soft_moe_micro", features_only=True, out_indices=(1, 3))
+    net = timm.create_model("soft_moe_micro", features_only=True, out_indices=(1, 3)).to(device)
     assert type(net).__name__ == "FeatureGetterNet" and net.feature_info.module_name() == ["blocks.1", "blocks.3"]
     moe = dict(softmoe.moe_layers(net))
     assert sorted(moe) == ["model.blocks.2.mlp", "model.blocks.3.mlp"]  # soft_moe_micro: MoE in the last half
@@ -42,7 +47,7 @@ def test_features_only_soft_moe_backbone_trains_one_step_and_reports_routing():
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with softmoe.record_routing(net):
-        feats = net(_images())
+        feats = net(_images(device=device))
         metrics = softmoe.collect_metrics(net)
     for h in hooks:
         h.remove()
@@ -61,16 +66,17 @@ def test_features_only_soft_moe_backbone_trains_one_step_and_reports_routing():
     assert not any(m.record_metrics for m in moe.values())  # record_routing restored the flags
 
 
-def test_features_only_backbone_fused_gradients_equal_reference():
+def test_features_only_backbone_fused_gradients_equal_reference(device):
     """The fused path (hand-written backward) and impl="reference" (plain autograd) give the same
     gradients through timm's wrapper. float64; tolerance 1e-10 (a few float64 ulps per op, summed
     over a 4-block model)."""
     torch.manual_seed(0)
-    fused = timm.create_model("soft_moe_micro", features_only=True).double()
+    fused = timm.create_model("soft_moe_micro", features_only=True).double().to(device)
     ref = timm.create_model("soft_moe_micro", features_only=True, moe_kwargs={"impl": "reference"}).double()
+    ref = ref.to(device)
     ref.load_state_dict(fused.state_dict())
     assert ref.model.blocks[3].mlp.experts.impl == "reference" and fused.model.blocks[3].mlp.experts.impl == "fused"
-    x = _images(dtype=torch.float64)
+    x = _images(dtype=torch.float64, device=device)
     for net in (fused, ref):
         sum((f * f).mean() for f in net(x)).backward()
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
@@ -78,17 +84,17 @@ def test_features_only_backbone_fused_gradients_equal_reference():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_features_only_tokens_choice_backbone_aux_loss():
+def test_features_only_tokens_choice_backbone_aux_loss(device):
     torch.manual_seed(0)
-    net = timm.create_model("tc_moe_micro", features_only=True)
+    net = timm.create_model("tc_moe_micro", features_only=True).to(device)
     assert all(isinstance(m, TokensChoiceMoE) for _, m in softmoe.moe_layers(net))
-    x = _images()
-    torch.manual_seed(1)  # the gate's training noise (noise_std 1.0)
+    x = _images(device=device)
+    torch.manual_seed(1)  # the gate's training noise (noise_std 1.0; seeds the CUDA generators too)
     feats = net(x)
     aux = softmoe.collect_aux_loss(net)
     assert aux.ndim == 0 and torch.isfinite(aux) and aux > 0
     # the same value as the unwrapped model with the same weights and noise
-    plain = softmoe.models.create_model("tc_moe_micro").train()
+    plain = softmoe.models.create_model("tc_moe_micro").train().to(device)
     missing = plain.load_state_dict(net.model.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]  # pruned by the wrapper
     torch.manual_seed(1)
@@ -107,12 +113,12 @@ def _group_of(opt, model):
 
 
 @pytest.mark.parametrize("filter_bias_and_bn", [True, False])
-def test_layer_decay_groups_follow_group_matcher_and_no_weight_decay(filter_bias_and_bn):
+def test_layer_decay_groups_follow_group_matcher_and_no_weight_decay(filter_bias_and_bn, device):
     import timm.optim
     import timm.scheduler
 
     torch.manual_seed(0)
-    model = timm.create_model("soft_moe_micro", num_classes=3)
+    model = timm.create_model("soft_moe_micro", num_classes=3).to(device)
     lr, decay = 1e-3, 0.75
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05, layer_decay=decay,
                                          filter_bias_and_bn=filter_bias_and_bn)
@@ -148,7 +154,7 @@ def test_layer_decay_groups_follow_group_matcher_and_no_weight_decay(filter_bias
     with torch.no_grad():  # the head starts at zero (vmoe), which would stop every gradient below it
         model.head.weight.normal_(std=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.nn.functional.cross_entropy(model(_images()), torch.tensor([0, 2])).backward()
+    torch.nn.functional.cross_entropy(model(_images(device=device)), torch.tensor([0, 2], device=device)).backward()
     opt.step()
     for name, p in model.named_parameters():
         step = (p.detach() - before[name]).abs().max().item()
@@ -175,7 +181,7 @@ def _image_folder(root, classes=("cat", "dog"), per_class=4, size=32):
     return root
 
 
-def test_timm_data_pipeline_and_training_loop(tmp_path):
+def test_timm_data_pipeline_and_training_loop(tmp_path, device):
     import timm.data
     import timm.loss
     import timm.optim
@@ -186,7 +192,7 @@ def test_timm_data_pipeline_and_training_loop(tmp_path):
     dataset = timm.data.create_dataset("", root=str(root), split="train", is_training=True)
     assert len(dataset) == 8 and dataset.reader.class_to_idx == {"cat": 0, "dog": 1}
     torch.manual_seed(0)
-    model = timm.create_model("soft_moe_micro", num_classes=2)
+    model = timm.create_model("soft_moe_micro", num_classes=2).to(device)
     cfg = timm.data.resolve_data_config(model=model)
     assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
     loader = timm.data.create_loader(dataset, input_size=cfg["input_size"], batch_size=4, is_training=True,
@@ -207,7 +213,7 @@ def test_timm_data_pipeline_and_training_loop(tmp_path):
     step = 0
     for _ in range(2):
         for images, labels in loader:
-            images, targets = mixup(images, labels)
+            images, targets = mixup(images.to(device), labels.to(device))  # the loader's CPU batch, moved
             with softmoe.record_routing(model):
                 loss = loss_fn(model(images), targets) + softmoe.collect_aux_loss(model)  # 0 for Soft MoE
                 metrics = softmoe.collect_metrics(model)
@@ -230,7 +236,7 @@ def test_timm_data_pipeline_and_training_loop(tmp_path):
                                               use_prefetcher=False, num_workers=0, mean=cfg["mean"], std=cfg["std"],
                                               crop_pct=cfg["crop_pct"])
         images, labels = next(iter(eval_loader))
-        top1, = timm.utils.accuracy(model(images), labels, topk=(1,))
+        top1, = timm.utils.accuracy(model(images.to(device)), labels.to(device), topk=(1,))
     assert 0 <= top1.item() <= 100
 
 
@@ -253,7 +259,7 @@ def test_timm_register_module_registers_on_import():
 
 # -- 4. timm ViTs converted with timm_to_moe keep timm's contract -----------------------------------
 @pytest.mark.parametrize("moe_type", ["soft", "tc"])
-def test_timm_to_moe_model_keeps_timm_contract(moe_type):
+def test_timm_to_moe_model_keeps_timm_contract(moe_type, device):
     import timm.optim
     from timm.models import create_feature_extractor, get_graph_node_names
     from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -261,10 +267,10 @@ def test_timm_to_moe_model_keeps_timm_contract(moe_type):
     from softmoe.models.timm_interop import timm_to_moe
 
     torch.manual_seed(0)
-    dense = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    dense = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).to(device)
     model = timm_to_moe(dense, moe_type, num_experts=4, placement="last_half").eval()
     layer = model.blocks[1].mlp
-    x = _images()
+    x = _images(device=device)
     assert model.num_classes == 5 and model.num_features == model.head_hidden_size == 32
     feats = model.forward_features(x)
     assert feats.shape == (2, 17, 32)  # 16 patches + the class token
@@ -296,6 +302,7 @@ def test_timm_to_moe_model_keeps_timm_contract(moe_type):
     assert group["blocks.1.mlp.experts.w1"]["lr_scale"] == pytest.approx(0.75 ** 1)  # block 1 of 2, head last
     # reset_classifier: a new head, and 0 -> pooled features
     model.reset_classifier(3)
+    model.to(device)  # timm builds the new head on the CPU
     assert model.num_classes == 3 and model(x).shape == (2, 3)
     model.reset_classifier(0)
     torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x), pre_logits=True))

@@ -1,6 +1,11 @@
 """timm interop: our models in timm's registry, timm ViTs converted to / upcycled into MoE
 models, and our position-embedding resampling equal to timm's. Skipped when timm (which
-needs torchvision) cannot be imported; see docs/models.md for the install commands."""
+needs torchvision) cannot be imported; see docs/models.md for the install commands.
+
+The conversion, upcycling, training and resampling tests are device-agnostic
+(tests/conftest.py): the timm model on the `device` under test (timm_to_moe and upcycle build
+the MoE layers on its device), images drawn there. Registry and argument-error tests compute
+nothing and stay on the CPU."""
 import warnings
 
 import pytest
@@ -21,14 +26,15 @@ except (ImportError, RuntimeError) as e:  # timm or torchvision missing (or a br
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 
 
-def _timm_vit(dtype=torch.float32, **kw):
+def _timm_vit(dtype=torch.float32, device="cpu", **kw):
     args = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_ratio=1.5, num_classes=5)
     args.update(kw)
-    return TimmViT(**args).to(dtype).eval()
+    return TimmViT(**args).to(dtype).to(device).eval()
 
 
-def _images(dtype=torch.float32):
-    return (torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1).to(dtype)
+def _images(dtype=torch.float32, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(0)
+    return (torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=g, device=device) * 2 - 1).to(dtype)
 
 
 # -- registry -----------------------------------------------------------------------------------
@@ -76,8 +82,8 @@ def test_name_clash_with_timm_is_skipped(monkeypatch):
 @pytest.mark.parametrize("moe_type, cls", [("soft", SoftMoE), ("tc", TokensChoiceMoE), ("ec", ExpertsChoiceMoE)])
 @pytest.mark.parametrize("placement, blocks", [("last_half", [2, 3]), ("every:2", [1, 3]), ("last:1", [3]),
                                                ([0], [0])])
-def test_timm_to_moe_replaces_only_the_chosen_mlps(moe_type, cls, placement, blocks):
-    dense = _timm_vit()
+def test_timm_to_moe_replaces_only_the_chosen_mlps(moe_type, cls, placement, blocks, device):
+    dense = _timm_vit(device=device)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     moe = timm_to_moe(dense, moe_type, num_experts=4, placement=placement)
     assert isinstance(moe, TimmViT) and moe is not dense
@@ -93,17 +99,18 @@ def test_timm_to_moe_replaces_only_the_chosen_mlps(moe_type, cls, placement, blo
         else:
             assert torch.equal(moe_state[key], value), key
         assert torch.equal(dense.state_dict()[key], value)  # source untouched
-    assert moe(_images()).shape == (3, 5)
+    assert {p.device for p in moe.parameters()} == {next(dense.parameters()).device}
+    assert moe(_images(device=device)).shape == (3, 5)
 
 
-def test_timm_upcycle_experts_bitwise_and_exact_cases():
-    dense = _timm_vit(torch.float64)
+def test_timm_upcycle_experts_bitwise_and_exact_cases(device):
+    dense = _timm_vit(torch.float64, device)
     moe = upcycle(dense, "soft", num_experts=4)
     for i in (2, 3):
         ex, fc1, fc2 = moe.blocks[i].mlp.experts, dense.blocks[i].mlp.fc1, dense.blocks[i].mlp.fc2
         assert torch.equal(ex.w1, fc1.weight.T.expand(4, -1, -1)) and torch.equal(ex.b1, fc1.bias.expand(4, -1))
         assert torch.equal(ex.w2, fc2.weight.T.expand(4, -1, -1)) and torch.equal(ex.b2, fc2.bias.expand(4, -1))
-    x = _images(torch.float64)
+    x = _images(torch.float64, device)
     # 16 patches + the class token = 17 tokens: identity routing needs 17 slots.
     for model in (upcycle(dense, "soft", 17, placement="all", dispatch="identity", combine="identity"),
                   upcycle(dense, "tc", 4, placement="all", k=4, capacity_factor=1.0, capacity_multiple_of=None),
@@ -115,23 +122,23 @@ def test_timm_upcycle_experts_bitwise_and_exact_cases():
     assert all(rel > 0.1 for _, rel in gap["layers"].values()), gap
 
 
-def test_timm_moe_trains_with_aux_loss_and_dropout():
-    dense = _timm_vit(proj_drop_rate=0.1)  # timm Mlp dropouts travel with the experts
+def test_timm_moe_trains_with_aux_loss_and_dropout(device):
+    dense = _timm_vit(device=device, proj_drop_rate=0.1)  # timm Mlp dropouts travel with the experts
     moe = timm_to_moe(dense, "tc", num_experts=4, init="upcycle").train()
     assert moe.blocks[3].mlp.experts.drop1.p == 0.1 and moe.blocks[3].mlp.training
-    loss = moe(_images()).square().mean()
+    loss = moe(_images(device=device)).square().mean()
     aux = softmoe.collect_aux_loss(moe)
     assert aux is not None and aux.item() > 0
     (loss + aux).backward()
     assert moe.blocks[3].mlp.gate.weight.grad is not None
 
 
-def test_timm_to_moe_bf16_and_inplace():
-    dense = _timm_vit(torch.bfloat16)
+def test_timm_to_moe_bf16_and_inplace(device):
+    dense = _timm_vit(torch.bfloat16, device)
     same = timm_to_moe(dense, "soft", num_experts=2, init="upcycle", inplace=True)
     assert same is dense and isinstance(dense.blocks[3].mlp, SoftMoE)
     assert {p.dtype for p in dense.parameters()} == {torch.bfloat16}
-    assert dense(_images(torch.bfloat16)).dtype == torch.bfloat16
+    assert dense(_images(torch.bfloat16, device)).dtype == torch.bfloat16
 
 
 def test_timm_to_moe_errors():
@@ -156,17 +163,18 @@ def test_timm_to_moe_errors():
 
 # -- position embedding -------------------------------------------------------------------------
 @pytest.mark.parametrize("old, new", [(4, 8), (8, 4), (7, 12), ((3, 5), (6, 4))])
-def test_resample_pos_embed_matches_timm(old, new):
+def test_resample_pos_embed_matches_timm(old, new, device, generator):
     from timm.layers import resample_abs_pos_embed
 
     og = (old, old) if isinstance(old, int) else old
     ng = (new, new) if isinstance(new, int) else new
-    pos = torch.randn(1, og[0] * og[1], 16)
+    pos = torch.randn(1, og[0] * og[1], 16, generator=generator, device=device)
     ours = resample_pos_embed(pos, ng, old_grid=og)
     theirs = resample_abs_pos_embed(pos, new_size=list(ng), old_size=list(og), num_prefix_tokens=0)
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.cpu_only  # a CPU torch build with a CUDA torchvision wheel: CPU tensors by definition
 def test_import_timm_does_not_break_torchvision_ops_error():
     """With a CUDA torchvision wheel on CPU torch, nms must fail with torchvision's own error
     (the workaround only lets the import succeed)."""

@@ -2,7 +2,12 @@
 copied, routers/gates are fresh; and the function at initialisation is exactly what the
 routing math says (equal to the dense model only where the routing weights sum to one per
 token over copies of f(x_n) alone: identity Soft MoE, Tokens Choice with k = E, Experts
-Choice with capacity = all tokens)."""
+Choice with capacity = all tokens).
+
+Device-agnostic (tests/conftest.py): the dense model on the `device` under test (upcycle builds
+the MoE model on the dense model's device), images drawn there; tolerances unchanged (float64
+1e-12; float32 2e-6 with TF32 off, torch's default for CUDA matmuls). The argument errors
+build a model but compute nothing and stay on the CPU."""
 import math
 
 import pytest
@@ -15,24 +20,25 @@ from softmoe.models.layers import Mlp
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_dim=48, num_classes=5)  # 16 tokens
 
 
-def _dense(dtype=torch.float32):
-    model = create_model("vit_micro", **TINY).to(dtype)
+def _dense(dtype=torch.float32, device="cpu"):
+    model = create_model("vit_micro", **TINY).to(dtype).to(device)
     with torch.no_grad():  # the zero-initialised head would hide every difference in the logits
         model.head.weight.normal_(0, 1 / math.sqrt(32))
         model.head.bias.zero_()
     return model.eval()
 
 
-def _images(dtype=torch.float32, n=4):
-    return (torch.rand(n, 3, 16, 16, dtype=torch.float64) * 2 - 1).to(dtype)
+def _images(dtype=torch.float32, n=4, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(0)
+    return (torch.rand(n, 3, 16, 16, dtype=torch.float64, generator=g, device=device) * 2 - 1).to(dtype)
 
 
 @pytest.mark.parametrize("moe_type, cls", [("soft", SoftMoE), ("tc", TokensChoiceMoE), ("ec", ExpertsChoiceMoE)])
 @pytest.mark.parametrize("placement, blocks", [("last_half", [2, 3]), ("last:1", [3]), ("every:2", [1, 3]),
                                                ([0, 2], [0, 2])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_are_the_dense_mlp_bitwise(moe_type, cls, placement, blocks, dtype):
-    dense = _dense(dtype)
+def test_experts_are_the_dense_mlp_bitwise(moe_type, cls, placement, blocks, dtype, device):
+    dense = _dense(dtype, device)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     moe = upcycle(dense, moe_type, num_experts=4, placement=placement)
     assert moe.config.moe_type == cls.__name__ and moe.config.num_experts == 4
@@ -54,11 +60,12 @@ def test_experts_are_the_dense_mlp_bitwise(moe_type, cls, placement, blocks, dty
     for key, value in dense.state_dict().items():  # the dense model is left alone
         assert torch.equal(value, before[key]), key
     assert {p.dtype for p in moe.parameters()} == {dtype}
+    assert {p.device for p in moe.parameters()} == {next(dense.parameters()).device}
     assert not moe.training  # the dense model's mode
 
 
-def test_router_and_gates_are_fresh():
-    dense = _dense()
+def test_router_and_gates_are_fresh(device):
+    dense = _dense(device=device)
     D, E = 32, 8
     torch.manual_seed(1)
     a = upcycle(dense, "soft", num_experts=E)
@@ -99,10 +106,10 @@ EXACT = [  # (moe_type, num_experts, kwargs): settings where the upcycled model 
 
 @pytest.mark.parametrize("moe_type, E, kwargs", EXACT)
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_upcycled_equals_dense_where_routing_sums_to_one(moe_type, E, kwargs, dtype, tol):
-    dense = _dense(dtype)
+def test_upcycled_equals_dense_where_routing_sums_to_one(moe_type, E, kwargs, dtype, tol, device):
+    dense = _dense(dtype, device)
     moe = upcycle(dense, moe_type, E, placement="all", **kwargs)
-    gap = upcycling_gap(dense, moe, _images(dtype))
+    gap = upcycling_gap(dense, moe, _images(dtype, device=device))
     assert sorted(gap["layers"]) == [0, 1, 2, 3]
     for name, (max_abs, rel) in [("logits", gap["logits"]), ("features", gap["features"]), *gap["layers"].items()]:
         assert rel <= tol, (name, max_abs, rel)
@@ -115,12 +122,12 @@ def _per_token_scale(y, f):
     return c, ((y - c[:, None] * f).abs().max() / f.abs().max()).item()
 
 
-def test_sparse_layers_scale_each_token_by_its_summed_gates():
+def test_sparse_layers_scale_each_token_by_its_summed_gates(device, generator):
     """With identical experts, TC/EC output c_n * f(x_n): c_n = the gates of the kept choices
     (TC, not renormalised: top-1 gate ~0.3 here) or of the experts that picked the token (EC: 0 for
     tokens nobody picked). Soft MoE output is no such multiple: slots mix tokens."""
-    dense = _dense(torch.float64)
-    x = torch.randn(4, 16, 32, dtype=torch.float64)
+    dense = _dense(torch.float64, device)
+    x = torch.randn(4, 16, 32, dtype=torch.float64, generator=generator, device=device)
     f = dense.blocks[3].mlp(x)
     E = 8
     tc = upcycle(dense, "tc", E, capacity_factor=100.0).blocks[3].mlp  # top-1, nothing dropped
@@ -140,11 +147,11 @@ def test_sparse_layers_scale_each_token_by_its_summed_gates():
     assert resid > 0.1
 
 
-def test_default_upcycling_is_far_from_dense():
+def test_default_upcycling_is_far_from_dense(device):
     """The measured gaps documented in docs/models.md (float32, tiny model): each MoE layer
     differs from the MLP by tens of percent at initialisation."""
-    dense = _dense()
-    x = _images()
+    dense = _dense(device=device)
+    x = _images(device=device)
     for moe_type in ("soft", "tc", "ec"):
         gap = upcycling_gap(dense, upcycle(dense, moe_type, 8), x)
         assert sorted(gap["layers"]) == [2, 3]
@@ -152,10 +159,10 @@ def test_default_upcycling_is_far_from_dense():
         assert gap["features"][1] > 0.05, (moe_type, gap)
 
 
-def test_upcycled_model_trains_and_keeps_mlps():
-    dense = _dense()
+def test_upcycled_model_trains_and_keeps_mlps(device):
+    dense = _dense(device=device)
     moe = upcycle(dense, "soft", 4).train()
-    loss = moe(_images()).square().mean()
+    loss = moe(_images(device=device)).square().mean()
     loss.backward()
     assert moe.blocks[3].mlp.router.phi.grad is not None and moe.blocks[3].mlp.experts.w1.grad.abs().sum() > 0
     assert isinstance(moe.blocks[0].mlp, Mlp)

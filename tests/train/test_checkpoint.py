@@ -1,6 +1,11 @@
 """Checkpoints: atomic layout, retention, loading; and the crash test: a run killed with
 SIGKILL after a checkpoint and resumed ends with bitwise the same weights as an
-uninterrupted run."""
+uninterrupted run.
+
+The checkpoint layout tests (files, retention, torn writes) compute nothing and are `cpu_only`
+(the trainer tests save and load checkpoints on the device under test); the RNG round trip
+covers the `device` under test's generator too (tests/conftest.py); the crash test runs
+`softmoe train` subprocesses (`cpu_only`)."""
 import json
 import os
 import pickle
@@ -17,11 +22,16 @@ from softmoe.train.checkpoint import (checkpoint_dir, latest_checkpoint, list_ch
                                       load_train_state, rng_state, save_checkpoint, set_rng_state)
 
 
+# Checkpoint files and directories only: nothing to compute on a device.
+FILE_FORMAT = pytest.mark.cpu_only
+
+
 def small_model():
     return create_model("soft_moe_micro", img_size=8, patch_size=4, in_chans=1, num_classes=10, depth=2,
                         embed_dim=32, num_heads=2, mlp_dim=64, num_experts=4)
 
 
+@FILE_FORMAT
 def test_save_load_and_retention(tmp_path):
     model = small_model()
     cfg = {"model": "soft_moe_micro", "data": "digits"}
@@ -43,6 +53,7 @@ def test_save_load_and_retention(tmp_path):
         load_model(tmp_path / "missing")
 
 
+@FILE_FORMAT
 def test_incomplete_and_temporary_directories_are_ignored(tmp_path):
     model = small_model()
     save_checkpoint(tmp_path, 5, model, {"step": 5}, {}, keep=3)
@@ -59,6 +70,7 @@ def test_incomplete_and_temporary_directories_are_ignored(tmp_path):
     assert load_train_state(checkpoint_dir(tmp_path, 6))["step"] == 66
 
 
+@FILE_FORMAT
 def test_failed_write_leaves_no_checkpoint(tmp_path):
     class Unsaveable:
         pass
@@ -70,22 +82,24 @@ def test_failed_write_leaves_no_checkpoint(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir()]
 
 
-def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+def test_rng_state_round_trip_through_weights_only_load(tmp_path, device):
     import random
 
     import numpy as np
 
-    torch.manual_seed(3)
+    torch.rand(1, device=device)  # the device's default generator is in use (CUDA initialised)
+    torch.manual_seed(3)  # seeds the CPU and the CUDA generators
     np.random.seed(3)
     random.seed(3)
     np.random.randn()  # leaves a cached gaussian in numpy's state
     state = rng_state()
     torch.save(state, tmp_path / "rng.pt")
-    expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), torch.rand(3, device=device))
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn(), torch.rand(3, device=device))
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2] == again[2] and expected[3] == again[3]
+    assert torch.equal(expected[4], again[4])  # the device's stream (on the CPU: the same one again)
 
 
 CRASH_CONFIG = """

@@ -1,4 +1,6 @@
-"""TrainConfig: --set parsing, errors with suggestions, config files (including the paper recipe)."""
+"""TrainConfig: --set parsing, errors with suggestions, config files (including the paper recipe).
+
+Pure configuration: no tensor is created, so these run unchanged under any SOFTMOE_TEST_DEVICE."""
 import json
 from pathlib import Path
 

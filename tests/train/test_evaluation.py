@@ -1,7 +1,11 @@
 """The trainer's evaluation (softmoe/train/evaluation.py) in one process: the batch plan every
 rank follows, padding that changes no real example's result, and the numbers against a
 per-batch reference. The sharded runs (2 and 3 gloo processes) are in
-tests/distributed/test_noise_and_eval.py."""
+tests/distributed/test_noise_and_eval.py.
+
+Device-agnostic (tests/conftest.py): the model and `evaluate` on the `device` under test (the
+datasets stay on the CPU; `evaluate` moves each batch), the references computed there too;
+the batch plan is integer arithmetic."""
 from __future__ import annotations
 
 import contextlib
@@ -54,18 +58,18 @@ def random_set(n: int, seed: int = 0) -> ImageDataset:
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_evaluate_equals_the_unpadded_per_batch_reference(kind):
+def test_evaluate_equals_the_unpadded_per_batch_reference(kind, device):
     """37 examples in batches of 8 (the last one, of 5, padded): accuracy exactly the reference's
     count, loss the float64 mean of the per-example losses (1e-6: padding changes a batch's
     shape, which may move a float32 logit by rounding), the batch-mean loss the trainer's."""
-    model, ds = tiny_model(), random_set(37)
-    got = evaluate(model, ds, 8, 8, torch.device("cpu"), contextlib.nullcontext, kind)
+    model, ds = tiny_model().to(device), random_set(37)
+    got = evaluate(model, ds, 8, 8, device, contextlib.nullcontext, kind)
     assert model.training  # the mode is restored
     correct, losses = 0, []
     with torch.no_grad():
         model.eval()
         for i in range(0, 37, 8):
-            x, y = to_model_input(ds.images[i:i + 8], 8), ds.labels[i:i + 8]
+            x, y = to_model_input(ds.images[i:i + 8].to(device), 8), ds.labels[i:i + 8].to(device)
             logits = model(x)
             correct += int((logits.argmax(-1) == y).sum())
             per = per_example_loss(logits, y, kind)
@@ -76,32 +80,34 @@ def test_evaluate_equals_the_unpadded_per_batch_reference(kind):
     assert got["test_loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-6)
 
 
-def test_padding_changes_no_real_example():
+def test_padding_changes_no_real_example(device):
     """A batch padded with zero images gives its real examples the numbers they get alone
     (Soft MoE routes each image by itself): so a sharded run's padding is invisible."""
-    model, ds = tiny_model().eval(), random_set(13)
+    model, ds = tiny_model().eval().to(device), random_set(13)
+    images = ds.images.to(device)
     with torch.no_grad():
-        alone = model(to_model_input(ds.images[8:13], 8))
-        padded = model(to_model_input(torch.cat([ds.images[8:13], ds.images.new_zeros(3, 1, 8, 8)]), 8))[:5]
+        alone = model(to_model_input(images[8:13], 8))
+        padded = model(to_model_input(torch.cat([images[8:13], images.new_zeros(3, 1, 8, 8)]), 8))[:5]
     assert (alone - padded).abs().max().item() < 1e-6
 
 
-def test_groups_of_sequences_stay_the_single_process_groups():
+def test_groups_of_sequences_stay_the_single_process_groups(device):
     """Tokens Choice with group_size 2: batches start at multiples of the batch size, so the
     groups are those of one process reading the set in order (the padded last batch of 4 real
     examples only adds groups of its own)."""
-    model = tiny_model(type="tc", group_size=2)
+    model = tiny_model(type="tc", group_size=2).to(device)
     ds = random_set(12)
-    got = evaluate(model, ds, 8, 8, torch.device("cpu"), contextlib.nullcontext)
+    got = evaluate(model, ds, 8, 8, device, contextlib.nullcontext)
+    images, labels = ds.images.to(device), ds.labels.to(device)
     with torch.no_grad():
         model.eval()
-        logits = torch.cat([model(to_model_input(ds.images[i:i + 8], 8)) for i in (0, 8)])
-    assert got["test_accuracy"] == (logits.argmax(-1) == ds.labels).double().mean().item()
-    assert got["test_loss"] == pytest.approx(F.cross_entropy(logits.double(), ds.labels).item(), rel=1e-6)
+        logits = torch.cat([model(to_model_input(images[i:i + 8], 8)) for i in (0, 8)])
+    assert got["test_accuracy"] == (logits.argmax(-1) == labels).double().mean().item()
+    assert got["test_loss"] == pytest.approx(F.cross_entropy(logits.double(), labels).item(), rel=1e-6)
 
 
-def test_empty_split_is_an_error():
+def test_empty_split_is_an_error(device):
     ds = random_set(1)
     ds.images, ds.labels = ds.images[:0], ds.labels[:0]
     with pytest.raises(ValueError, match="cannot evaluate an empty split"):
-        evaluate(tiny_model(), ds, 8, 8, torch.device("cpu"), contextlib.nullcontext)
+        evaluate(tiny_model().to(device), ds, 8, 8, device, contextlib.nullcontext)

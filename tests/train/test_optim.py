@@ -1,5 +1,9 @@
 """The paper's optimiser rules: weight-decay groups, decoupled decay scaled by the learning
-rate, and the schedules, checked against formulas written out in float64."""
+rate, and the schedules, checked against formulas written out in float64.
+
+The optimiser steps are device-agnostic (tests/conftest.py): parameters and gradients on the
+`device` under test, the float64 formulas computed there at the same 1e-12; the parameter
+groups and the schedules compute nothing."""
 import math
 
 import pytest
@@ -35,18 +39,18 @@ def test_param_groups_follow_the_paper():
     assert "head" not in merged and "head.weight" in merged["decay"]
 
 
-def test_adamw_decay_is_scaled_by_the_learning_rate():
+def test_adamw_decay_is_scaled_by_the_learning_rate(device, generator):
     """One step of build_optimizer's AdamW equals p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
     (big_vision's decoupled decay), computed here in float64."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2).double()
+    model = torch.nn.Linear(3, 2).double().to(device)
     cfg = TrainConfig(steps=1, lr=0.1, weight_decay=0.5, beta1=0.9, beta2=0.999, eps=1e-8)
     opt = build_optimizer(model, cfg)
     w0 = model.weight.detach().clone()
     b0 = model.bias.detach().clone()
-    g = torch.randn(2, 3, dtype=torch.float64)
+    g = torch.randn(2, 3, dtype=torch.float64, generator=generator, device=device)
     model.weight.grad = g.clone()
-    model.bias.grad = torch.ones(2, dtype=torch.float64)
+    model.bias.grad = torch.ones(2, dtype=torch.float64, device=device)
     opt.step()
     m_hat = g  # (1 - b1) g / (1 - b1)
     v_hat = g * g
@@ -56,8 +60,8 @@ def test_adamw_decay_is_scaled_by_the_learning_rate():
     assert torch.allclose(model.bias.detach(), b0 - 0.1 * (1 / (1 + 1e-8)), rtol=0, atol=1e-12)
 
 
-def test_adam_option_is_coupled_l2():
-    model = torch.nn.Linear(2, 1, bias=False).double()
+def test_adam_option_is_coupled_l2(device):
+    model = torch.nn.Linear(2, 1, bias=False).double().to(device)
     opt = build_optimizer(model, TrainConfig(steps=1, optimizer="adam", lr=0.1, weight_decay=0.5))
     w0 = model.weight.detach().clone()
     model.weight.grad = torch.zeros_like(w0)
