@@ -1,6 +1,7 @@
 """Activation checkpointing and torch.compile of a model's transformer blocks, applied from
 outside the model, before FSDP wrapping (torchtitan's apply_ac / apply_compile; docs/design.md
-§6.1, docs/distributed.md "Gradient accumulation, activation checkpointing, compile"):
+§6.1 says why "selective" is split where it is, docs/distributed.md "Gradient accumulation,
+activation checkpointing, compile" what is tested):
 
     with torch.device("meta"):
         model = create_model(...)

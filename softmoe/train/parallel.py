@@ -1,5 +1,6 @@
 """`softmoe train` under torchrun: expert x data parallelism for the trainer (docs/distributed.md,
-docs/design.md §6). The trainer calls these few hooks; a run without torchrun never reaches them.
+docs/design.md §6). The trainer calls these few hooks; a run without torchrun reaches only
+setup_parallel, micro_batches and gradient_sync (a no-op for it).
 
     setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
     parallelize      on the meta model: experts sharded over "ep" (DTensors), then FSDP2 or DDP

@@ -1,7 +1,8 @@
 """The training loop: `train(cfg)` runs a TrainConfig in a work directory and resumes it exactly.
 
     _setup_run    data, config checks, model, optimizer, loader; restore the newest checkpoint
-    _train_loop   per step: _train_step (forward, backward, clip, update: no host sync), the
+    _train_loop   per step: _train_step (forward and backward of each micro-batch, clip, update: no
+                  host sync), the
                   running totals (_Tally) and the NaN/Inf watch (_DivergenceGuard) on the device;
                   the host reads them only to write a record (log, routing metrics), evaluate
                   or checkpoint
@@ -347,7 +348,8 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {f'{len(val_ds)} val / ' if val_ds is not None else ''}"
         f"{len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
-        f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
+        f"for {total} steps of {cfg.batch_size}{f' in {k} micro-batches' if k > 1 else ''} on {device}"
+        f"{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
     return run
 
 

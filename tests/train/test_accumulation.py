@@ -28,7 +28,8 @@ DENSE = {k: v for k, v in TINY_MODEL.items() if k != "moe"}
 MODELS = {"soft_moe_micro": ModelConfig("soft_moe_micro", dict(TINY_MODEL)),
           "vit_micro": ModelConfig("vit_micro", dict(DENSE)),
           # noisy Tokens Choice (the sparse gates' default noise_std 1.0), routing groups of 2 sequences
-          "tc_noisy": ModelConfig("tc_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 4, "group_size": 2}})}
+          "tc_noisy": ModelConfig("tc_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 4, "group_size": 2}}),
+          "ec_noisy": ModelConfig("ec_moe_micro", {**TINY_MODEL, "moe": {"num_experts": 4, "group_size": 2}})}
 # float32, 2 AdamW steps: the micro-batches change only the order of the float32 sums (a mean of
 # 2 or 4 micro-batch means instead of one mean over 32 rows, gradients accumulated in .grad), so
 # gradients and weights agree to a few float32 ulps of their size (measured up to ~3e-8 on the
@@ -72,7 +73,7 @@ def references(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["soft_moe_micro", "vit_micro", "tc_noisy"])
+@pytest.mark.parametrize("name", ["soft_moe_micro", "vit_micro", "tc_noisy", "ec_noisy"])
 @pytest.mark.parametrize("micro", [32, 16, 8])  # k = 1, 2, 4
 def test_accumulation_equals_one_step_on_the_global_batch(references, tmp_path, name, micro):
     ref_grads, ref_weights, ref_out = references(name)
