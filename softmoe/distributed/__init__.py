@@ -20,7 +20,7 @@ from .expert_parallel import all_to_all, expert_offset, is_sharded, local, local
 from .fsdp import apply_fsdp, clip_grad_norm_, is_fsdp, sync_ignored_gradients
 from .init import init_weights, materialize, param_key
 from .mesh import Mesh, init_mesh, init_process_group, shard_batch
-from .noise import GlobalRowNoise, key_noise_by_global_rows
+from .noise import GlobalRowNoise, MicroBatchNoise, key_noise_by_global_rows, select_micro_batch
 from .parallelize import (broadcast_parameters, expert_parameters, ignored_params, mesh_of, parallelize,
                           replicated_parameters, sync_gradients)
 
@@ -30,4 +30,5 @@ __all__ = ["init_process_group", "init_mesh", "Mesh", "shard_batch", "paralleliz
            "sync_ignored_gradients", "sync_gradients", "broadcast_parameters", "expert_parameters",
            "replicated_parameters", "ignored_params", "mesh_of", "save_checkpoint", "load_checkpoint",
            "load_full_state_dict", "shard_optimizer_state",
-           "init_weights", "materialize", "param_key", "key_noise_by_global_rows", "GlobalRowNoise"]
+           "init_weights", "materialize", "param_key", "key_noise_by_global_rows", "GlobalRowNoise",
+           "MicroBatchNoise", "select_micro_batch"]

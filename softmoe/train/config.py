@@ -126,6 +126,16 @@ class TrainConfig:
     # experts sharded over ep only, replicated over dp: less communication, more memory)
     data_parallel: str = _resumable("fsdp")
     dist_timeout_s: float = _resumable(300.0)  # a collective waiting longer (a dead rank) raises
+    # memory and speed of the step (docs/distributed.md "Gradient accumulation, activation
+    # checkpointing, compile"); resumable: the same math, a resume with other values is not bitwise
+    # gradient accumulation: each rank's batch_size / world rows run as micro-batches of this many
+    # rows, one clip and update per step; 0: no accumulation. The step's gradient is that of the
+    # whole global batch.
+    micro_batch_size: int = _resumable(0)
+    # "none", "full" (every transformer block recomputed in the backward) or "selective" (the
+    # blocks' attention and LayerNorms recomputed, the MLP / MoE layers' activations saved)
+    activation_checkpoint: str = _resumable("none")
+    compile: bool = _resumable(False)  # torch.compile every transformer block (not the whole model)
     checkpoint_timeout_s: float = _resumable(1800.0)  # the collectives around checkpoint I/O (slow disks)
     # logging, evaluation, checkpoints (resumable: they change what is logged or saved, never the weights)
     log_every: int = _resumable(10)
@@ -170,7 +180,7 @@ class TrainConfig:
         choice = {"augment": ("inception_crop", "crop_flip", "none"), "optimizer": ("adamw", "adam"),
                   "schedule": ("rsqrt", "cosine", "constant"), "loss": ("softmax", "sigmoid"),
                   "test_split": ("test", "val"), "task": ("classify", "lm"),
-                  "data_parallel": ("fsdp", "ddp")}
+                  "data_parallel": ("fsdp", "ddp"), "activation_checkpoint": ("none", "full", "selective")}
         for key, allowed in choice.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -190,6 +200,7 @@ class TrainConfig:
             v = getattr(self, key)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite number >= 0, got {v}")
+        self._check_step_options()
         if self.seed >= 2**63:
             raise ValueError(f"seed must be < 2**63, got {self.seed}")
         if self.num_threads > 4 * (os.cpu_count() or 1):  # more only slows down, 100000 aborts torch
@@ -221,6 +232,18 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
+
+    def _check_step_options(self) -> None:
+        """micro_batch_size, activation_checkpoint, compile: the vision trainer's only."""
+        m = self.micro_batch_size
+        if m < 0:
+            raise ValueError(f"micro_batch_size must be >= 0 (0: no gradient accumulation), got {m}")
+        if m and self.batch_size % m:
+            raise ValueError(f"micro_batch_size={m} must divide batch_size={self.batch_size} (each rank runs its "
+                             f"batch_size / world rows as micro-batches of micro_batch_size rows)")
+        if self.task == "lm" and (m or self.activation_checkpoint != "none" or self.compile):
+            raise ValueError("micro_batch_size, activation_checkpoint and compile apply to task='classify' only; "
+                             "leave them at 0, 'none' and false for task='lm'")
 
 
 def resumable_fields() -> set[str]:

@@ -1,9 +1,12 @@
 """`softmoe train` under torchrun: expert x data parallelism for the trainer (docs/distributed.md,
-docs/design.md §6). The trainer calls these few hooks; a run without torchrun never reaches them.
+docs/design.md §6). The trainer calls these few hooks; a run without torchrun reaches only
+setup_parallel, micro_batches and gradient_sync (a no-op for it).
 
     setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
     parallelize      on the meta model: experts sharded over "ep" (DTensors), then FSDP2 or DDP
     rows             this rank's rows of the global batch the single-process run would draw
+    micro_batches    how many micro-batches of micro_batch_size each rank's rows make (accumulation)
+    gradient_sync    around a micro-batch: no gradient reduction but on the step's last micro-batch
     finish_step      gradients of the global batch, the EP-aware clip, the update; logged values global
     save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads
 
@@ -15,6 +18,7 @@ Checkpoint of a parallel run (checkpoints/step_N/, renamed into place by rank 0 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -34,13 +38,15 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s: float | None = None):
+def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s: float | None = None,
+                   micro_batch_size: int = 0):
     """The mesh of this torchrun rank, or None for a plain single-process run (ep_size 1, no
     WORLD_SIZE). ValueError for an inconsistent launch, before any process group exists."""
     if not launched():
         if ep_size != 1:
             raise ValueError(f"ep_size={ep_size} needs ep_size processes or a multiple: launch with "
                              f"torchrun --nproc-per-node N -m softmoe train ... (WORLD_SIZE is not set)")
+        micro_batches(micro_batch_size, batch_size, 1)
         return None
     world = int(os.environ["WORLD_SIZE"])
     if world % ep_size:
@@ -48,6 +54,7 @@ def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}: each rank takes "
                          f"batch_size / world of the same global batch")
+    micro_batches(micro_batch_size, batch_size, world)
     if world == 1:
         return None
     if not dist.is_initialized():
@@ -115,6 +122,36 @@ def rows(mesh, batch_size: int) -> tuple[int, int] | None:
         return None
     b = batch_size // mesh.world_size
     return mesh.rank * b, (mesh.rank + 1) * b
+
+
+def micro_batches(micro_batch_size: int, batch_size: int, world: int) -> int:
+    """k: each rank's batch_size / world rows run as k micro-batches of micro_batch_size rows
+    (0: one, no accumulation). ValueError naming micro_batch_size when it does not divide them."""
+    local = batch_size // world
+    if not micro_batch_size:
+        return 1
+    if micro_batch_size > local or local % micro_batch_size:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must divide each rank's batch of batch_size / world = "
+                         f"{batch_size} / {world} = {local} rows (0: no gradient accumulation)")
+    return local // micro_batch_size
+
+
+@contextlib.contextmanager
+def gradient_sync(run, enabled: bool):
+    """Around one micro-batch's forward and backward: `enabled` False (every micro-batch but a
+    step's last) keeps the gradients local, accumulating: FSDP2 skips its reduce-scatter
+    (`set_requires_gradient_sync(False)` on the root, recursively: blocks and experts), DDP its
+    all-reduce (`no_sync()`). The last micro-batch's backward reduces the accumulated sum."""
+    if run.mesh is None:
+        yield
+    elif smd.is_fsdp(run.model):
+        run.model.set_requires_gradient_sync(enabled)
+        yield
+    elif run.ddp is not None and not enabled:
+        with run.ddp.no_sync():
+            yield
+    else:
+        yield
 
 
 def num_params(model: nn.Module) -> int:
@@ -190,10 +227,11 @@ def load_any(checkpoint: Path, model: nn.Module, optimizer, train_state: dict, m
     optimizer.load_state_dict(smd.shard_optimizer_state(model, optimizer, train_state["optimizer"]))
 
 
-def finish_step(run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, aux, max_norm: float, result):
-    """After this rank's backward: the gradients of the global batch (FSDP2 reduce-scattered
-    them, but for the 0-dim ones; DDP averaged the replicated ones, the expert shards are summed
-    over their dp group here), clip by the global norm, update; the returned `result`
+def finish_step(run, loss: torch.Tensor, correct: torch.Tensor, rows: int, aux, max_norm: float, result):
+    """After this rank's (last micro-batch's) backward: the gradients of the global batch
+    (FSDP2 reduce-scattered them, but for the 0-dim ones; DDP averaged the replicated ones, the
+    expert shards are summed over their dp group here), clip by the global norm, update. `loss`,
+    `correct`, `aux`: this rank's values over its `rows` rows; the returned `result`
     (trainer._StepResult) holds global-batch values."""
     if smd.is_fsdp(run.model):
         smd.sync_ignored_gradients(run.model)
@@ -201,8 +239,7 @@ def finish_step(run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, 
         smd.sync_gradients(run.model, replicated=run.ddp is None)
     grad_norm = smd.clip_grad_norm_(run.params, max_norm)
     run.optimizer.step()
-    correct = reduce_sum((logits.detach().argmax(-1) == y).sum())
-    return result(reduce_mean(loss), grad_norm.detach(), correct, len(y) * run.mesh.world_size,
+    return result(reduce_mean(loss), grad_norm.detach(), reduce_sum(correct), rows * run.mesh.world_size,
                   None if aux is None else reduce_mean(aux))
 
 

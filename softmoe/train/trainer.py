@@ -1,7 +1,8 @@
 """The training loop: `train(cfg)` runs a TrainConfig in a work directory and resumes it exactly.
 
     _setup_run    data, config checks, model, optimizer, loader; restore the newest checkpoint
-    _train_loop   per step: _train_step (forward, backward, clip, update: no host sync), the
+    _train_loop   per step: _train_step (forward and backward of each micro-batch, clip, update: no
+                  host sync), the
                   running totals (_Tally) and the NaN/Inf watch (_DivergenceGuard) on the device;
                   the host reads them only to write a record (log, routing metrics), evaluate
                   or checkpoint
@@ -40,6 +41,7 @@ from softmoe.layers import (collect_aux_loss, collect_metrics, moe_layers, recor
 from . import checkpoint as ckpt_mod
 from . import logs
 from . import parallel
+from .blocks import apply_activation_checkpointing, compile_blocks
 from .config import TrainConfig, resumable_fields
 from .evaluation import evaluate
 from .memory import PeakMemory
@@ -226,6 +228,7 @@ class _Run:
     moe: list = dataclasses.field(default_factory=list)  # the model's MoE layers
     mesh: object = None  # softmoe.distributed.Mesh under torchrun (world > 1), else None
     ddp: object = None  # the DDP module forward runs through (data_parallel "ddp"), else None
+    micro_batches: int = 1  # k: each rank's rows run as k micro-batches (cfg.micro_batch_size)
 
     @property
     def is_main(self) -> bool:
@@ -284,7 +287,9 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
 
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
-    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s, cfg.checkpoint_timeout_s)
+    mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s, cfg.checkpoint_timeout_s,
+                                   cfg.micro_batch_size)
+    k = parallel.micro_batches(cfg.micro_batch_size, cfg.batch_size, 1 if mesh is None else mesh.world_size)
     if mesh is not None and mesh.rank != 0:
         log = _quiet
     device = resolve_device(cfg.device)
@@ -320,11 +325,17 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     random.seed(cfg.seed)
     with torch.device("meta"):  # no rank (nor a single process) ever holds more than its own shards
         model = cfg.model.build()
+    _check_micro_batch(model, cfg.batch_size // k // (1 if mesh is None else mesh.world_size), k)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint)  # from outside, before FSDP (blocks.py)
+    if cfg.compile:
+        compile_blocks(model)
     if mesh is not None:  # experts as DTensors over "ep", then FSDP2 (or DDP below); still on meta
         parallel.parallelize(model, mesh, cfg.data_parallel)
     smd.materialize(model, device, cfg.seed)  # local shards only; keyed init: the same numbers at every layout
-    if mesh is not None:  # router noise: each rank draws one process's noise for its rows (docs/distributed.md)
-        smd.key_noise_by_global_rows(model, parallel.rows(mesh, cfg.batch_size), cfg.batch_size)
+    if mesh is not None or k > 1 or cfg.compile:  # router noise: one process's draw for each (micro-)batch's rows,
+        # eager under torch.compile (inductor's RNG would draw other numbers than eager torch.randn)
+        rows = parallel.rows(mesh, cfg.batch_size) or (0, cfg.batch_size)
+        smd.key_noise_by_global_rows(model, rows, cfg.batch_size, micro_batches=k)
     model.train()
     set_buffer_reuse(model, cfg.reuse_buffers)
     ddp = parallel.ddp_wrapper(model, cfg.data_parallel) if mesh is not None else None
@@ -333,7 +344,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
                val_ds=val_ds, model=model, optimizer=build_optimizer(model, cfg),
                loader=_train_batches(cfg, train_ds, device), schedule=schedule, total=total,
                steps_per_epoch=steps_per_epoch, params=[p for p in model.parameters() if p.requires_grad],
-               moe=[m for _, m in moe_layers(model)], mesh=mesh, ddp=ddp)
+               moe=[m for _, m in moe_layers(model)], mesh=mesh, ddp=ddp, micro_batches=k)
     if latest is not None:
         _restore(run, latest, log)
     if run.is_main:
@@ -343,8 +354,22 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     log(f"training {cfg.model.name} ({num_params / 1e6:.2f}M params, {len(run.moe)} MoE layers) on {cfg.data} "
         f"({len(train_ds)} train / {f'{len(val_ds)} val / ' if val_ds is not None else ''}"
         f"{len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
-        f"for {total} steps of {cfg.batch_size} on {device}{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
+        f"for {total} steps of {cfg.batch_size}{f' in {k} micro-batches' if k > 1 else ''} on {device}"
+        f"{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
     return run
+
+
+def _check_micro_batch(model: nn.Module, micro_rows: int, k: int) -> None:
+    """With accumulation (k > 1), every Tokens/Experts Choice layer's group_size must divide the
+    micro-batch: its routing groups (capacity, aux loss) are then those of one process without
+    accumulation. ValueError naming micro_batch_size and the layer."""
+    if k == 1:
+        return
+    for name, layer in moe_layers(model):
+        G = getattr(layer, "group_size", 1)
+        if micro_rows % G:
+            raise ValueError(f"micro_batch_size={micro_rows} must be a multiple of {name}'s group_size={G}: a routing "
+                             f"group of {G} sequences must not straddle two micro-batches")
 
 
 def _lock_workdir(workdir: Path, mesh, held: contextlib.ExitStack) -> None:
@@ -419,11 +444,40 @@ class _StepResult:
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing: bool) -> _StepResult:
     """Forward, backward, clipping and the optimizer update on the batch x (B, C, img, img),
-    y (B,), at learning rate `lr`, without a host sync."""
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    y (B,), at learning rate `lr`, without a host sync. With gradient accumulation
+    (run.micro_batches = k > 1) the batch runs as k consecutive micro-batches of B/k rows whose
+    losses, each divided by k, add up to the gradient of the whole batch's loss (every term is
+    a mean over rows or routing groups: docs/distributed.md); the gradients are reduced over the
+    ranks once, in the last micro-batch's backward; one clip and update. The result holds the
+    whole batch's values (loss and aux: the mean over micro-batches; correct: the sum); routing
+    metrics are the last micro-batch's."""
+    cfg, model, optimizer, k = run.cfg, run.model, run.optimizer, run.micro_batches
     set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    m = len(y) // k
+    parts = []
+    for i in range(k):
+        if k > 1:
+            smd.select_micro_batch(model, i)  # router noise: this micro-batch's rows of the step's draw
+        with parallel.gradient_sync(run, enabled=i == k - 1):
+            parts.append(_forward_backward(run, x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], k,
+                                           routing and i == k - 1))
+    loss, correct, aux = parts[0] if k == 1 else _combine(parts)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    if run.mesh is not None:
+        return parallel.finish_step(run, loss, correct, len(y), aux, max_norm, _StepResult)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    optimizer.step()
+    return _StepResult(loss, grad_norm.detach(), correct, len(y), aux)
+
+
+def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, k: int, routing: bool):
+    """One micro-batch x (m, C, img, img), y (m,): forward, the loss (classification mean over
+    the m rows + aux_loss_weight * aux), backward of loss / k (gradients accumulate). Returns
+    the detached (loss, correct predictions, aux or None) of the micro-batch."""
+    cfg, model = run.cfg, run.model
     with (record_routing(model) if routing else contextlib.nullcontext()), run.autocast():
-        logits = (run.ddp or model)(x)  # (B, num_classes)
+        logits = (run.ddp or model)(x)  # (m, num_classes)
     logits = logits.float()
     loss = classification_loss(logits, y, cfg.loss, cfg.label_smoothing)
     # Logged only for layers that have one (Soft MoE and Experts Choice have none; then
@@ -431,15 +485,17 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, routing:
     aux = collect_aux_loss(model) if any(m.aux_loss is not None for m in run.moe) else None
     if aux is not None:
         loss = loss + cfg.aux_loss_weight * aux
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    if run.mesh is not None:
-        return parallel.finish_step(run, loss, logits, y, aux, max_norm, _StepResult)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
-    optimizer.step()
+    (loss if k == 1 else loss / k).backward()
     correct = (logits.detach().argmax(-1) == y).sum()
-    return _StepResult(loss.detach(), grad_norm.detach(), correct, len(y), None if aux is None else aux.detach())
+    return loss.detach(), correct, None if aux is None else aux.detach()
+
+
+def _combine(parts: list[tuple]) -> tuple:
+    """The whole batch's (loss, correct, aux) of k equal micro-batches' values: the mean of the
+    losses and aux losses (each a mean over its micro-batch's rows or groups), the sum of correct."""
+    losses, corrects, auxes = zip(*parts)
+    aux = None if auxes[0] is None else torch.stack(auxes).mean()
+    return torch.stack(losses).mean(), torch.stack(corrects).sum(), aux
 
 
 # -- the loop -----------------------------------------------------------------------------------

@@ -90,6 +90,35 @@ def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine)
     assert len(lines) == len(set(lines))  # one writer
 
 
+@pytest.mark.parametrize("engine,micro,checkpointing", [("fsdp", 4, "none"), ("fsdp", 2, "selective"),
+                                                        ("ddp", 4, "full")])
+def test_accumulation_and_checkpointing_equal_single_process(single, tmp_path, engine, micro, checkpointing):
+    """At EP=2 on 2 ranks (8 rows each), micro-batches of 4 or 2 rows (k = 2, 4; FSDP2 skips its
+    reduce-scatter, DDP its all-reduce, on all but the last) and activation checkpointing give
+    the single process's weights without accumulation (float reduction order: TOL)."""
+    extra = ["--set", f"data_parallel={engine}", "--set", f"micro_batch_size={micro}",
+             "--set", f"activation_checkpoint={checkpointing}"]
+    ok(train(tmp_path, 6, 2, 2, extra=extra))
+    diff = max_diff(weights(tmp_path, 6), weights(single, 6))
+    assert 0 < diff < TOL, diff
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    want = [r for r in map(json.loads, (single / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["accuracy"] for r in logged] == [r["accuracy"] for r in want]  # the global batch's
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(logged, want, strict=True)) < 1e-6
+
+
+def test_noisy_tokens_choice_with_accumulation_equals_one_process(tmp_path):
+    """Noisy Tokens Choice (noise_std 1.0): 2 ranks at EP=2, micro-batches of 2 rows (k = 4) with
+    full checkpointing: each micro-batch draws its rows of the one-process noise; the weights
+    after 4 steps are those of one process without accumulation."""
+    tc = ["--set", "model=tc_moe_micro"]
+    ok(train(tmp_path / "single", 4, extra=tc))
+    ok(train(tmp_path / "acc", 4, 2, 2, extra=[*tc, "--set", "micro_batch_size=2",
+                                                "--set", "activation_checkpoint=full"]))
+    diff = max_diff(weights(tmp_path / "acc", 4), weights(tmp_path / "single", 4))
+    assert 0 < diff < TOL, diff
+
+
 def rewind(workdir: Path, step: int) -> None:
     """Delete the checkpoints after `step`: the next `softmoe train` resumes at `step`."""
     for d in (workdir / "checkpoints").glob("step_*"):
@@ -204,6 +233,7 @@ def test_sigkill_of_one_rank_stops_the_other_then_resume_is_bitwise(tmp_path):
     ({}, ["ep_size=2"], "WORLD_SIZE is not set"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=2"], "must divide the world size 3"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=1"], "batch_size=16 must be divisible by the world size 3"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["micro_batch_size=16"], "micro_batch_size=16 must divide each rank's batch"),
 ])
 def test_bad_launch_exits_2_before_any_process_group(tmp_path, env, sets, message):
     cmd = [sys.executable, "-m", "softmoe", "train", "--workdir", str(tmp_path / "w"), "--set", "steps=2", *COMMON]

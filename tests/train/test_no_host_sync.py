@@ -68,10 +68,14 @@ class MixedDevices(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("augment", ["crop_flip", "inception_crop"])
-def test_a_training_step_reads_nothing_back(tmp_path, monkeypatch, device, augment):
+@pytest.mark.parametrize("augment,micro,checkpointing", [("crop_flip", 0, "none"), ("inception_crop", 0, "none"),
+                                                        ("crop_flip", 8, "full")])
+def test_a_training_step_reads_nothing_back(tmp_path, monkeypatch, device, augment, micro, checkpointing):
+    """micro 8: gradient accumulation over 4 micro-batches (noise served per micro-batch), with
+    activation checkpointing: still no read."""
     cfg = tiny_config(model=ModelConfig("tc_moe_micro", dict(TINY_MODEL)), augment=augment, device=str(device),
-                      bf16=False, steps=4, checkpoint_every=0)
+                      bf16=False, steps=4, checkpoint_every=0, micro_batch_size=micro,
+                      activation_checkpoint=checkpointing)
     with contextlib.ExitStack() as held:
         run = trainer_mod._setup_run(cfg, tmp_path / "w", None, lambda *a, **k: None, held)
         tally = trainer_mod._Tally(run.device)
