@@ -53,6 +53,7 @@ def train_img_per_s(device: torch.device, model_name: str, batch: int, steps: in
     cfg = TrainConfig(model=ModelConfig(model_name, dict(overrides or {})), data="digits", device=str(device),
                       bf16=bf16, batch_size=batch, img_size=img_size)
     run = types.SimpleNamespace(cfg=cfg, model=model, optimizer=build_optimizer(model, cfg), mesh=None, ddp=None,
+                                micro_batches=1,
                                 params=[p for p in model.parameters() if p.requires_grad],
                                 moe=[m for _, m in moe_layers(model)],
                                 autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
