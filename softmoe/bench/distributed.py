@@ -1,8 +1,8 @@
-"""Expert parallelism: step and communication time per MoE layer at 1, 2, 4 processes, against the all-gather design.
+"""Expert parallelism: one MoE layer, all-to-all vs all-gather, at 1, 2, 4 processes; `--mode fsdp`: FSDP2 train steps.
 
-Launches `--procs` local processes (gloo on CPU, NCCL on GPUs, one thread each on CPU so they
-do not oversubscribe) for each process count, builds one Soft MoE layer at the given shape,
-and times a forward + backward step with
+`--mode layer` (the default) launches `--procs` local processes (gloo on CPU, NCCL on GPUs, one
+thread each on CPU so they do not oversubscribe) for each process count, builds one Soft MoE
+layer at the given shape, and times a forward + backward step with
 
   a2a:    `softmoe.distributed.shard_experts` (two equal-split all-to-alls each way);
   gather: the popular port's design (`AllGatherExperts`): all-gather every rank's slots, run
@@ -12,6 +12,13 @@ and times a forward + backward step with
 Communication time is the same step's time spent in the collectives (measured by timing each
 collective call). Bytes moved per rank and step are computed analytically (docs/distributed.md)
 and checked against the tensors the collectives actually received.
+
+`--mode fsdp` (softmoe/bench/_fsdp_steps.py) builds a Soft MoE ViT (`--model`, `--experts`) on
+the meta device, parallelises it as `softmoe train` does (experts over "ep", FSDP2) at every
+`--layouts` dp x ep (default: every one with dp * ep in `--procs`), and times whole training
+steps of a `--global-batch` (forward, backward, the EP-aware clip, AdamW), one launch per layout:
+step time, host time blocked in collectives, the step's collectives replayed alone, bytes per
+rank by kind (checked equal to the byte model), parameters and peak memory per rank.
 """
 from __future__ import annotations
 
@@ -200,20 +207,38 @@ def _worker(cfg: dict) -> None:
 
 # -- the command -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("layer", "fsdp"), default="layer",
+                        help="layer: one MoE layer, all-to-all vs all-gather (default); fsdp: training steps of a "
+                             "model under EP + FSDP2 as softmoe train runs them")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="process counts (default 1 2 4)")
     parser.add_argument("--dim", type=int, default=64, help="D (default 64)")
     parser.add_argument("--tokens", type=int, default=16, help="N tokens per sequence (default 16)")
-    parser.add_argument("--experts", type=int, default=8,
-                        help="E = slots (P=1); divisible by every --procs (default 8)")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="E: layer mode: slots (P=1), divisible by every --procs (default 8); fsdp mode: "
+                             "experts per MoE layer of --model (default: the model's)")
     parser.add_argument("--hidden", type=int, default=None, help="expert hidden width H (default 4*dim)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per process (default 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (median; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a launch is killed (default 600)")
-    parser.add_argument("--out", default="bench_results", help="output folder for distributed.md / .csv")
+    parser.add_argument("--out", default="bench_results",
+                        help="output folder for distributed.md / .csv (fsdp mode: distributed_fsdp.md / .csv)")
+    fsdp = parser.add_argument_group("--mode fsdp")
+    fsdp.add_argument("--model", default="soft_moe_micro",
+                      help="a Soft MoE ViT of the registry (default soft_moe_micro)")
+    fsdp.add_argument("--layouts", nargs="+", default=None, metavar="DPxEP",
+                      help="layouts to time, e.g. 1x1 2x1 1x2 (default: every dp x ep with dp*ep in --procs and ep "
+                           "dividing the experts)")
+    fsdp.add_argument("--global-batch", type=int, default=16,
+                      help="images per step over all ranks, as softmoe train's batch_size (default 16)")
+    fsdp.add_argument("--seed", type=int, default=0, help="model init and data seed (default 0)")
+    fsdp.add_argument("--json", default=None, metavar="OUT",
+                      help="also write the rows (with per-rank detail) to this JSON file")
 
 
 def _check_args(args) -> None:
+    if args.experts is None:
+        args.experts = 8
     for name in ("dim", "tokens", "experts", "batch", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -250,6 +275,8 @@ def _launch(procs: int, args, tmp: str) -> list[dict]:
 def run(args) -> int:
     from softmoe._tables import write_table
 
+    if args.mode == "fsdp":
+        return run_fsdp(args)
     _check_args(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,5 +308,142 @@ def run(args) -> int:
     return 0
 
 
+# -- --mode fsdp -----------------------------------------------------------------------------------------
+def layouts_for(args) -> list[tuple[int, int]]:
+    """(dp, ep) of every --layouts entry "DPxEP", or by default every dp x ep with dp*ep in --procs
+    and ep dividing `experts`, ordered by world size then ep."""
+    if args.layouts is None:
+        return [(p // ep, ep) for p in args.procs for ep in range(1, p + 1) if p % ep == 0 and
+                args.experts % ep == 0]
+    out = []
+    for text in args.layouts:
+        parts = text.lower().split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+            raise ValueError(f"--layouts takes DPxEP entries such as 2x1 or 1x2 (positive integers), got {text!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def _check_fsdp_args(args):
+    """The checks of --mode fsdp, before any process starts; returns the model overrides."""
+    from softmoe.layers import SoftMoE
+    from softmoe.models import create_model, get_config
+
+    for name in ("global_batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 1:
+        raise ValueError(f"--warmup must be >= 1 in --mode fsdp (the first step runs FSDP's lazy initialisation), "
+                         f"got {args.warmup}")
+    for p in args.procs:
+        if p < 1:
+            raise ValueError(f"--procs must be >= 1, got {p}")
+    if args.experts is not None and args.experts < 1:
+        raise ValueError(f"--experts must be >= 1, got {args.experts}")
+    overrides = {} if args.experts is None else {"moe": {"num_experts": args.experts}}
+    try:
+        vit = get_config(args.model, **overrides)
+    except ValueError as e:
+        raise ValueError(f"--model {args.model!r} / --experts {args.experts}: {e}") from None
+    if getattr(vit, "moe", None) is None or not hasattr(vit, "img_size"):
+        raise ValueError(f"--model must be a Soft MoE ViT of the registry, got {args.model!r} (no MoE layers)")
+    with torch.device("meta"):
+        model = create_model(args.model, **overrides)
+    layers = [m for m in model.modules() if hasattr(m, "experts")]
+    if not all(isinstance(m, SoftMoE) for m in layers):
+        raise ValueError(f"--model must have Soft MoE layers (the byte model covers them), got {args.model!r} with "
+                         f"{sorted({type(m).__name__ for m in layers})}")
+    args.experts = vit.moe.num_experts
+    for dp, ep in layouts_for(args):
+        W = dp * ep
+        if args.experts % ep:
+            raise ValueError(f"--layouts {dp}x{ep}: ep={ep} must divide the {args.experts} experts per layer")
+        if args.global_batch % W:
+            raise ValueError(f"--global-batch {args.global_batch} must be divisible by every layout's dp*ep, got "
+                             f"{dp}x{ep} = {W}")
+        dims = {n: p.shape[1] for m in layers for n, p in m.experts.named_parameters(recurse=False)}
+        if ep > 1 and any(d % dp for d in dims.values()):
+            raise ValueError(f"--layouts {dp}x{ep}: FSDP cuts each expert parameter's dim 1 ({dims}) over dp={dp}; "
+                             f"dp must divide them")
+        if torch.cuda.is_available() and W > torch.cuda.device_count():
+            raise ValueError(f"--layouts {dp}x{ep} needs {W} GPUs, {torch.cuda.device_count()} are visible")
+    if args.json is not None:
+        from softmoe._io import check_output_file
+
+        check_output_file(args.json, "--json")
+    return overrides
+
+
+def _launch_fsdp(dp: int, ep: int, args, overrides: dict, tmp: str) -> dict:
+    """Run one layout's dp*ep worker processes; returns rank 0's row."""
+    world = dp * ep
+    threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // world)
+    result = os.path.join(tmp, f"row-{dp}x{ep}.json")
+    commands, envs = [], []
+    for rank in range(world):
+        cfg = {"mode": "fsdp", "rank": rank, "world": world, "dp": dp, "ep": ep, "threads": threads,
+               "init_method": f"file://{tmp}/store-{dp}x{ep}", "timeout": min(300.0, args.timeout),
+               "model": args.model, "overrides": overrides, "global_batch": args.global_batch, "seed": args.seed,
+               "repeats": args.repeats, "warmup": args.warmup, "result": result}
+        commands.append([sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)])
+        envs.append(dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(rank)))
+    codes = run_processes(commands, envs, timeout_s=args.timeout)
+    if any(codes) or not os.path.exists(result):
+        raise RuntimeError(f"benchmark workers for layout {dp}x{ep} failed (exit codes {codes})")
+    with open(result) as f:
+        return json.load(f)
+
+
+FSDP_COLUMNS = ["layout", "world", "step_ms", "comm_blocking_ms", "comm_alone_ms", "all_to_all_MiB",
+                "all_gather_MiB", "reduce_scatter_MiB", "all_reduce_KiB", "params_per_rank", "peak_mb",
+                "peak_growth_mb", "loss"]
+
+
+def run_fsdp(args) -> int:
+    from softmoe._io import atomic_write_json
+    from softmoe._tables import write_table
+    from softmoe.bench._fsdp_steps import KINDS
+
+    overrides = _check_fsdp_args(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dp, ep in layouts_for(args):
+            rows.append(_launch_fsdp(dp, ep, args, overrides, tmp))
+    for r in rows:
+        wrong = {k: (r[f"{k}_bytes"], r[f"{k}_bytes_model"]) for k in KINDS if r[f"{k}_bytes"] != r[f"{k}_bytes_model"]}
+        if wrong or r["other_calls"] or not r["bytes_equal_across_ranks"]:
+            raise RuntimeError(f"layout {r['layout']}: bytes counted in the collectives differ from the byte model "
+                               f"(counted, model) {wrong}, or {r['other_calls']} unmodelled collective calls, or "
+                               f"ranks differ: {r}")
+        for k in ("all_to_all", "all_gather", "reduce_scatter"):
+            r[f"{k}_MiB"] = r[f"{k}_bytes"] / 2 ** 20
+        r["all_reduce_KiB"] = r["all_reduce_bytes"] / 2 ** 10
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    notes = [f"{args.model}{f' with {args.experts} experts' if overrides else ''}, global batch {args.global_batch} "
+             f"split over dp*ep ranks, float32; softmoe train's step (forward, backward, EP-aware clip, AdamW); "
+             f"median of {args.repeats} steps after {args.warmup}, slowest rank",
+             f"backend {backend}, {os.cpu_count()} CPU cores; processes x threads never exceed the cores when possible",
+             "comm_blocking_ms: host time inside the step's collective calls (gloo: the calls block, so this is the "
+             "communication the step waited for, skew included; NCCL: launch time only, the transfers overlap "
+             "compute); comm_alone_ms: the same collectives replayed back to back without compute",
+             "bytes: received by one rank per step, by kind, equal to the byte model (docs/distributed.md)",
+             "params_per_rank: elements this rank holds (FSDP shards, padding excluded); peak_mb: "
+             f"{rows[0]['memory_kind'] if rows else ''} high-water per rank (max), peak_growth_mb: above its start"]
+    md, csv_path = write_table(args.out, "distributed_fsdp", FSDP_COLUMNS, rows,
+                               "FSDP2 + expert parallelism: training steps per layout", notes)
+    if args.json is not None:
+        atomic_write_json(args.json, {"command": "bench distributed --mode fsdp", "notes": notes, "rows": rows})
+    with open(md) as f:
+        print(f.read())
+    print(f"wrote {md} and {csv_path}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    _cfg = json.loads(sys.argv[1])
+    if _cfg.get("mode") == "fsdp":
+        from softmoe.bench._fsdp_steps import worker
+
+        worker(_cfg)
+    else:
+        _worker(_cfg)
