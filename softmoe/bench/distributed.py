@@ -254,20 +254,23 @@ def _check_args(args) -> None:
 
 
 def _launch(procs: int, args, tmp: str) -> list[dict]:
-    """Run `procs` worker processes (this file as a script) and return rank 0's rows."""
+    """Run `procs` worker processes and return rank 0's rows."""
     threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // procs)
     result = os.path.join(tmp, f"rows-{procs}.json")
-    commands, envs = [], []
-    for rank in range(procs):
-        cfg = {"rank": rank, "world": procs, "init_method": f"file://{tmp}/store-{procs}", "threads": threads,
-               "batch": args.batch, "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
-               "hidden": args.hidden or 4 * args.dim, "repeats": args.repeats, "warmup": args.warmup,
-               "result": result}
-        commands.append([sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)])
-        envs.append(dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(rank)))
-    codes = run_processes(commands, envs, timeout_s=args.timeout)
+    cfgs = [{"rank": rank, "world": procs, "init_method": f"file://{tmp}/store-{procs}", "threads": threads,
+             "batch": args.batch, "tokens": args.tokens, "dim": args.dim, "experts": args.experts,
+             "hidden": args.hidden or 4 * args.dim, "repeats": args.repeats, "warmup": args.warmup,
+             "result": result} for rank in range(procs)]
+    return _run_workers(cfgs, threads, args.timeout, result, f"{procs} processes")
+
+
+def _run_workers(cfgs: list[dict], threads: int, timeout_s: float, result: str, what: str):
+    """Run one worker process (this file as a script) per rank config; returns what rank 0 wrote to `result`."""
+    commands = [[sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)] for cfg in cfgs]
+    envs = [dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(cfg["rank"])) for cfg in cfgs]
+    codes = run_processes(commands, envs, timeout_s=timeout_s)
     if any(codes) or not os.path.exists(result):
-        raise RuntimeError(f"benchmark workers for {procs} processes failed (exit codes {codes})")
+        raise RuntimeError(f"benchmark workers for {what} failed (exit codes {codes})")
     with open(result) as f:
         return json.load(f)
 
@@ -379,19 +382,11 @@ def _launch_fsdp(dp: int, ep: int, args, overrides: dict, tmp: str) -> dict:
     world = dp * ep
     threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // world)
     result = os.path.join(tmp, f"row-{dp}x{ep}.json")
-    commands, envs = [], []
-    for rank in range(world):
-        cfg = {"mode": "fsdp", "rank": rank, "world": world, "dp": dp, "ep": ep, "threads": threads,
-               "init_method": f"file://{tmp}/store-{dp}x{ep}", "timeout": min(300.0, args.timeout),
-               "model": args.model, "overrides": overrides, "global_batch": args.global_batch, "seed": args.seed,
-               "repeats": args.repeats, "warmup": args.warmup, "result": result}
-        commands.append([sys.executable, "-m", "softmoe.bench.distributed", json.dumps(cfg)])
-        envs.append(dict(os.environ, OMP_NUM_THREADS=str(threads), LOCAL_RANK=str(rank)))
-    codes = run_processes(commands, envs, timeout_s=args.timeout)
-    if any(codes) or not os.path.exists(result):
-        raise RuntimeError(f"benchmark workers for layout {dp}x{ep} failed (exit codes {codes})")
-    with open(result) as f:
-        return json.load(f)
+    cfgs = [{"mode": "fsdp", "rank": rank, "world": world, "dp": dp, "ep": ep, "threads": threads,
+             "init_method": f"file://{tmp}/store-{dp}x{ep}", "timeout": min(300.0, args.timeout),
+             "model": args.model, "overrides": overrides, "global_batch": args.global_batch, "seed": args.seed,
+             "repeats": args.repeats, "warmup": args.warmup, "result": result} for rank in range(world)]
+    return _run_workers(cfgs, threads, args.timeout, result, f"layout {dp}x{ep}")
 
 
 FSDP_COLUMNS = ["layout", "world", "step_ms", "comm_blocking_ms", "comm_alone_ms", "all_to_all_MiB",
