@@ -145,15 +145,22 @@ def _completed_at(path: Path, run: Run) -> dict | None:
         rec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("config") == run.config:
+    if _what_is_trained(rec.get("config")) == _what_is_trained(run.config):
         return rec
     try:  # a record written by an older release: compare the configs as this release reads them
         from softmoe.train import TrainConfig
 
-        same = TrainConfig.from_dict(rec["config"]).to_dict() == TrainConfig.from_dict(run.config).to_dict()
+        same = (_what_is_trained(TrainConfig.from_dict(rec["config"]).to_dict())
+                == _what_is_trained(TrainConfig.from_dict(run.config).to_dict()))
     except (KeyError, TypeError, ValueError):
         return None
     return rec if same else None
+
+
+def _what_is_trained(config) -> dict | None:
+    """A run config without its work directory: where a run was trained (another --out, another
+    machine) does not change what was trained, so a committed record serves any --out."""
+    return {k: v for k, v in config.items() if k != "workdir"} if isinstance(config, dict) else None
 
 
 def train_run(run: Run):

@@ -279,3 +279,15 @@ def test_records_dir_resumes_on_a_new_machine(tmp_path):
     assert any("2 of 2 runs already complete" in line for line in lines)
     assert rep2["models"][1]["vs_dense"] == soft["vs_dense"]
     assert not (tmp_path / "a" / "runs").exists()  # nothing was trained again
+    # The records serve any --out: a run's work directory is not part of what it trained.
+    lines = []
+    rep3 = compare("digits", tmp_path / "elsewhere", records_dir=tmp_path / "rec", log=lines.append, **args)
+    assert any("2 of 2 runs already complete" in line for line in lines), lines
+    assert rep3["models"][1]["vs_dense"] == soft["vs_dense"] and not (tmp_path / "elsewhere" / "runs").exists()
+    # ...but a record of another config is not reused.
+    from softmoe.compare.runner import Run, completed
+
+    rec_path = tmp_path / "rec" / "dense" / "seed0.json"
+    cfg = json.loads(rec_path.read_text())["config"]
+    assert completed(Run("dense", 0, str(tmp_path / "new"), {**cfg, "workdir": "x"}, str(rec_path))) is not None
+    assert completed(Run("dense", 0, str(tmp_path / "new"), {**cfg, "lr": cfg["lr"] * 2}, str(rec_path))) is None
