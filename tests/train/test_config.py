@@ -76,7 +76,8 @@ def test_resumable_fields_are_marked_on_the_dataclass():
     assert resumable_fields() == {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every",
                                   "checkpoint_every", "keep_checkpoints", "tensorboard", "plots", "workdir",
                                   "num_threads", "device", "reuse_buffers", "ep_size", "dist_timeout_s",
-                                  "data_parallel", "checkpoint_timeout_s", "micro_batch_size", "activation_checkpoint",
+                                  "data_parallel", "checkpoint_timeout_s", "checkpoint_async", "micro_batch_size",
+                                  "activation_checkpoint",
                                   "compile"}
 
 
