@@ -109,6 +109,11 @@ def test_set_rejects_wrong_types_and_values():
         apply_overrides(TrainConfig(steps=1), ["lr=0"])
     with pytest.raises(ValueError, match="'batch_size' must be int"):
         TrainConfig(steps=1, batch_size=2.5).validate()
+    with pytest.raises(ValueError, match="--set checkpoint_async=maybe: expected bool"):
+        apply_overrides(TrainConfig(steps=1), ["checkpoint_async=maybe"])
+    with pytest.raises(ValueError, match="'checkpoint_async' must be bool, got 1"):
+        TrainConfig(steps=1, checkpoint_async=1).validate()
+    assert apply_overrides(TrainConfig(steps=1), ["checkpoint_async=true"]).checkpoint_async is True
     with pytest.raises(ValueError, match="unknown config key 'optimiser'.*'optimizer'"):
         TrainConfig.from_dict({"optimiser": "adam"})
 
