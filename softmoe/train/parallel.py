@@ -8,7 +8,9 @@ setup_parallel, micro_batches and gradient_sync (a no-op for it).
     micro_batches    how many micro-batches of micro_batch_size each rank's rows make (accumulation)
     gradient_sync    around a micro-batch: no gradient reduction but on the step's last micro-batch
     finish_step      gradients of the global batch, the EP-aware clip, the update; logged values global
-    save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads
+    save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads;
+                     with checkpoint_async a PendingSave, finished by its wait()
+    rng_to_restore   on resume: this rank's own RNG states (same world size) or rank 0's (another)
 
 Checkpoint of a parallel run (checkpoints/step_N/, renamed into place by rank 0 when complete):
     dcp/             model and optimizer state as DCP shards, every rank writing its own

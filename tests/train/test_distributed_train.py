@@ -342,6 +342,24 @@ def test_async_checkpoints_equal_the_synchronous_ones_and_resume_bitwise(two_ran
     assert_identical(_contents(wd, 8), _contents(two_ranks, 8), "resumed step 8")
 
 
+def test_divergence_finishes_the_async_save_in_flight_before_it_exits(tmp_path):
+    """lr 1e30 at EP=2 on 2 ranks with checkpoint_async and a checkpoint every step: the run
+    diverges at some step s (every rank alike: the loss is all-reduced); the save of step s - 1,
+    still in flight, is finished first, so it is the "last good checkpoint" the error names."""
+    import re
+
+    rc, out = train(tmp_path, 20, 2, 2, extra=["--set", "lr=1e30", "--set", "warmup_steps=0", "--set", "grad_clip=0",
+                                               "--set", "schedule=constant", "--set", "checkpoint_every=1",
+                                               "--set", "checkpoint_async=true", "--set", "log_every=1"])
+    assert rc != 0, out[-3000:]
+    found = re.search(r"diverged at step (\d+).*Last good checkpoint: (\S+)", out)
+    assert found, out[-3000:]
+    step = int(found.group(1))
+    assert step >= 2 and found.group(2).endswith(f"step_{step - 1:08d}"), found.group(0)
+    assert (tmp_path / "checkpoints" / f"step_{step - 1:08d}" / "dcp" / "COMPLETE").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
 @pytest.mark.parametrize("env,sets,message", [
     ({}, ["ep_size=2"], "WORLD_SIZE is not set"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=2"], "must divide the world size 3"),
