@@ -15,7 +15,8 @@
 Without FSDP: `smd.sync_gradients(model)` after backward (the tests' oracle), or DDP with
 `ignored_params`. Nothing here runs at import; a model never parallelised is untouched.
 """
-from .checkpoint import load_checkpoint, load_full_state_dict, save_checkpoint, shard_optimizer_state
+from .checkpoint import (PendingCheckpoint, async_save_checkpoint, load_checkpoint, load_full_state_dict,
+                         save_checkpoint, shard_optimizer_state)
 from .expert_parallel import all_to_all, expert_offset, is_sharded, local, local_region, shard_experts
 from .fsdp import apply_fsdp, clip_grad_norm_, is_fsdp, sync_ignored_gradients
 from .init import init_weights, materialize, param_key
@@ -29,6 +30,7 @@ __all__ = ["init_process_group", "init_mesh", "Mesh", "shard_batch", "paralleliz
            "clip_grad_norm_",
            "sync_ignored_gradients", "sync_gradients", "broadcast_parameters", "expert_parameters",
            "replicated_parameters", "ignored_params", "mesh_of", "save_checkpoint", "load_checkpoint",
+           "async_save_checkpoint", "PendingCheckpoint",
            "load_full_state_dict", "shard_optimizer_state",
            "init_weights", "materialize", "param_key", "key_noise_by_global_rows", "GlobalRowNoise",
            "MicroBatchNoise", "select_micro_batch"]

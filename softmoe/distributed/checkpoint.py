@@ -9,6 +9,9 @@ A checkpoint is a folder:
     extra.json                       the caller's JSON data (step, ...), written by rank 0
     COMPLETE                         written last: a folder without it is not a checkpoint
 
+`async_save_checkpoint` writes the same folder from a CPU snapshot in a background thread;
+extra.json and COMPLETE come only with its `wait()`, after every rank's shards are on disk.
+
 The state is {"model": model state_dict, "optim": optimizer state_dict} as
 `torch.distributed.checkpoint.state_dict.get_state_dict` gives them (keyed by parameter name,
 DTensor shards as DTensors), so nothing is gathered: no rank ever holds more than its own
@@ -62,15 +65,73 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     (step, ...) returned by `load_checkpoint`. `process_group`: the group of all ranks that
     coordinates the save (e.g. `Mesh.io_group`, with a long timeout); None: the default one.
     Returns `path`."""
+    path = _begin(path, process_group)
+    dcp.save(_state(model, optimizer), checkpoint_id=str(path), process_group=process_group)
+    return _finish(path, extra, optimizer is not None, process_group)
+
+
+class PendingCheckpoint:
+    """An `async_save_checkpoint` in flight: DCP writes a CPU snapshot of the state in a
+    background thread. `wait()` (collective: every rank calls it) waits for the shards, then
+    writes extra.json and the COMPLETE marker; until then the folder is not a checkpoint."""
+
+    def __init__(self, path: Path, future, extra: dict | None, has_optimizer: bool, process_group) -> None:
+        self.path, self._future, self._extra = path, future, extra
+        self._has_optimizer, self._group = has_optimizer, process_group
+        self._finished = False
+
+    def done(self) -> bool:
+        """True once the background write has ended (successfully or not); no communication."""
+        return self._future.done()
+
+    def wait(self) -> Path:
+        """Finish the checkpoint (collective; once: later calls return `path`). The background
+        save's error, if any, is raised here and the folder stays without COMPLETE."""
+        if not self._finished:
+            self._future.result()
+            _finish(self.path, self._extra, self._has_optimizer, self._group)
+            self._finished = True
+        return self.path
+
+    def abandon(self) -> None:
+        """On an error path: let the background write end (it fails at the latest after the
+        process group's timeout when a peer is gone), swallowing its error, and never write
+        COMPLETE. No collective of this rank's own, so it cannot wait on a dead peer itself."""
+        try:
+            self._future.result()
+        except BaseException:  # noqa: BLE001 -- the run is already failing with its own error
+            pass
+        self._finished = True
+
+
+def async_save_checkpoint(path: str | os.PathLike, model: nn.Module,
+                          optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                          process_group=None) -> PendingCheckpoint:
+    """`save_checkpoint` in the background (`torch.distributed.checkpoint.async_save`, a thread):
+    collective like it; the state is copied to CPU memory before this returns (DCP's staging),
+    so the caller may update the model and optimizer at once. The shards are then written in
+    the background, coordinated over `process_group` (it must be a CPU (gloo) group, e.g.
+    `Mesh.io_group`; no other collective may run on it meanwhile). Call `wait()` on the result
+    (every rank) to finish the checkpoint; until then it has no COMPLETE marker."""
+    path = _begin(path, process_group)
+    future = dcp.async_save(_state(model, optimizer), checkpoint_id=str(path), process_group=process_group)
+    future = getattr(future, "upload_completion", future)  # an AsyncSaveResponse with async staging
+    return PendingCheckpoint(path, future, extra, optimizer is not None, process_group)
+
+
+def _begin(path: str | os.PathLike, process_group) -> Path:
     path = Path(path)
     if _rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / MARKER).unlink(missing_ok=True)  # an overwritten checkpoint is incomplete until the end
     _barrier(process_group)
-    dcp.save(_state(model, optimizer), checkpoint_id=str(path), process_group=process_group)
+    return path
+
+
+def _finish(path: Path, extra: dict | None, has_optimizer: bool, process_group) -> Path:
+    """After DCP's save on every rank: extra.json, a barrier, then COMPLETE (rank 0)."""
     if _rank() == 0:
-        atomic_write_json(path / EXTRA, {"format": FORMAT, "extra": extra or {},
-                                         "optimizer": optimizer is not None})
+        atomic_write_json(path / EXTRA, {"format": FORMAT, "extra": extra or {}, "optimizer": has_optimizer})
     _barrier(process_group)  # every shard, DCP's metadata and the extra data are on disk
     if _rank() == 0:
         atomic_write_text(path / MARKER, FORMAT + "\n")

@@ -111,17 +111,23 @@ def load_train_state(checkpoint: str | os.PathLike) -> dict:
     path = Path(checkpoint) / TRAIN_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: {str(checkpoint)!r} is not a training checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable training state: truncated, corrupt or not written by "
-                         f"softmoe ({type(e).__name__}; it is loaded with weights_only=True, never unpickled)") from e
+    state = load_state_file(path, "training state")
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{str(path)!r} is not a softmoe training state: it has no step")
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{str(path)!r} is not a softmoe training state: step={step!r}")
     return state
+
+
+def load_state_file(path: Path, what: str):
+    """A file of `torch.save`d tensors, numbers and dicts (train_state.pt, a rank's RNG state),
+    loaded with weights_only=True: nothing is unpickled. Unreadable: ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable {what}: truncated, corrupt or not written by "
+                         f"softmoe ({type(e).__name__}; it is loaded with weights_only=True, never unpickled)") from e
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:

@@ -137,6 +137,11 @@ class TrainConfig:
     activation_checkpoint: str = _resumable("none")
     compile: bool = _resumable(False)  # torch.compile every transformer block (not the whole model)
     checkpoint_timeout_s: float = _resumable(1800.0)  # the collectives around checkpoint I/O (slow disks)
+    # under torchrun: write the DCP shards in the background (DCP async_save from a CPU snapshot of
+    # the state) while training goes on, so a big model's step does not wait for the disk; a save
+    # is finished (COMPLETE, renamed to step_N) at the next save or the run's end. Costs one CPU
+    # copy of the rank's weights and optimizer state. A single process saves synchronously anyway.
+    checkpoint_async: bool = _resumable(False)
     # logging, evaluation, checkpoints (resumable: they change what is logged or saved, never the weights)
     log_every: int = _resumable(10)
     eval_every: int = _resumable(0)  # test accuracy every N steps (0: only at the end)

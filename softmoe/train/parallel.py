@@ -8,13 +8,20 @@ setup_parallel, micro_batches and gradient_sync (a no-op for it).
     micro_batches    how many micro-batches of micro_batch_size each rank's rows make (accumulation)
     gradient_sync    around a micro-batch: no gradient reduction but on the step's last micro-batch
     finish_step      gradients of the global batch, the EP-aware clip, the update; logged values global
-    save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads
+    save_parallel    a DCP checkpoint directory every layout (and one process, `softmoe eval`) loads;
+                     with checkpoint_async a PendingSave, finished by its wait()
+    rng_to_restore   on resume: this rank's own RNG states (same world size) or rank 0's (another)
 
 Checkpoint of a parallel run (checkpoints/step_N/, renamed into place by rank 0 when complete):
     dcp/             model and optimizer state as DCP shards, every rank writing its own
                      (softmoe.distributed.save_checkpoint); no whole-model file is written in the job
     config.json      the model's config (what `softmoe export` / `from_dcp` build the model from)
-    train_config.json, train_state.pt (step, RNG states, data position; the optimizer is in dcp/)
+    train_config.json, train_state.pt (step, rank 0's RNG states, rng_ranks, data position; the
+                     optimizer is in dcp/)
+    rng/rank_<r>.pt  rank r's RNG states (rng_to_restore: rank r resumes with them at the same
+                     world size; at another one every rank takes rank 0's)
+With checkpoint_async the shards are written in the background (PendingSave): the directory is
+renamed to step_N only when `wait()` finishes it, so a crash mid-save leaves the previous step_*.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from softmoe import distributed as smd
+from softmoe.models.hub import DCP_DIR
 
 SHARDED = "sharded"
 
@@ -172,28 +180,86 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+RNG_DIR = "rng"
+
+
+def rng_file(rank: int) -> str:
+    """Where a parallel checkpoint keeps rank `rank`'s RNG states (relative to step_N/)."""
+    return f"{RNG_DIR}/rank_{rank}.pt"
+
+
+class PendingSave:
+    """A parallel checkpoint whose DCP shards are being written in the background
+    (`checkpoint_async`). `wait()` (collective) finishes it: the COMPLETE marker, then rank 0's
+    files and the rename to step_N, then the pruning; `abandon()` (error path) never renames."""
+
+    def __init__(self, path: Path, dcp_save, finish) -> None:
+        self.path, self._dcp, self._finish = path, dcp_save, finish
+        self._done = False
+
+    def wait(self) -> Path:
+        if not self._done:
+            self._dcp.wait()
+            self._finish()
+            self._done = True
+        return self.path
+
+    def abandon(self) -> None:
+        self._dcp.abandon()
+        self._done = True
+
+
 def save_parallel(final: Path, model: nn.Module, optimizer, train_state: dict, train_config: dict, keep: int,
-                  mesh) -> Path:
-    """Write the parallel checkpoint `final` (collective). Every rank writes its DCP shards into
-    a hidden temporary directory; rank 0 adds the model config, the train config and the train
-    state and renames it to `final` only when all of it is on disk. The barriers and DCP's
-    coordination run on `mesh.io_group` (the checkpoint timeout)."""
-    from softmoe._io import atomic_write, atomic_write_json
-    from softmoe.models.hub import DCP_DIR, TRAIN_CONFIG, TRAIN_STATE, list_checkpoints, save_config
+                  mesh, async_save: bool = False) -> Path | PendingSave:
+    """Write the parallel checkpoint `final` (collective). Every rank writes its RNG states
+    (`train_state["rng"]`, each rank its own) to rng/rank_<r>.pt and its DCP shards into a
+    hidden temporary directory; rank 0 adds the model config, the train config and the train
+    state (with rank 0's RNG states and `rng_ranks`, the world size) and renames it to `final`
+    only when all of it is on disk. The leftovers of an interrupted save (`.tmp-*`) are removed
+    first. The barriers and DCP's coordination run on `mesh.io_group` (the checkpoint timeout).
+
+    async_save: the shards are written in the background from a CPU snapshot (DCP's
+    async_save) and a PendingSave is returned at once; its `wait()` (every rank, before the
+    next save and before the run ends) does the rest. Until then there is no `final`."""
+    from softmoe._io import atomic_write
 
     root = final.parent
     tmp = root / f".tmp-{final.name}-parallel"
     group = mesh.io_group
     if mesh.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):  # an interrupted save's (no save is in flight: the last was waited for)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier(group=group)
-    smd.save_checkpoint(tmp / DCP_DIR, model, optimizer, extra={"step": train_state["step"]},
-                        process_group=group)  # ends in a barrier: every shard is on disk
+    own = {"rank": mesh.rank, "world_size": mesh.world_size, "step": train_state["step"], "rng": train_state["rng"]}
+    atomic_write(tmp / rng_file(mesh.rank), lambda path: torch.save(own, path))
+    train_state = dict(train_state, rng_ranks=mesh.world_size)
+    extra = {"step": train_state["step"]}
+
+    def finish() -> None:
+        _finish_parallel(final, tmp, model.config, train_state, train_config, keep, mesh)
+
+    if async_save:
+        return PendingSave(final, smd.async_save_checkpoint(tmp / DCP_DIR, model, optimizer, extra=extra,
+                                                            process_group=group), finish)
+    smd.save_checkpoint(tmp / DCP_DIR, model, optimizer, extra=extra,
+                        process_group=group)  # ends in a barrier: every shard and rng file is on disk
+    finish()
+    return final
+
+
+def _finish_parallel(final: Path, tmp: Path, model_config, train_state: dict, train_config: dict, keep: int,
+                     mesh) -> None:
+    """Rank 0: the model config, train config and train state into `tmp`, the rename to
+    `final`, the pruning to `keep` checkpoints; then a barrier (collective)."""
+    from softmoe._io import atomic_write, atomic_write_json
+    from softmoe.models.hub import TRAIN_CONFIG, TRAIN_STATE, list_checkpoints, save_config
+
+    root = final.parent
     if mesh.rank == 0:
         try:
-            save_config(model.config, tmp)
+            save_config(model_config, tmp)
             atomic_write_json(tmp / TRAIN_CONFIG, train_config, sort_keys=True)
             atomic_write(tmp / TRAIN_STATE, lambda path: torch.save(train_state, path))
             if final.exists():
@@ -204,15 +270,48 @@ def save_parallel(final: Path, model: nn.Module, optimizer, train_state: dict, t
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    dist.barrier(group=group)
-    return final
+    dist.barrier(group=mesh.io_group)
+
+
+def rng_to_restore(checkpoint: Path, train_state: dict, mesh, log) -> dict:
+    """The RNG states this rank resumes with from `checkpoint` (docs/distributed.md).
+
+    A parallel checkpoint holds every rank's (rng/rank_<r>.pt; `rng_ranks` in train_state.pt:
+    how many). At the same world size rank r takes rank r's, whatever the (dp, ep) split; every
+    rank checks that all of the files are there, so all of them fail alike: a missing one is a
+    ValueError naming it. At another world size (one process included) every rank takes rank
+    0's (train_state.pt's, the rule of single-process checkpoints and older parallel ones) and
+    `log` says so."""
+    saved = train_state.get("rng_ranks")
+    world = 1 if mesh is None else mesh.world_size
+    rank = 0 if mesh is None else mesh.rank
+    if saved is None:  # a single-process checkpoint (or a parallel one of an older softmoe): one state
+        return train_state["rng"]
+    if saved != world:
+        log(f"the checkpoint holds the RNG states of {saved} ranks and this run has {world}: every rank resumes "
+            f"with rank 0's (the RNG rule of a layout change, docs/distributed.md)")
+        return train_state["rng"]
+    from softmoe.train.checkpoint import load_state_file
+
+    missing = [name for name in map(rng_file, range(world)) if not (checkpoint / name).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is missing its RNG state file {missing[0]!r} (a parallel "
+                         f"checkpoint of {saved} ranks holds rng/rank_0.pt .. rng/rank_{saved - 1}.pt, one per "
+                         f"rank; a partial copy?); it cannot be resumed at {world} ranks")
+    path = checkpoint / rng_file(rank)
+    own = load_state_file(path, "RNG state")
+    if not isinstance(own, dict) or own.get("rank") != rank or own.get("world_size") != world or "rng" not in own:
+        raise ValueError(f"{str(path)!r} is not rank {rank}'s RNG state of a {world}-rank run: it holds "
+                         f"rank={own.get('rank') if isinstance(own, dict) else None!r}, world_size="
+                         f"{own.get('world_size') if isinstance(own, dict) else None!r}")
+    return own["rng"]
 
 
 def load_any(checkpoint: Path, model: nn.Module, optimizer, train_state: dict, mesh) -> None:
     """Weights and optimizer state of `checkpoint` into `model` (parallel at any layout, or one
     process): a parallel run's DCP shards (dcp/), or a single-process run's whole tensors
     (model.safetensors + the optimizer in train_state.pt: each rank keeps its blocks)."""
-    from softmoe.models.hub import DCP_DIR, WEIGHTS_NAME, load_safetensors
+    from softmoe.models.hub import WEIGHTS_NAME, load_safetensors
 
     if (checkpoint / DCP_DIR).is_dir():
         smd.load_checkpoint(checkpoint / DCP_DIR, model, optimizer, process_group=getattr(mesh, "io_group", None))

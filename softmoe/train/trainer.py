@@ -190,9 +190,13 @@ def _train(cfg: TrainConfig, workdir, resume, progress, log, held: contextlib.Ex
         final_ckpt = run.save(run.total) if run.last_ckpt_step != run.total else \
             ckpt_mod.checkpoint_dir(run.workdir, run.total)
         t_eval = time.perf_counter()
-        last_eval = run.evaluate(run.total, final=True)
+        last_eval = run.evaluate(run.total, final=True)  # overlaps a checkpoint_async save
         eval_s = time.perf_counter() - t_eval
         writer.write(last_eval)
+        run.finish_save()
+    except BaseException:
+        run.abandon_save()  # before the process groups go (the background save uses one)
+        raise
     finally:
         bar.close()
         writer.close()
@@ -229,6 +233,7 @@ class _Run:
     mesh: object = None  # softmoe.distributed.Mesh under torchrun (world > 1), else None
     ddp: object = None  # the DDP module forward runs through (data_parallel "ddp"), else None
     micro_batches: int = 1  # k: each rank's rows run as k micro-batches (cfg.micro_batch_size)
+    pending: object = None  # the parallel.PendingSave of a checkpoint_async save in flight, or None
 
     @property
     def is_main(self) -> bool:
@@ -263,7 +268,10 @@ class _Run:
         return {**rec, **score(self.test_ds)}
 
     def save(self, step: int) -> Path:
-        """Checkpoint `step`: weights, optimizer, RNG states and the data position."""
+        """Checkpoint `step`: weights, optimizer, RNG states and the data position. Under
+        torchrun with checkpoint_async the shards are written in the background: the previous
+        such save is finished first (`finish_save`), this one by the next save or the run's end."""
+        self.finish_save()
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "rng": ckpt_mod.rng_state(),
                  "data": {"seed": self.cfg.seed, "step": step, "epoch": step // self.steps_per_epoch,
                           "steps_per_epoch": self.steps_per_epoch},
@@ -271,12 +279,30 @@ class _Run:
         if self.mesh is not None:
             del state["optimizer"]  # in the DCP shards with the weights
             path = parallel.save_parallel(ckpt_mod.checkpoint_dir(self.workdir, step), self.model, self.optimizer,
-                                          state, self.resolved, self.cfg.keep_checkpoints, self.mesh)
+                                          state, self.resolved, self.cfg.keep_checkpoints, self.mesh,
+                                          async_save=self.cfg.checkpoint_async)
+            if isinstance(path, parallel.PendingSave):
+                self.pending, path = path, path.path
         else:
             path = ckpt_mod.save_checkpoint(self.workdir, step, self.model, state, self.resolved,
                                             keep=self.cfg.keep_checkpoints)
         self.last_ckpt_step = step
         return path
+
+    def finish_save(self) -> None:
+        """Finish the checkpoint_async save in flight, if any (collective): wait for its shards,
+        then its COMPLETE marker, rank 0's files and the rename to step_N."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
+
+    def abandon_save(self) -> None:
+        """On an error exit: let the save in flight end without finishing it (no rename: the
+        previous complete checkpoint stays the newest); its .tmp-* directory is removed by the
+        next run's first save."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.abandon()
 
 
 def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contextlib.ExitStack) -> _Run:
@@ -356,6 +382,9 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
         f"{len(test_ds)} {cfg.test_split}, {train_ds.channels}x{cfg.img_size}px) "
         f"for {total} steps of {cfg.batch_size}{f' in {k} micro-batches' if k > 1 else ''} on {device}"
         f"{' bf16' if run.use_bf16 else ''}; workdir {workdir}")
+    if cfg.checkpoint_async and mesh is None:
+        log("checkpoint_async applies to torchrun runs (DCP shards written in the background); this single-process "
+            "run writes its checkpoints synchronously (docs/distributed.md)")
     return run
 
 
@@ -424,7 +453,7 @@ def _restore(run: _Run, checkpoint: Path, log) -> None:
     else:
         ckpt_mod.load_model_weights(run.model, checkpoint)  # dtypes checked per tensor
         run.optimizer.load_state_dict(state["optimizer"])
-    ckpt_mod.set_rng_state(state["rng"])
+    ckpt_mod.set_rng_state(parallel.rng_to_restore(checkpoint, state, run.mesh, log))  # this rank's
     run.start = run.last_ckpt_step = int(state["step"])
     if run.start > run.total:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is at step {run.start}, past this run's {run.total} steps")
@@ -567,6 +596,7 @@ class _DivergenceGuard:
         step = int(step)
         lr = run.schedule(step - 1)
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        run.finish_save()  # a save in flight is of a good step (checked before it); every rank is here
         good = ckpt_mod.latest_checkpoint(run.workdir)
         writer.write({"kind": "diverged", "step": step, "loss": loss, "grad_norm": norm, "lr": lr})
         raise TrainingDiverged(f"training diverged at step {step}: the {what} is {value} (lr {lr:.3g}); stopped "

@@ -450,6 +450,94 @@ def scenario_fsdp_bf16(rank, world, tmp):
         print(f"ok bf16 mixed precision: gradients within {tol:.3g}", flush=True)
 
 
+def local_state(model, opt):
+    """Clones of this rank's shards of the weights and of the Adam state, in parameter order."""
+    weights = {k: smd.local(v).detach().clone() for k, v in model.state_dict().items()}
+    moments = [{k: smd.local(v).clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+               for p in model.parameters()]
+    return weights, moments
+
+
+def assert_same_state(got, want, what):
+    (gw, gm), (ww, wm) = got, want
+    assert gw.keys() == ww.keys(), what
+    for k in ww:
+        assert torch.equal(gw[k], ww[k]), f"{what}: weight {k} differs"
+    for i, (g, w) in enumerate(zip(gm, wm, strict=True)):
+        assert g.keys() == w.keys(), (what, i)
+        for k in w:
+            assert torch.equal(torch.as_tensor(g[k]), torch.as_tensor(w[k])), f"{what}: Adam {k} of parameter {i}"
+
+
+def scenario_ckpt_rng_async(rank, world, tmp):
+    """The trainer's parallel checkpoint (softmoe.train.parallel.save_parallel) after one FSDP
+    step at EP=world: (1) every rank's own RNG states (torch, numpy, python made to differ per
+    rank) are saved and restored, each rank getting back exactly its own; (2) an async save
+    (checkpoint_async) is a snapshot: a training step and an in-place change of every weight
+    after the call do not reach the checkpoint, which is renamed to step_N only by wait() and
+    then holds the pre-change weights and Adam state bitwise; (3) a missing rng/rank_1.pt is a
+    ValueError naming it on every rank."""
+    import random
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from softmoe.train import parallel
+    from softmoe.train.checkpoint import load_train_state, rng_state, set_rng_state
+
+    mesh = smd.init_mesh(world, io_timeout_s=60)
+    model, opt = fsdp_model(mesh)
+    (images, labels), (images2, labels2) = batches(world, 2)
+    fsdp_step(model, opt, images, labels, mesh)  # the Adam moments are non-zero
+    root = Path(tmp) / "rng_async" / "checkpoints"
+    torch.manual_seed(1000 + rank)
+    np.random.seed(2000 + rank)
+    random.seed(3000 + rank)
+    torch.rand(rank + 1), np.random.rand(rank + 2), random.random()  # consumed differently per rank, too
+    want = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    step1 = root / "step_00000001"
+    parallel.save_parallel(step1, model, opt, {"step": 1, "rng": rng_state()}, {"steps": 2}, 5, mesh)
+    mine = want[0].clone()
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(everyone, mine)
+    assert not torch.equal(everyone[0], everyone[1]), "the ranks' RNG states should differ here"
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)  # the state a resumed process starts with
+    set_rng_state(parallel.rng_to_restore(step1, load_train_state(step1), mesh, print))
+    assert torch.equal(torch.get_rng_state(), want[0]), f"rank {rank}: torch RNG state"
+    assert (np.random.get_state()[1] == want[1]).all(), f"rank {rank}: numpy RNG state"
+    assert random.getstate() == want[2], f"rank {rank}: python RNG state"
+    if rank == 0:
+        print("ok per-rank rng: every rank resumes with its own RNG states", flush=True)
+
+    before = local_state(model, opt)
+    step2 = root / "step_00000002"
+    pending = parallel.save_parallel(step2, model, opt, {"step": 2, "rng": rng_state()}, {"steps": 2}, 5, mesh,
+                                     async_save=True)
+    assert isinstance(pending, parallel.PendingSave) and pending.path == step2
+    fsdp_step(model, opt, images2, labels2, mesh)  # training goes on while the shards are written
+    with torch.no_grad():
+        for p in model.parameters():
+            smd.local(p).add_(1.0)
+    assert not step2.exists(), "an async save must not be renamed into place before wait()"
+    assert pending.wait() == step2 and (step2 / "dcp" / "COMPLETE").is_file()
+    assert not list(root.glob(".tmp-*"))
+    fresh, fresh_opt = fsdp_model(mesh)
+    smd.load_checkpoint(step2 / "dcp", fresh, fresh_opt, process_group=mesh.io_group)
+    assert_same_state(local_state(fresh, fresh_opt), before, f"rank {rank}: async checkpoint")
+    if rank == 0:
+        print("ok async snapshot: later updates do not reach the checkpoint", flush=True)
+
+    broken = root.parent / "broken"
+    if rank == 0:
+        shutil.copytree(step1, broken)
+        (broken / parallel.rng_file(1)).unlink()
+    torch.distributed.barrier()
+    expect_error(lambda: parallel.rng_to_restore(broken, load_train_state(broken), mesh, print), "'rng/rank_1.pt'")
+    if rank == 0:
+        print("ok missing rng file: a clear error on every rank", flush=True)
+
+
 def expect_error(fn, text):
     try:
         fn()

@@ -82,3 +82,63 @@ def test_dcp_writers_are_balanced_and_a_missing_shard_is_a_clear_error(fsdp_runs
 
 def test_bf16_mixed_precision_gradients_are_within_the_bf16_bound(tmp_path):
     assert "ok bf16 mixed precision" in assert_ok(launch("fsdp_bf16", 2, tmp_path, timeout_s=300))
+
+
+def test_dcp_parallel_checkpoint_keeps_every_ranks_rng_and_an_async_save_is_a_snapshot(tmp_path):
+    """softmoe.train.parallel on 2 gloo ranks (scenario_ckpt_rng_async): each rank's own RNG
+    states round-trip; an async save holds the state of the call, not of later updates; a
+    missing rng file is a clear error on every rank. Then, in this process: the files' contents,
+    the rule at another world size (rank 0's, logged) and at the same one (rank r's), and a
+    rank file in the wrong place."""
+    from softmoe.train import parallel
+    from softmoe.train.checkpoint import load_state_file, load_train_state
+
+    log = assert_ok(launch("ckpt_rng_async", 2, tmp_path, timeout_s=300))
+    for line in ("ok per-rank rng", "ok async snapshot", "ok missing rng file"):
+        assert line in log, log
+    ckpt = tmp_path / "rng_async" / "checkpoints" / "step_00000001"
+    state = load_train_state(ckpt)
+    assert state["rng_ranks"] == 2
+    ranks = [load_state_file(ckpt / parallel.rng_file(r), "RNG state") for r in range(2)]
+    assert [(f["rank"], f["world_size"], f["step"]) for f in ranks] == [(0, 2, 1), (1, 2, 1)]
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+    assert torch.equal(state["rng"]["torch"], ranks[0]["rng"]["torch"])  # train_state.pt: rank 0's
+    said = []
+    one = parallel.rng_to_restore(ckpt, state, None, said.append)  # one process: rank 0's, and it says so
+    assert torch.equal(one["torch"], ranks[0]["rng"]["torch"])
+    assert len(said) == 1 and "RNG states of 2 ranks and this run has 1: every rank resumes with rank 0's" in said[0]
+    four = parallel.rng_to_restore(ckpt, state, smd.Mesh(world_size=4, rank=3, ep_size=2), said.append)
+    assert torch.equal(four["torch"], ranks[0]["rng"]["torch"]) and len(said) == 2
+    for r in range(2):  # the same world size, any (dp, ep) split: rank r's, silently
+        got = parallel.rng_to_restore(ckpt, state, smd.Mesh(world_size=2, rank=r, ep_size=1), said.append)
+        assert torch.equal(got["torch"], ranks[r]["rng"]["torch"]) and len(said) == 2
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ckpt, swapped)
+    shutil.copy(ckpt / parallel.rng_file(1), swapped / parallel.rng_file(0))
+    with pytest.raises(ValueError, match=r"rank_0.pt' is not rank 0's RNG state of a 2-rank run: it holds rank=1"):
+        parallel.rng_to_restore(swapped, state, smd.Mesh(world_size=2, rank=0, ep_size=2), said.append)
+    (swapped / parallel.rng_file(1)).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"rank_1.pt' is not a readable RNG state.*weights_only=True"):
+        parallel.rng_to_restore(swapped, state, smd.Mesh(world_size=2, rank=1, ep_size=2), said.append)
+
+
+def test_dcp_async_save_in_one_process_is_a_snapshot(tmp_path):
+    """async_save_checkpoint without a process group: the weights and Adam state of the call
+    are what loads back, bitwise, though the model changed before wait(); no COMPLETE until it."""
+    model = sc.micro_model()
+    opt = sc.make_optimizer(model)
+    images, labels = sc.batches(1, 1)[0]
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    opt.step()
+    before = sc.local_state(model, opt)
+    pending = smd.async_save_checkpoint(tmp_path / "ck", model, opt, extra={"step": 1})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for st in opt.state.values():
+        st["exp_avg"].zero_()
+    assert pending.wait() == tmp_path / "ck" and (tmp_path / "ck" / smd.checkpoint.MARKER).is_file()
+    fresh = sc.micro_model()
+    fresh_opt = sc.make_optimizer(fresh)
+    assert smd.load_checkpoint(tmp_path / "ck", fresh, fresh_opt) == {"step": 1}
+    sc.assert_same_state(sc.local_state(fresh, fresh_opt), before, "one-process async checkpoint")

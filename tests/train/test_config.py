@@ -76,7 +76,8 @@ def test_resumable_fields_are_marked_on_the_dataclass():
     assert resumable_fields() == {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every",
                                   "checkpoint_every", "keep_checkpoints", "tensorboard", "plots", "workdir",
                                   "num_threads", "device", "reuse_buffers", "ep_size", "dist_timeout_s",
-                                  "data_parallel", "checkpoint_timeout_s", "micro_batch_size", "activation_checkpoint",
+                                  "data_parallel", "checkpoint_timeout_s", "checkpoint_async", "micro_batch_size",
+                                  "activation_checkpoint",
                                   "compile"}
 
 
@@ -108,6 +109,11 @@ def test_set_rejects_wrong_types_and_values():
         apply_overrides(TrainConfig(steps=1), ["lr=0"])
     with pytest.raises(ValueError, match="'batch_size' must be int"):
         TrainConfig(steps=1, batch_size=2.5).validate()
+    with pytest.raises(ValueError, match="--set checkpoint_async=maybe: expected bool"):
+        apply_overrides(TrainConfig(steps=1), ["checkpoint_async=maybe"])
+    with pytest.raises(ValueError, match="'checkpoint_async' must be bool, got 1"):
+        TrainConfig(steps=1, checkpoint_async=1).validate()
+    assert apply_overrides(TrainConfig(steps=1), ["checkpoint_async=true"]).checkpoint_async is True
     with pytest.raises(ValueError, match="unknown config key 'optimiser'.*'optimizer'"):
         TrainConfig.from_dict({"optimiser": "adam"})
 

@@ -92,6 +92,23 @@ def test_resume_is_exact_in_process(tmp_path, device):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
+def test_checkpoint_async_in_one_process_saves_synchronously_and_says_so(tmp_path, device):
+    """checkpoint_async is a torchrun option (DCP): a single-process run logs that it saves
+    synchronously and writes the same checkpoints as without it (weights, optimizer, RNG)."""
+    train(tiny_config(device, steps=8), tmp_path / "sync", log=quiet)
+    logs = []
+    train(tiny_config(device, steps=8, checkpoint_async=True), tmp_path / "async", log=logs.append)
+    assert any("checkpoint_async applies to torchrun runs" in msg and "synchronously" in msg for msg in logs)
+    assert [s for s, _ in list_checkpoints(tmp_path / "async")] == [s for s, _ in list_checkpoints(tmp_path / "sync")]
+    for (_, a), (_, b) in zip(list_checkpoints(tmp_path / "async"), list_checkpoints(tmp_path / "sync")):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        sa, sb = load_train_state(a), load_train_state(b)
+        assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"]) and "rng_ranks" not in sa
+        for va, vb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True):
+            assert all(torch.equal(va[n], vb[n]) for n in va)
+
+
 def test_resume_refuses_a_different_run(tmp_path, device):
     wd = tmp_path / "r"
     train(tiny_config(device, steps=4), wd, log=quiet)
