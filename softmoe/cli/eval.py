@@ -11,7 +11,8 @@ def register(subparsers) -> None:
         description="Evaluate a checkpoint: top-1/top-5 accuracy on a split and few-shot ridge-regression "
                     "probes on the pre-logits (docs/design.md §5: best accuracy over L2 in 2^-10..2^19).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="training workdir (latest checkpoint), checkpoints/step_* dir or save_pretrained dir")
+                   help="training workdir (latest checkpoint), checkpoints/step_* dir, save_pretrained dir, or the "
+                        "name of a shipped model (`softmoe models --pretrained`)")
     p.add_argument("--data", default=None, metavar="NAME",
                    help="dataset name or ImageFolder directory (default: the one recorded in the workdir)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="directory holding the dataset files")

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                     "weights over the image patches for chosen slots, per-slot and per-expert statistics "
                     "(table, JSON, CSV). Tokens/Experts Choice layers get their expert load statistics.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="training workdir (latest checkpoint), checkpoints/step_* dir or save_pretrained dir")
+                   help="training workdir (latest checkpoint), checkpoints/step_* dir, save_pretrained dir, or the "
+                        "name of a shipped model (`softmoe models --pretrained`)")
     p.add_argument("--data", default=None, metavar="NAME",
                    help="dataset name or ImageFolder directory (default: the one recorded in the workdir)")
     p.add_argument("--data-root", default=None, metavar="DIR")

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=None,
                    help="count with this head size (the paper's Table 8 uses 29593; default: each model's own)")
     p.add_argument("--img-size", type=int, default=None, help="count at this image size (default: each model's own)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list the trained models that ship with softmoe (from_pretrained(NAME) loads them offline)")
     p.set_defaults(func=run)
 
 
@@ -34,6 +36,8 @@ def format_gflop(flops: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        return _print_pretrained(args.pattern)
     from softmoe.models import list_models, profile_model
 
     names, decoders = list_models(args.pattern), list_models(args.pattern, task="lm")
@@ -62,6 +66,24 @@ def run(args: argparse.Namespace) -> int:
             print()
         print("decoders (task lm; GFLOP per sequence of ctx tokens):")
         _print_table(["name", "params", "GFLOP/seq", "ctx", "MoE layers", "experts", "type"], lm_rows)
+    return 0
+
+
+def _print_pretrained(pattern: str) -> int:
+    """The shipped models matching `pattern`, with the accuracy their cards record."""
+    import fnmatch
+
+    from softmoe.models import list_pretrained
+
+    cards = {n: c for n, c in list_pretrained().items() if fnmatch.fnmatchcase(n, pattern)}
+    if not cards:
+        print(f"softmoe models --pretrained: no shipped model matches {pattern!r}", file=sys.stderr)
+        return 1
+    rows = [[name, c["model"], c["data"], str(c["steps"]), f"{100 * c['val_accuracy']:.2f}",
+             f"{100 * c['test_accuracy']:.2f}", c["description"]] for name, c in cards.items()]
+    _print_table(["name", "model", "data", "steps", "val top-1 %", "test top-1 %", "what"], rows)
+    print("\nfrom_pretrained(NAME) or `softmoe eval --checkpoint NAME` loads one offline; the recipe and the "
+          "study they come from: docs/results.md")
     return 0
 
 

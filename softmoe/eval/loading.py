@@ -12,8 +12,11 @@ from torch import nn
 
 
 def check_model_dir(path: str | os.PathLike, arg: str = "--checkpoint") -> Path:
-    """`path` as a Path if it is a directory; else the CLI error naming argument `arg`."""
-    p = Path(path)
+    """`path` as a Path if it is a directory (or the directory of the shipped model it names);
+    else the CLI error naming argument `arg`."""
+    from softmoe.models.pretrained import resolve
+
+    p = Path(resolve(path))
     if not p.exists():
         raise FileNotFoundError(f"{arg} {str(path)!r} does not exist (give a training workdir, a "
                                 f"checkpoints/step_* directory or a save_pretrained directory)")

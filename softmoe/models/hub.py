@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from softmoe._io import atomic_write, atomic_write_text
 
 from .config import ViTConfig
+from .pretrained import resolve as resolve_name
 from .registry import apply_overrides
 from .vit import VisionTransformer, build_model
 
@@ -297,7 +298,8 @@ def load_weights(model: VisionTransformer, state_dict: dict, source: str = "stat
 
 
 def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None, **overrides) -> VisionTransformer:
-    """The model saved in `directory` by `save_pretrained`.
+    """The model saved in `directory` by `save_pretrained`, or the shipped model of that name
+    (`list_pretrained()`; a path that exists always wins).
 
     overrides: any ViTConfig field. `img_size` (or another size that changes the patch
       grid) resamples the position embedding; `num_classes` gives a fresh head; anything
@@ -308,6 +310,7 @@ def from_pretrained(directory, *, device=None, dtype: torch.dtype | None = None,
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    directory = resolve_name(directory)  # a shipped model's name (softmoe/models/pretrained.py)
     if saved_architecture(directory) == "gpt":  # a decoder (softmoe/models/gpt.py)
         from .gpt import from_pretrained as load_decoder
 
@@ -423,8 +426,9 @@ def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
 def load_model(path: str | os.PathLike) -> tuple[VisionTransformer, dict | None]:
     """(model, training config dict or None) from a training workdir (its latest checkpoint),
     a checkpoint directory or a save_pretrained directory. The model is on the CPU in train
-    mode, as from_pretrained returns it; the training config is the JSON dict as saved."""
-    p = Path(path)
+    mode, as from_pretrained returns it; the training config is the JSON dict as saved. `path`
+    may also name a shipped model (softmoe.models.list_pretrained)."""
+    p = Path(resolve_name(path))
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
     if not p.is_dir():
