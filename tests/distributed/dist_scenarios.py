@@ -470,25 +470,34 @@ def check_hsdp_placements(model, mesh):
 
 def scenario_hsdp(rank, world, tmp):
     """HSDP at (dp_replicate, dp_shard, ep) in HSDP_LAYOUTS: the mesh's groups, the placements,
-    the keyed init bitwise, every step's per-parameter gradients (before the clip; 1e-5 and
-    GRAD_RTOL: step 1's are zero but for the zero-initialised head's, so steps 2-3 check the
-    rest), 3 AdamW steps' weights and the clip norms (replicas counted once: a norm summed over
-    dp_replicate would be sqrt(R) too large) equal one process (1e-5); then a DCP checkpoint
-    ck_hsdp{R}x{S}x{ep}. A dp_replicate not dividing world / ep is a ValueError."""
+    each rank's share of the parameters, the keyed init bitwise, every step's per-parameter
+    gradients (before the clip; 1e-5 and GRAD_RTOL: step 1's are zero but for the
+    zero-initialised head's, so steps 2-3 check the rest), 3 AdamW steps' weights and the clip
+    norms (replicas counted once: a norm summed over dp_replicate would be sqrt(R) too large)
+    equal one process (1e-5); then a DCP checkpoint ck_hsdp{R}x{S}x{ep}. The same without FSDP
+    (sync_gradients over the HSDP mesh's dp group) at the first layout. A dp_replicate not
+    dividing world / ep is a ValueError."""
     expect_error(lambda: smd.init_mesh(2, dp_replicate=3), "dp_replicate=3 must divide dp = world / ep_size = 4 / 2")
     expect_error(lambda: smd.init_mesh(1, dp_replicate=0), "dp_replicate must be an integer >= 1, got 0")
     _, _, states, grads, norms = fsdp_reference_run(world, 3)
     data = batches(world, 3)
-    for R, S, ep in HSDP_LAYOUTS:
-        what = f"hsdp {R}x{S}x{ep}"
+    for R, S, ep, engine in [(*layout, "fsdp") for layout in HSDP_LAYOUTS] + [(*HSDP_LAYOUTS[0], "none")]:
+        what = f"hsdp {R}x{S}x{ep} {engine}"
         mesh = smd.init_mesh(ep, dp_replicate=R)
         assert (mesh.dp_replicate, mesh.dp_shard, mesh.ep_size, mesh.dp_size) == (R, S, ep, R * S), what
         assert mesh.dp_rank == rank // ep and mesh.ep_rank == rank % ep, what
         # every dp replica of this rank's expert shard: ranks ep_rank, ep_rank + ep, ... (R*S of them)
         assert mesh.device_mesh["dp"].mesh.flatten().tolist() == list(range(rank % ep, world, ep)), what
         assert mesh.dense_mesh.mesh.tolist() == [list(range(i * S * ep, (i + 1) * S * ep)) for i in range(R)], what
-        model, opt = fsdp_model(mesh)
-        check_hsdp_placements(model, mesh)
+        model, opt = fsdp_model(mesh, engine)
+        total = sum(p.numel() for p in model.parameters())
+        held = sum(smd.local(p).numel() for p in model.parameters())
+        if engine == "fsdp":
+            check_hsdp_placements(model, mesh)
+            # memory: each rank holds 1/(S*ep) of the model (R times plain FSDP's 1/W), give or
+            # take FSDP's uneven last chunks (at most one row per tensor) and the 0-dim parameters
+            slack = sum(p.numel() // p.shape[0] for p in model.parameters() if p.dim()) + 8
+            assert abs(held - total / (S * ep)) <= slack, (what, held, total, slack)
         check_weights(model, states[0], f"{what} init", tol=0.0)
         errors = {"grad": 0.0, "norm": 0.0, "weight": 0.0}
         for step, (images, labels) in enumerate(data, 1):
@@ -498,11 +507,13 @@ def scenario_hsdp(rank, world, tmp):
             errors["norm"] = max(errors["norm"], close(f"{what} clip norm {step}", torch.tensor(norm),
                                                        torch.tensor(norms[step - 1])))
             errors["weight"] = max(errors["weight"], check_weights(model, states[step], f"{what} step {step}"))
-        smd.save_checkpoint(f"{tmp}/ck_hsdp{R}x{S}x{ep}", model, opt, extra={"step": 3})
+        if engine == "fsdp":
+            smd.save_checkpoint(f"{tmp}/ck_hsdp{R}x{S}x{ep}", model, opt, extra={"step": 3})
         errors = all_ranks_max(errors)
         if rank == 0:
             print(f"ok {what}: init, gradients, 3 steps, clip norms match; max abs error "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()), flush=True)
+                  + ", ".join(f"{k} {v:.3g}" for k, v in errors.items())
+                  + f"; rank 0 holds {held} of {total} parameters", flush=True)
 
 
 def all_ranks_max(errors: dict) -> dict:

@@ -104,7 +104,9 @@ def test_hsdp_layouts_equal_one_process(hsdp_runs, layout):
     init bitwise; every step's gradients, 3 AdamW steps and the clip norms within 1e-5."""
     _, log = hsdp_runs
     R, S, ep = layout
-    assert f"ok hsdp {R}x{S}x{ep}: init, gradients, 3 steps, clip norms match" in log, log
+    assert f"ok hsdp {R}x{S}x{ep} fsdp: init, gradients, 3 steps, clip norms match" in log, log
+    if layout == sc.HSDP_LAYOUTS[0]:  # the sync_gradients path over the HSDP mesh's dp group
+        assert f"ok hsdp {R}x{S}x{ep} none: init, gradients, 3 steps, clip norms match" in log, log
 
 
 def test_hsdp_checkpoints_move_to_and_from_fsdp_and_one_process(hsdp_runs):
