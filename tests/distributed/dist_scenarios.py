@@ -522,19 +522,21 @@ def all_ranks_max(errors: dict) -> dict:
     return dict(zip(errors, t.tolist()))
 
 
+# (dp_replicate, dp_shard, ep) -> the checkpoints (after step 3 of 4 ranks) it loads: every HSDP
+# one at a plain FSDP layout, (1,2,2) or dp=4 (1,4,1), and at another HSDP layout; the FSDP
+# ones of scenario_fsdp and a single-process one (ck_single) under HSDP
+HSDP_RESUME = {(1, 2, 2): ["ck_hsdp2x1x2", "ck_hsdp2x2x1"], (1, 4, 1): ["ck_hsdp4x1x1"],
+               (2, 1, 2): ["ck_dp2_ep2", "ck_single", "ck_hsdp2x2x1"], (2, 2, 1): ["ck_dp4_ep1", "ck_hsdp4x1x1"],
+               (4, 1, 1): ["ck_hsdp2x1x2", "ck_single"]}
+
+
 def scenario_hsdp_resume(rank, world, tmp):
-    """HSDP checkpoints (ck_hsdp*, after step 3) load at (1, 2, 2), at dp=4 (1, 4, 1) and at the
-    other HSDP layouts; the FSDP checkpoints of scenario_fsdp (ck_dp2_ep2, ck_dp4_ep1) and a
-    single-process one (ck_single) load under HSDP. Weights equal one process after the load
-    and after step 4 (1e-5)."""
+    """Every HSDP_RESUME plan: the checkpoint loads at the layout; weights equal one process
+    after the load and after step 4 (1e-5)."""
     states = fsdp_reference(world, 4)[0]
     images, labels = batches(world, 4)[3]
-    hsdp = [f"ck_hsdp{R}x{S}x{ep}" for R, S, ep in HSDP_LAYOUTS]
-    plans = [((1, 2, 2), hsdp), ((1, 4, 1), hsdp)] + [
-        ((R, S, ep), [c for c in hsdp if c != f"ck_hsdp{R}x{S}x{ep}"] + ["ck_dp2_ep2", "ck_dp4_ep1", "ck_single"])
-        for R, S, ep in HSDP_LAYOUTS]
     worst = 0.0
-    for (R, S, ep), sources in plans:
+    for (R, S, ep), sources in HSDP_RESUME.items():
         for src in sources:
             mesh = smd.init_mesh(ep, dp_replicate=R)
             with torch.device("meta"):
