@@ -2,7 +2,7 @@
 
     from softmoe import distributed as smd
     smd.init_process_group()                     # torchrun env, or init_method=..., rank, world_size
-    mesh = smd.init_mesh(ep_size=4)              # DeviceMesh (dp, ep)
+    mesh = smd.init_mesh(ep_size=4)              # DeviceMesh (dp, ep); dp_replicate=R: HSDP (R, dp/R, ep)
     with torch.device("meta"):
         model = create_model(...)                # nothing allocated
     smd.parallelize(model, mesh)                 # experts: DTensors Shard(0) over "ep", in place

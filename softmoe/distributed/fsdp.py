@@ -1,20 +1,30 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) as the data-parallel engine, on top of the
 in-place DTensor expert parallelism (expert_parallel.py), in torchtitan's layout:
 
-    experts of every MoE layer   fully_shard on mesh["dp"], Shard(1): each "ep" shard (E/ep, ...)
-                                 is cut along dim 1 over its dp replicas (any dp, even dp > E/ep)
+    experts of every MoE layer   fully_shard on `Mesh.expert_mesh` (mesh["dp"]), Shard(1): each
+                                 "ep" shard (E/ep, ...) is cut along dim 1 over its dp replicas
+                                 (any dp, even dp > E/ep)
     each transformer block       fully_shard on the dense mesh (dp x ep flattened: all W ranks)
     the root (embeddings, head)  fully_shard on the dense mesh
     0-dim parameters             (router `scale`: FSDP2 shards dim 0 and rejects them) left out
                                  of FSDP (`ignored_params`): replicated, plain tensors, averaged
                                  by `sync_ignored_gradients` after backward
 
+HSDP (`init_mesh(..., dp_replicate=R)`, R > 1; docs/distributed.md "HSDP"): both meshes are
+2-D (replicate, shard): experts (dp_replicate, dp_shard), the rest (dp_replicate, dp_shard x ep).
+FSDP2 then shards over the shard dim, all-reduces the reduce-scattered gradient over the
+replicate dim, and the DTensors carry placements (Replicate(), Shard(1), Shard(0)) for the
+experts on (dp_replicate, dp_shard, ep) and (Replicate(), Shard(0)) for the rest.
+
 Gradients (docs/distributed.md): each rank's loss is the mean over its own B/W sequences, so
 the global gradient is the SUM over the W ranks' terms / W for every parameter. FSDP's
-reduce-scatter sums over its group; its divide factor is set to W everywhere (dense group: W
-ranks; an expert's dp group holds dp ranks, the all-to-all backward already summed the ep
-ranks' terms). gloo has no PREMUL_SUM/AVG, so a group of more than one rank is forced to SUM
-then divide; a group of one rank is not (FSDP would then divide twice).
+reduce-scatter sums over its shard group (then, under HSDP, its all-reduce over the replicate
+group); its divide factor is set to W everywhere (dense: W ranks; an expert's dp replicas hold
+dp ranks, the all-to-all backward already summed the ep ranks' terms). gloo has no PREMUL_SUM /
+AVG, so a unit whose SHARD group has more than one rank is forced to SUM, then divides once
+after the (reduce-scatter and) all-reduce. A unit whose shard group is one rank is not forced:
+FSDP2 (torch 2.14 `foreach_reduce`) skips the reduce-scatter and divides by the factor while
+copying, then all-reduces (HSDP) with SUM; forced, it would divide by W twice.
 
 `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` is the `mixed_precision`
 option. Everything is applied from outside: the layers hold no distributed code.
@@ -55,7 +65,7 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, *, mixed_precision: bool = False,
     common = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
     experts = [m for m in model.modules() if is_sharded(m)]
     for m in experts:
-        fully_shard(m, mesh=mesh.device_mesh["dp"], shard_placement_fn=lambda p: Shard(1), **common)
+        fully_shard(m, mesh=mesh.expert_mesh, shard_placement_fn=lambda p: Shard(1), **common)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh.dense_mesh, ignored_params=ignored & set(block.parameters()), **common)
     fully_shard(model, mesh=mesh.dense_mesh, ignored_params=ignored, **common)
@@ -63,8 +73,8 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, *, mixed_precision: bool = False,
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(float(mesh.world_size))
-            group_size = mesh.dp_size if is_sharded(m) else mesh.world_size
-            if gloo and group_size > 1:
+            shard_group_size = mesh.dp_shard if is_sharded(m) else mesh.dp_shard * mesh.ep_size
+            if gloo and shard_group_size > 1:
                 m.set_force_sum_reduction_for_comms(True)
     object.__setattr__(model, FSDP_ATTR, {"ignored": ignored_names, "mixed_precision": mixed_precision})
     return model
@@ -95,7 +105,8 @@ def sync_ignored_gradients(model: nn.Module) -> None:
 
 
 def _reduce_groups(t: DTensor) -> list:
-    """The process groups over which `t`'s local shards must be summed (its Shard dims)."""
+    """The process groups over which `t`'s local shards must be summed: its Shard dims only (a
+    Replicate dim, HSDP's dp_replicate, holds the same elements on each of its ranks: counted once)."""
     mesh = t.device_mesh
     return [mesh.get_group(i) for i, pl in enumerate(t.placements) if pl.is_shard() and mesh.size(i) > 1]
 
@@ -105,7 +116,8 @@ def clip_grad_norm_(params, max_norm: float, norm_type: float = 2.0) -> torch.Te
     """`torch.nn.utils.clip_grad_norm_` over the whole, unsharded model for any layout: every
     gradient is a plain tensor (equal on every rank after the gradient sync) or a DTensor
     (FSDP and/or "ep" shards, each element on one rank of its shard groups: the squared sums are
-    summed over those groups, one all-reduce per distinct set of groups). Returns the total
+    summed over those groups, one all-reduce per distinct set of groups; HSDP's replicate dim
+    is not summed over, its replicas hold equal gradients). Returns the total
     (float32) norm before clipping, equal on every rank. Only norm_type 2 is supported."""
     if norm_type != 2.0:
         raise ValueError(f"norm_type must be 2.0 (the only norm the sharded clip computes), got {norm_type!r}")

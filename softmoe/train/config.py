@@ -121,6 +121,11 @@ class TrainConfig:
     # parallelism under torchrun (softmoe/train/parallel.py): experts sharded over ep_size ranks,
     # data over world / ep_size; a checkpoint resumes at any layout
     ep_size: int = _resumable(1)
+    # HSDP (docs/distributed.md "HSDP"): FSDP2 shards every parameter within each of dp_replicate
+    # groups of world / (ep_size x dp_replicate) x ep_size ranks (one node, say) and replicates it
+    # across the groups; needs data_parallel="fsdp" and must divide world / ep_size. 1: plain FSDP2.
+    # Resumable like ep_size: the same math at any layout, and a DCP checkpoint loads at any layout.
+    dp_replicate: int = _resumable(1)
     # the data-parallel engine under torchrun: "fsdp" (FSDP2: every parameter and its optimizer
     # state sharded, experts over their dp group) or "ddp" (DDP for the replicated parameters,
     # experts sharded over ep only, replicated over dp: less communication, more memory)
@@ -195,7 +200,7 @@ class TrainConfig:
         if self.steps < 0 or self.epochs < 0:
             raise ValueError(f"steps and epochs must be >= 0, got steps={self.steps}, epochs={self.epochs}")
         positive = ["batch_size", "eval_batch_size", "log_every", "keep_checkpoints", "rsqrt_timescale", "ep_size",
-                    "dist_timeout_s", "checkpoint_timeout_s"]
+                    "dp_replicate", "dist_timeout_s", "checkpoint_timeout_s"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -205,6 +210,9 @@ class TrainConfig:
             v = getattr(self, key)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"{key} must be a finite number >= 0, got {v}")
+        if self.dp_replicate > 1 and self.data_parallel != "fsdp":
+            raise ValueError(f"dp_replicate={self.dp_replicate} (HSDP) needs data_parallel='fsdp', got "
+                             f"data_parallel={self.data_parallel!r}; use dp_replicate=1 with 'ddp'")
         self._check_step_options()
         if self.seed >= 2**63:
             raise ValueError(f"seed must be < 2**63, got {self.seed}")

@@ -2,7 +2,8 @@
 docs/design.md §6). The trainer calls these few hooks; a run without torchrun reaches only
 setup_parallel, micro_batches and gradient_sync (a no-op for it).
 
-    setup_parallel   the launch checks, the process group and the (dp, ep) mesh, or None
+    setup_parallel   the launch checks, the process group and the (dp, ep) mesh (HSDP: dp_replicate
+                     x dp_shard x ep), or None
     parallelize      on the meta model: experts sharded over "ep" (DTensors), then FSDP2 or DDP
     rows             this rank's rows of the global batch the single-process run would draw
     micro_batches    how many micro-batches of micro_batch_size each rank's rows make (accumulation)
@@ -47,18 +48,23 @@ def launched() -> bool:
 
 
 def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s: float | None = None,
-                   micro_batch_size: int = 0):
-    """The mesh of this torchrun rank, or None for a plain single-process run (ep_size 1, no
-    WORLD_SIZE). ValueError for an inconsistent launch, before any process group exists."""
+                   micro_batch_size: int = 0, dp_replicate: int = 1):
+    """The mesh of this torchrun rank, or None for a plain single-process run (ep_size 1 and
+    dp_replicate 1, no WORLD_SIZE). ValueError for an inconsistent launch, before any process
+    group exists."""
     if not launched():
-        if ep_size != 1:
-            raise ValueError(f"ep_size={ep_size} needs ep_size processes or a multiple: launch with "
-                             f"torchrun --nproc-per-node N -m softmoe train ... (WORLD_SIZE is not set)")
+        for name, value in (("ep_size", ep_size), ("dp_replicate", dp_replicate)):
+            if value != 1:
+                raise ValueError(f"{name}={value} needs {name} processes or a multiple: launch with "
+                                 f"torchrun --nproc-per-node N -m softmoe train ... (WORLD_SIZE is not set)")
         micro_batches(micro_batch_size, batch_size, 1)
         return None
     world = int(os.environ["WORLD_SIZE"])
     if world % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide the world size {world} (torchrun's --nproc-per-node x nodes)")
+    if (world // ep_size) % dp_replicate:
+        raise ValueError(f"dp_replicate={dp_replicate} must divide world / ep_size = {world} / {ep_size} = "
+                         f"{world // ep_size} (the dp ranks are dp_replicate x dp_shard)")
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}: each rank takes "
                          f"batch_size / world of the same global batch")
@@ -67,7 +73,7 @@ def setup_parallel(ep_size: int, batch_size: int, timeout_s: float, io_timeout_s
         return None
     if not dist.is_initialized():
         smd.init_process_group(timeout_s=timeout_s)
-    return smd.init_mesh(ep_size, timeout_s=timeout_s, io_timeout_s=io_timeout_s)
+    return smd.init_mesh(ep_size, dp_replicate, timeout_s=timeout_s, io_timeout_s=io_timeout_s)
 
 
 def parallelize(model: nn.Module, mesh, data_parallel: str) -> nn.Module | None:

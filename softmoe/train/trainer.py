@@ -314,7 +314,7 @@ def _setup_run(cfg: TrainConfig, workdir, resume: bool | None, log, held: contex
     cfg = dataclasses.replace(cfg).validate()
     workdir = Path(workdir or cfg.workdir)
     mesh = parallel.setup_parallel(cfg.ep_size, cfg.batch_size, cfg.dist_timeout_s, cfg.checkpoint_timeout_s,
-                                   cfg.micro_batch_size)
+                                   cfg.micro_batch_size, cfg.dp_replicate)
     k = parallel.micro_batches(cfg.micro_batch_size, cfg.batch_size, 1 if mesh is None else mesh.world_size)
     if mesh is not None and mesh.rank != 0:
         log = _quiet

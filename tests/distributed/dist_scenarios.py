@@ -19,6 +19,9 @@ from softmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from softmoe.models import create_model
 
 TOL = 1e-5  # float32, absolute; every compared value is O(1) or smaller
+# gradients, also relative to the tensor's largest one (some are O(1e-5): 1e-5 absolute alone
+# would pass a 2-fold error there); measured: about 1e-6 relative
+GRAD_RTOL = 1e-4
 B_LOCAL = 2  # sequences per rank
 D, N = 16, 8
 
@@ -150,9 +153,12 @@ def reference_states(world: int, steps: int):
 
 
 def check_weights(model, state, what, tol=TOL):
+    """Every tensor of `model`'s state_dict (its shard) equals `state`'s; returns the max abs error."""
+    worst = 0.0
     for name, t in model.state_dict().items():
         assert tuple(t.shape) == tuple(state[name].shape), (name, t.shape, state[name].shape)  # global shapes
-        close(f"{what} weight {name}", smd.local(t), state[name][smd.local_region(t)], tol)
+        worst = max(worst, close(f"{what} weight {name}", smd.local(t), state[name][smd.local_region(t)], tol))
+    return worst
 
 
 def parallel_model(mesh, ckpt=None):
@@ -316,18 +322,25 @@ def fsdp_reference(world: int, steps: int):
     """The single-process run of the FSDP scenarios: the keyed init (seed 0), AdamW steps on the
     global batches with the gradient clipped at MAX_NORM. Returns (states after 0..steps steps,
     the gradients of step 1, the clip norms)."""
+    _, _, states, grads, norms = fsdp_reference_run(world, steps)
+    return states, grads[0], norms
+
+
+def fsdp_reference_run(world: int, steps: int):
+    """fsdp_reference, with the trained model and optimizer, and every step's gradients (before
+    the clip; step 1's are zero but for the head's, the head being zero-initialised): (model,
+    opt, states after 0..steps steps, [gradients of step 1..steps], clip norms)."""
     model = smd.init_weights(micro_model(), seed=0)
     opt = make_optimizer(model)
-    states, norms, grads = [copy.deepcopy(model.state_dict())], [], None
+    states, norms, grads = [copy.deepcopy(model.state_dict())], [], []
     for images, labels in batches(world, steps):
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(images), labels).backward()
-        if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         opt.step()
         states.append(copy.deepcopy(model.state_dict()))
-    return states, grads, norms
+    return model, opt, states, grads, norms
 
 
 def fsdp_model(mesh, data_parallel="fsdp"):
@@ -362,11 +375,12 @@ def layouts_of(world):
 
 
 def scenario_fsdp(rank, world, tmp):
-    """At every (dp, ep) layout of `world`: the keyed init equals one process bitwise; step 1's
-    per-parameter gradients (before the clip) and 3 AdamW steps' weights equal one process
-    (1e-5); the clip norms too; then a DCP checkpoint (ck_dp{dp}_ep{ep}). The same without
+    """At every (dp, ep) layout of `world`: the keyed init equals one process bitwise; every
+    step's per-parameter gradients (before the clip; 1e-5 and GRAD_RTOL: step 1's are zero but
+    for the zero-initialised head's) and 3 AdamW steps' weights equal one process (1e-5); the
+    clip norms too; then a DCP checkpoint (ck_dp{dp}_ep{ep}). The same without
     FSDP (sync_gradients, the oracle) at the first layout."""
-    states, grads, norms = fsdp_reference(world, 3)
+    _, _, states, grads, norms = fsdp_reference_run(world, 3)
     data = batches(world, 3)
     runs = [(dp, ep, "fsdp") for dp, ep in layouts_of(world)] + [(*layouts_of(world)[0], "none")]
     for dp, ep, engine in runs:
@@ -376,8 +390,8 @@ def scenario_fsdp(rank, world, tmp):
         check_weights(model, states[0], f"dp={dp} ep={ep} {engine} init", tol=0.0)
         for step, (images, labels) in enumerate(data, 1):
             opt.zero_grad(set_to_none=True)
-            norm = fsdp_step_checked(model, opt, images, labels, mesh, grads if step == 1 else None,
-                                     f"dp={dp} ep={ep} {engine}")
+            norm = fsdp_step_checked(model, opt, images, labels, mesh, grads[step - 1],
+                                     f"dp={dp} ep={ep} {engine} step {step}")
             close(f"dp={dp} ep={ep} {engine} clip norm {step}", torch.tensor(norm), torch.tensor(norms[step - 1]))
             check_weights(model, states[step], f"dp={dp} ep={ep} {engine} step {step}")
         if engine == "fsdp":
@@ -386,10 +400,12 @@ def scenario_fsdp(rank, world, tmp):
             print(f"ok fsdp dp={dp} ep={ep} {engine}: init, gradients, 3 steps match", flush=True)
 
 
-def fsdp_step_checked(model, opt, images, labels, mesh, grads, what):
-    """fsdp_step, checking the synced gradients against `grads` (one process) before the clip."""
+def fsdp_step_checked(model, opt, images, labels, mesh, grads, what, return_error=False):
+    """fsdp_step, checking the synced gradients against `grads` (one process) before the clip.
+    Returns the clip norm (and, with `return_error`, the gradients' max abs error)."""
     if grads is None:
-        return fsdp_step(model, opt, images, labels, mesh)
+        norm = fsdp_step(model, opt, images, labels, mesh)
+        return (norm, 0.0) if return_error else norm
     opt.zero_grad(set_to_none=True)
     x, y = smd.shard_batch(images, mesh), smd.shard_batch(labels, mesh)
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -397,11 +413,14 @@ def fsdp_step_checked(model, opt, images, labels, mesh, grads, what):
         smd.sync_ignored_gradients(model)
     else:
         smd.sync_gradients(model)
+    worst = 0.0
     for name, p in model.named_parameters():
-        close(f"{what} grad {name}", smd.local(p.grad), grads[name][smd.local_region(p)])
-    norm = smd.clip_grad_norm_(model.parameters(), MAX_NORM)
+        want = grads[name]  # absolute TOL and GRAD_RTOL x its largest element (1e-9: an all-zero gradient)
+        tol = max(1e-9, min(TOL, GRAD_RTOL * want.abs().max().item()))
+        worst = max(worst, close(f"{what} grad {name}", smd.local(p.grad), want[smd.local_region(p)], tol))
+    norm = smd.clip_grad_norm_(model.parameters(), MAX_NORM).item()
     opt.step()
-    return norm.item()
+    return (norm, worst) if return_error else norm
 
 
 def scenario_fsdp_resume(rank, world, tmp):
@@ -426,6 +445,114 @@ def scenario_fsdp_resume(rank, world, tmp):
                 check_weights(model, states[4], f"dp={dp} ep={ep} step 4 from {src}")
         if rank == 0:
             print(f"ok resume dp={dp} ep={ep}: 5 checkpoints, step 4 matches", flush=True)
+
+
+HSDP_LAYOUTS = [(2, 1, 2), (2, 2, 1), (4, 1, 1)]  # (dp_replicate, dp_shard, ep) on 4 ranks
+
+
+def check_hsdp_placements(model, mesh):
+    """Every FSDP parameter is replicated over "dp_replicate" and sharded over the rest: the
+    dense ones (Replicate(), Shard(0)) on (dp_replicate, dp_shard_ep), the experts (Replicate(),
+    Shard(1), Shard(0)) on (dp_replicate, dp_shard, ep); 0-dim ones stay plain tensors."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    experts = {name for name, _ in smd.expert_parameters(model)}
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            assert not isinstance(p, DTensor), name
+            continue
+        if name in experts:
+            want = (("dp_replicate", "dp_shard", "ep"), (Replicate(), Shard(1), Shard(0)))
+        else:
+            want = (("dp_replicate", "dp_shard_ep"), (Replicate(), Shard(0)))
+        assert (p.device_mesh.mesh_dim_names, tuple(p.placements)) == want, (name, p.device_mesh, p.placements)
+
+
+def scenario_hsdp(rank, world, tmp):
+    """HSDP at (dp_replicate, dp_shard, ep) in HSDP_LAYOUTS: the mesh's groups, the placements,
+    each rank's share of the parameters, the keyed init bitwise, every step's per-parameter
+    gradients (before the clip; 1e-5 and GRAD_RTOL: step 1's are zero but for the
+    zero-initialised head's, so steps 2-3 check the rest), 3 AdamW steps' weights and the clip
+    norms (replicas counted once: a norm summed over dp_replicate would be sqrt(R) too large)
+    equal one process (1e-5); then a DCP checkpoint ck_hsdp{R}x{S}x{ep}. The same without FSDP
+    (sync_gradients over the HSDP mesh's dp group) at the first layout. A dp_replicate not
+    dividing world / ep is a ValueError."""
+    expect_error(lambda: smd.init_mesh(2, dp_replicate=3), "dp_replicate=3 must divide dp = world / ep_size = 4 / 2")
+    expect_error(lambda: smd.init_mesh(1, dp_replicate=0), "dp_replicate must be an integer >= 1, got 0")
+    _, _, states, grads, norms = fsdp_reference_run(world, 3)
+    data = batches(world, 3)
+    for R, S, ep, engine in [(*layout, "fsdp") for layout in HSDP_LAYOUTS] + [(*HSDP_LAYOUTS[0], "none")]:
+        what = f"hsdp {R}x{S}x{ep} {engine}"
+        mesh = smd.init_mesh(ep, dp_replicate=R)
+        assert (mesh.dp_replicate, mesh.dp_shard, mesh.ep_size, mesh.dp_size) == (R, S, ep, R * S), what
+        assert mesh.dp_rank == rank // ep and mesh.ep_rank == rank % ep, what
+        # every dp replica of this rank's expert shard: ranks ep_rank, ep_rank + ep, ... (R*S of them)
+        assert mesh.device_mesh["dp"].mesh.flatten().tolist() == list(range(rank % ep, world, ep)), what
+        assert mesh.dense_mesh.mesh.tolist() == [list(range(i * S * ep, (i + 1) * S * ep)) for i in range(R)], what
+        model, opt = fsdp_model(mesh, engine)
+        total = sum(p.numel() for p in model.parameters())
+        held = sum(smd.local(p).numel() for p in model.parameters())
+        if engine == "fsdp":
+            check_hsdp_placements(model, mesh)
+            # memory: each rank holds 1/(S*ep) of the model (R times plain FSDP's 1/W), give or
+            # take FSDP's uneven last chunks (at most one row per tensor) and the 0-dim parameters
+            slack = sum(p.numel() // p.shape[0] for p in model.parameters() if p.dim()) + 8
+            assert abs(held - total / (S * ep)) <= slack, (what, held, total, slack)
+        check_weights(model, states[0], f"{what} init", tol=0.0)
+        errors = {"grad": 0.0, "norm": 0.0, "weight": 0.0}
+        for step, (images, labels) in enumerate(data, 1):
+            norm, gerr = fsdp_step_checked(model, opt, images, labels, mesh, grads[step - 1], f"{what} step {step}",
+                                           return_error=True)
+            errors["grad"] = max(errors["grad"], gerr)
+            errors["norm"] = max(errors["norm"], close(f"{what} clip norm {step}", torch.tensor(norm),
+                                                       torch.tensor(norms[step - 1])))
+            errors["weight"] = max(errors["weight"], check_weights(model, states[step], f"{what} step {step}"))
+        if engine == "fsdp":
+            smd.save_checkpoint(f"{tmp}/ck_hsdp{R}x{S}x{ep}", model, opt, extra={"step": 3})
+        errors = all_ranks_max(errors)
+        if rank == 0:
+            print(f"ok {what}: init, gradients, 3 steps, clip norms match; max abs error "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in errors.items())
+                  + f"; rank 0 holds {held} of {total} parameters", flush=True)
+
+
+def all_ranks_max(errors: dict) -> dict:
+    t = torch.tensor(list(errors.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(errors, t.tolist()))
+
+
+# (dp_replicate, dp_shard, ep) -> the checkpoints (after step 3 of 4 ranks) it loads: every HSDP
+# one at a plain FSDP layout, (1,2,2) or dp=4 (1,4,1), and at another HSDP layout; the FSDP
+# ones of scenario_fsdp and a single-process one (ck_single) under HSDP
+HSDP_RESUME = {(1, 2, 2): ["ck_hsdp2x1x2", "ck_hsdp2x2x1"], (1, 4, 1): ["ck_hsdp4x1x1"],
+               (2, 1, 2): ["ck_dp2_ep2", "ck_single", "ck_hsdp2x2x1"], (2, 2, 1): ["ck_dp4_ep1", "ck_hsdp4x1x1"],
+               (4, 1, 1): ["ck_hsdp2x1x2", "ck_single"]}
+
+
+def scenario_hsdp_resume(rank, world, tmp):
+    """Every HSDP_RESUME plan: the checkpoint loads at the layout; weights equal one process
+    after the load and after step 4 (1e-5)."""
+    states = fsdp_reference(world, 4)[0]
+    images, labels = batches(world, 4)[3]
+    worst = 0.0
+    for (R, S, ep), sources in HSDP_RESUME.items():
+        for src in sources:
+            mesh = smd.init_mesh(ep, dp_replicate=R)
+            with torch.device("meta"):
+                model = micro_model()
+            smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
+            model.to_empty(device="cpu")
+            opt = make_optimizer(model)
+            assert smd.load_checkpoint(f"{tmp}/{src}", model, opt) == {"step": 3}
+            what = f"{R}x{S}x{ep} from {src}"
+            worst = max(worst, check_weights(model, states[3], what))
+            fsdp_step(model, opt, images, labels, mesh)
+            worst = max(worst, check_weights(model, states[4], f"{what} step 4"))
+        worst = all_ranks_max({"w": worst})["w"]
+        if rank == 0:
+            print(f"ok hsdp resume {R}x{S}x{ep}: {len(sources)} checkpoints, step 4 matches; max abs error "
+                  f"{worst:.3g}", flush=True)
 
 
 def scenario_fsdp_bf16(rank, world, tmp):

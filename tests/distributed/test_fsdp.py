@@ -1,10 +1,12 @@
 """FSDP2 + DTensor expert parallelism + DCP checkpoints on 2 and 4 gloo processes (CPU) equal
 one process on the global batch (float32, 1e-5: reduction order only): at (dp, ep) in
-{(1, 2), (2, 1)} and {(2, 2), (1, 4), (4, 1)} the keyed init is bitwise equal, step 1's
+{(1, 2), (2, 1)} and {(2, 2), (1, 4), (4, 1)} the keyed init is bitwise equal, every step's
 per-parameter gradients (Adam would hide a W-fold error) and 3 AdamW steps (with an active
 clip) match; DCP checkpoints move between every pair of those layouts and into one process
-without a process group; a checkpoint missing a shard is a clear error. The per-process code
-is in dist_scenarios.py; every launch has a hard timeout."""
+without a process group; a checkpoint missing a shard is a clear error. HSDP (dp_replicate x
+dp_shard x ep in {2x1x2, 2x2x1, 4x1x1} on 4 processes): the same checks, and its checkpoints
+move to and from FSDP layouts and one process. The per-process code is in dist_scenarios.py;
+every launch has a hard timeout."""
 from __future__ import annotations
 
 import shutil
@@ -47,8 +49,13 @@ def test_dcp_checkpoints_move_between_layouts(fsdp_runs, world):
 @pytest.mark.parametrize("src", ["ck_dp1_ep2", "ck_dp2_ep1", "ck_dp2_ep2", "ck_dp1_ep4", "ck_dp4_ep1"])
 def test_dcp_checkpoint_loads_in_one_process_without_a_process_group(fsdp_runs, src):
     tmp, _ = fsdp_runs
+    check_loads_in_one_process(tmp, src, 2 if src in ("ck_dp1_ep2", "ck_dp2_ep1") else 4)
+
+
+def check_loads_in_one_process(tmp, src, world):
+    """Checkpoint `src` (after step 3 of `world` ranks' global batches) loads into a plain model
+    and optimizer without a process group; the weights and the next step equal one process."""
     assert not torch.distributed.is_initialized()
-    world = 2 if src in ("ck_dp1_ep2", "ck_dp2_ep1") else 4
     states, _, _ = sc.fsdp_reference(world, 4)
     model = sc.micro_model()
     opt = sc.make_optimizer(model)
@@ -142,3 +149,36 @@ def test_dcp_async_save_in_one_process_is_a_snapshot(tmp_path):
     fresh_opt = sc.make_optimizer(fresh)
     assert smd.load_checkpoint(tmp_path / "ck", fresh, fresh_opt) == {"step": 1}
     sc.assert_same_state(sc.local_state(fresh, fresh_opt), before, "one-process async checkpoint")
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(fsdp_runs):
+    """The HSDP scenario's log; its checkpoints (ck_hsdp*) land beside the FSDP ones."""
+    tmp, _ = fsdp_runs
+    return tmp, assert_ok(launch("hsdp", 4, tmp, timeout_s=600))
+
+
+@pytest.mark.parametrize("layout", sc.HSDP_LAYOUTS, ids=lambda t: "x".join(map(str, t)))
+def test_hsdp_layouts_equal_one_process(hsdp_runs, layout):
+    """(dp_replicate, dp_shard, ep): placements Replicate over dp_replicate, Shard over the rest;
+    init bitwise; every step's gradients, 3 AdamW steps and the clip norms within 1e-5."""
+    _, log = hsdp_runs
+    R, S, ep = layout
+    assert f"ok hsdp {R}x{S}x{ep} fsdp: init, gradients, 3 steps, clip norms match" in log, log
+    if layout == sc.HSDP_LAYOUTS[0]:  # the sync_gradients path over the HSDP mesh's dp group
+        assert f"ok hsdp {R}x{S}x{ep} none: init, gradients, 3 steps, clip norms match" in log, log
+
+
+def test_hsdp_checkpoints_move_to_and_from_fsdp_and_one_process(hsdp_runs):
+    """HSDP checkpoints load at (1,2,2), at dp=4 and at other HSDP layouts; FSDP (2,2) and (4,1)
+    checkpoints and a single-process one (saved here, no process group) load under HSDP
+    (sc.HSDP_RESUME); the weights and step 4 equal one process (1e-5). Then each HSDP
+    checkpoint loads in one process without a process group."""
+    tmp, _ = hsdp_runs
+    model, opt, *_ = sc.fsdp_reference_run(4, 3)
+    smd.save_checkpoint(tmp / "ck_single", model, opt, extra={"step": 3})
+    log = assert_ok(launch("hsdp_resume", 4, tmp, timeout_s=600))
+    for (R, S, ep), sources in sc.HSDP_RESUME.items():
+        assert f"ok hsdp resume {R}x{S}x{ep}: {len(sources)} checkpoints, step 4 matches" in log, log
+    for R, S, ep in sc.HSDP_LAYOUTS:
+        check_loads_in_one_process(tmp, f"ck_hsdp{R}x{S}x{ep}", 4)

@@ -75,9 +75,9 @@ def test_model_section_errors():
 def test_resumable_fields_are_marked_on_the_dataclass():
     assert resumable_fields() == {"log_every", "eval_every", "eval_batch_size", "routing_metrics_every",
                                   "checkpoint_every", "keep_checkpoints", "tensorboard", "plots", "workdir",
-                                  "num_threads", "device", "reuse_buffers", "ep_size", "dist_timeout_s",
-                                  "data_parallel", "checkpoint_timeout_s", "checkpoint_async", "micro_batch_size",
-                                  "activation_checkpoint",
+                                  "num_threads", "device", "reuse_buffers", "ep_size", "dp_replicate",
+                                  "dist_timeout_s", "data_parallel", "checkpoint_timeout_s", "checkpoint_async",
+                                  "micro_batch_size", "activation_checkpoint",
                                   "compile"}
 
 
@@ -103,6 +103,12 @@ def test_set_rejects_wrong_types_and_values():
         apply_overrides(TrainConfig(steps=1), ["data_parallel=zero"])
     with pytest.raises(ValueError, match="checkpoint_timeout_s"):
         apply_overrides(TrainConfig(steps=1), ["checkpoint_timeout_s=0"])
+    with pytest.raises(ValueError, match="dp_replicate must be >= 1, got 0"):
+        apply_overrides(TrainConfig(steps=1), ["dp_replicate=0"])
+    with pytest.raises(ValueError, match=r"dp_replicate=2 \(HSDP\) needs data_parallel='fsdp', got "
+                                         r"data_parallel='ddp'"):
+        apply_overrides(TrainConfig(steps=1), ["dp_replicate=2", "data_parallel=ddp"])
+    assert apply_overrides(TrainConfig(steps=1), ["dp_replicate=2"]).dp_replicate == 2
     with pytest.raises(ValueError, match="exactly one of steps"):
         apply_overrides(TrainConfig(steps=1), ["epochs=2"])
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):

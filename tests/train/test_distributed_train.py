@@ -78,10 +78,14 @@ def single(tmp_path_factory):
     return wd
 
 
-@pytest.mark.parametrize("nproc,ep,engine", [(2, 2, "fsdp"), (4, 2, "fsdp"), (2, 2, "ddp")])
-def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine):
-    """FSDP2 (the default) and DDP (experts replicated over dp) at EP=2 equal one process."""
-    out = ok(train(tmp_path, 6, nproc, ep, extra=["--set", f"data_parallel={engine}"]))
+@pytest.mark.parametrize("nproc,ep,engine,replicate", [(2, 2, "fsdp", 1), (4, 2, "fsdp", 1), (2, 2, "ddp", 1),
+                                                       (4, 2, "fsdp", 2)])
+def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine, replicate):
+    """FSDP2 (the default) and DDP (experts replicated over dp) at EP=2 equal one process, and
+    so does HSDP (`dp_replicate=2` on 4 ranks: dp_replicate 2 x dp_shard 1 x ep 2)."""
+    out = ok(train(tmp_path, 6, nproc, ep, extra=["--set", f"data_parallel={engine}",
+                                                  "--set", f"dp_replicate={replicate}"]))
+    assert json.loads((tmp_path / "config.json").read_text())["dp_replicate"] == replicate
     assert out.count("summary:") == 1  # rank 0 alone prints
     diff = max_diff(weights(tmp_path, 6), weights(single, 6))
     assert diff < TOL, diff
@@ -365,6 +369,11 @@ def test_divergence_finishes_the_async_save_in_flight_before_it_exits(tmp_path):
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=2"], "must divide the world size 3"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["ep_size=1"], "batch_size=16 must be divisible by the world size 3"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["micro_batch_size=16"], "micro_batch_size=16 must divide each rank's batch"),
+    ({}, ["dp_replicate=2"], "dp_replicate=2 needs dp_replicate processes or a multiple"),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, ["ep_size=2", "dp_replicate=4"],
+     "dp_replicate=4 must divide world / ep_size = 4 / 2 = 2"),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, ["dp_replicate=2", "data_parallel=ddp"],
+     "dp_replicate=2 (HSDP) needs data_parallel='fsdp', got data_parallel='ddp'"),
 ])
 def test_bad_launch_exits_2_before_any_process_group(tmp_path, env, sets, message):
     cmd = [sys.executable, "-m", "softmoe", "train", "--workdir", str(tmp_path / "w"), "--set", "steps=2", *COMMON]
