@@ -423,6 +423,16 @@ def fsdp_step_checked(model, opt, images, labels, mesh, grads, what, return_erro
     return (norm, worst) if return_error else norm
 
 
+def empty_fsdp_model(mesh):
+    """(micro model built on meta, parallelised and FSDP-sharded over `mesh`, allocated but not
+    initialised; its optimizer): what a checkpoint is loaded into."""
+    with torch.device("meta"):
+        model = micro_model()
+    smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
+    model.to_empty(device="cpu")
+    return model, make_optimizer(model)
+
+
 def scenario_fsdp_resume(rank, world, tmp):
     """Every checkpoint of scenario_fsdp (saved after step 3 at the layouts of 2 and 4 ranks, on
     their global batches) loads at every layout of `world`: weights equal one process, and the
@@ -434,11 +444,7 @@ def scenario_fsdp_resume(rank, world, tmp):
             for sdp, sep in layouts_of(src_world):
                 src = f"ck_dp{sdp}_ep{sep}"
                 mesh = smd.init_mesh(ep)
-                with torch.device("meta"):
-                    model = micro_model()
-                smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
-                model.to_empty(device="cpu")
-                opt = make_optimizer(model)
+                model, opt = empty_fsdp_model(mesh)
                 assert smd.load_checkpoint(f"{tmp}/{src}", model, opt) == {"step": 3}
                 check_weights(model, states[3], f"dp={dp} ep={ep} from {src}")
                 fsdp_step(model, opt, images, labels, mesh)
@@ -539,11 +545,7 @@ def scenario_hsdp_resume(rank, world, tmp):
     for (R, S, ep), sources in HSDP_RESUME.items():
         for src in sources:
             mesh = smd.init_mesh(ep, dp_replicate=R)
-            with torch.device("meta"):
-                model = micro_model()
-            smd.apply_fsdp(smd.parallelize(model, mesh), mesh)
-            model.to_empty(device="cpu")
-            opt = make_optimizer(model)
+            model, opt = empty_fsdp_model(mesh)
             assert smd.load_checkpoint(f"{tmp}/{src}", model, opt) == {"step": 3}
             what = f"{R}x{S}x{ep} from {src}"
             worst = max(worst, check_weights(model, states[3], what))
