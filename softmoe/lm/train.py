@@ -4,7 +4,9 @@ It reads the generic TrainConfig fields (steps, batch_size, lr, betas, eps, weig
 grad_clip, schedule "cosine"/"constant" with warmup_steps and min_lr, seed, num_threads,
 log_every, eval_every, eval_batch_size, checkpoint_every, keep_checkpoints, workdir); `model`
 names a decoder of softmoe/models/gpt.py with its GPTConfig overrides; `data` is the corpus
-("pydoc" or a path).
+("pydoc" or a path). It trains in one process (under torchrun it is an error), and the
+vision trainer's options it would ignore (micro_batch_size, activation_checkpoint, compile,
+checkpoint_async, ep_size, dp_replicate) must stay unset (TrainConfig.validate).
 
 Splits (softmoe/lm/data.py): the corpus's last VAL_FRACTION is held out, its first half the
 validation split (evaluations during training: decisions), its second half the test split
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -135,6 +138,10 @@ def train_lm(cfg, workdir=None, log=print, resume: bool | None = None) -> dict:
 
     if cfg.steps < 1:
         raise ValueError(f"task='lm' trains for steps >= 1 (epochs are not used), got steps={cfg.steps}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":  # every rank would train the same model into the same work directory
+        raise ValueError(f"task='lm' trains in one process; run `softmoe train` without torchrun "
+                         f"(WORLD_SIZE={world})")
     cfg = cfg.validate()
     workdir = Path(workdir or cfg.workdir)
     if resume and ckpt_mod.latest_checkpoint(workdir) is None:

@@ -247,16 +247,26 @@ class TrainConfig:
         return self
 
     def _check_step_options(self) -> None:
-        """micro_batch_size, activation_checkpoint, compile: the vision trainer's only."""
+        """micro_batch_size (divides batch_size); the vision trainer's options (accumulation,
+        activation checkpointing, compile, parallel layouts, async checkpoints) unset for task='lm'."""
         m = self.micro_batch_size
         if m < 0:
             raise ValueError(f"micro_batch_size must be >= 0 (0: no gradient accumulation), got {m}")
         if m and self.batch_size % m:
             raise ValueError(f"micro_batch_size={m} must divide batch_size={self.batch_size} (each rank runs its "
                              f"batch_size / world rows as micro-batches of micro_batch_size rows)")
-        if self.task == "lm" and (m or self.activation_checkpoint != "none" or self.compile):
-            raise ValueError("micro_batch_size, activation_checkpoint and compile apply to task='classify' only; "
-                             "leave them at 0, 'none' and false for task='lm'")
+        if self.task != "lm":
+            return
+        # the char-LM loop (softmoe/lm/train.py) runs in one process, unaccumulated, eager and
+        # synchronously checkpointed: a field it would ignore is an error, never a silent no-op
+        set_ = {"micro_batch_size": m != 0, "activation_checkpoint": self.activation_checkpoint != "none",
+                "compile": self.compile, "checkpoint_async": self.checkpoint_async, "ep_size": self.ep_size != 1,
+                "dp_replicate": self.dp_replicate != 1}
+        if any(set_.values()):
+            given = ", ".join(f"{k}={getattr(self, k)!r}" for k, on in set_.items() if on)
+            raise ValueError(f"micro_batch_size, activation_checkpoint, compile, checkpoint_async, ep_size and "
+                             f"dp_replicate apply to task='classify' only (the char-LM loop trains in one process); "
+                             f"leave them at 0, 'none', false, false, 1 and 1 for task='lm', got {given}")
 
 
 def resumable_fields() -> set[str]:

@@ -80,3 +80,23 @@ def test_cli_errors(tmp_path, capsys):
         ModelConfig("gpt_micro", {"patch_size": 4})
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="seq2seq", steps=1).validate()
+
+
+@pytest.mark.parametrize("field,value", [("micro_batch_size", 4), ("activation_checkpoint", "full"),
+                                         ("compile", True), ("checkpoint_async", True), ("ep_size", 2),
+                                         ("dp_replicate", 2)])
+def test_lm_rejects_the_vision_trainers_options(field, value):
+    """The char-LM loop trains in one process, unaccumulated, eager, saving synchronously: each
+    option it would ignore is a ValueError naming it and its value, never a silent no-op."""
+    with pytest.raises(ValueError, match=f"task='classify' only .*got {field}={value!r}"):
+        TrainConfig(task="lm", model="gpt_micro", data="pydoc", steps=1, **{field: value}).validate()
+
+
+def test_lm_under_torchrun_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE > 1 (torchrun): every rank would train the same model into one work directory;
+    `softmoe train` exits 2 naming it before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", "charlm", "--workdir", str(tmp_path / "w"), "--set", "steps=1"]) == 2
+    assert "task='lm' trains in one process; run `softmoe train` without torchrun (WORLD_SIZE=2)" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
