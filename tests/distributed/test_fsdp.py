@@ -87,8 +87,13 @@ def test_dcp_writers_are_balanced_and_a_missing_shard_is_a_clear_error(fsdp_runs
         smd.load_checkpoint(broken, model)
 
 
-def test_bf16_mixed_precision_gradients_are_within_the_bf16_bound(tmp_path):
-    assert "ok bf16 mixed precision" in assert_ok(launch("fsdp_bf16", 2, tmp_path, timeout_s=300))
+@pytest.mark.parametrize("world", [2, 4])
+def test_bf16_mixed_precision_gradients_are_within_the_bf16_bound(tmp_path, world):
+    """FSDP at (dp, ep) = (1, 2) / (2, 2), HSDP at dp_replicate 2 x ep 2 and 2 x 2 x 1: step 2's
+    gradients within the bf16 bound of float32, and at one ep_size equal across layouts."""
+    log = assert_ok(launch("fsdp_bf16", world, tmp_path, timeout_s=300))
+    for R, ep in sc.BF16_LAYOUTS[world]:
+        assert f"ok bf16 mixed precision dp_replicate={R} ep={ep}:" in log, log
 
 
 def test_dcp_parallel_checkpoint_keeps_every_ranks_rng_and_an_async_save_is_a_snapshot(tmp_path):

@@ -94,15 +94,19 @@ def test_parallel_run_equals_single_process(single, tmp_path, nproc, ep, engine,
     assert len(lines) == len(set(lines))  # one writer
 
 
-@pytest.mark.parametrize("engine,micro,checkpointing", [("fsdp", 4, "none"), ("fsdp", 2, "selective"),
-                                                        ("ddp", 4, "full")])
-def test_accumulation_and_checkpointing_equal_single_process(single, tmp_path, engine, micro, checkpointing):
+@pytest.mark.parametrize("nproc,replicate,engine,micro,checkpointing", [
+    (2, 1, "fsdp", 4, "none"), (2, 1, "fsdp", 2, "selective"), (2, 1, "ddp", 4, "full"),
+    (4, 2, "fsdp", 2, "selective")])
+def test_accumulation_and_checkpointing_equal_single_process(single, tmp_path, nproc, replicate, engine, micro,
+                                                             checkpointing):
     """At EP=2 on 2 ranks (8 rows each), micro-batches of 4 or 2 rows (k = 2, 4; FSDP2 skips its
     reduce-scatter, DDP its all-reduce, on all but the last) and activation checkpointing give
-    the single process's weights without accumulation (float reduction order: TOL)."""
+    the single process's weights without accumulation (float reduction order: TOL); and so does
+    HSDP (4 ranks, dp_replicate 2 x ep 2, 4 rows each in 2 micro-batches: no reduce-scatter or
+    all-reduce across replicas but on the last)."""
     extra = ["--set", f"data_parallel={engine}", "--set", f"micro_batch_size={micro}",
-             "--set", f"activation_checkpoint={checkpointing}"]
-    ok(train(tmp_path, 6, 2, 2, extra=extra))
+             "--set", f"activation_checkpoint={checkpointing}", "--set", f"dp_replicate={replicate}"]
+    ok(train(tmp_path, 6, nproc, 2, extra=extra))
     diff = max_diff(weights(tmp_path, 6), weights(single, 6))
     assert 0 < diff < TOL, diff
     logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
