@@ -3,6 +3,7 @@ leaves either the old file or the whole new one, never a partial one; output pat
 before the work that fills them. And where its caches live."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -88,3 +89,12 @@ def check_output_dir(path: str | os.PathLike, arg: str) -> Path:
         raise ValueError(f"{arg} {str(path)!r} is a file; give a folder (it is created if missing)")
     _probe_writable(path, path, arg)
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,10 +23,11 @@ the record of the run that wrote CHECKPOINT (same model, seed, budget and data).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from .._io import sha256_file
 
 ROOT = Path(__file__).resolve().parent / "pretrained_weights"
 INDEX = "index.json"
@@ -44,14 +45,6 @@ def list_pretrained() -> dict[str, dict]:
     return {name: index[name] for name in sorted(index)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pretrained_dir(name: str) -> Path:
     """The directory of shipped model `name`, its weights checked against the card's sha256.
     ValueError naming the known models if there is no such model, or if its file is damaged."""
@@ -65,7 +58,7 @@ def pretrained_dir(name: str) -> Path:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"shipped model {name!r}: {weights} is missing (a broken installation?)")
-    digest = _sha256(weights)
+    digest = sha256_file(weights)
     if digest != cards[name]["weights_sha256"]:
         raise ValueError(f"shipped model {name!r}: {weights} has sha256 {digest}, its card says "
                          f"{cards[name]['weights_sha256']} (the file is damaged or was replaced); reinstall softmoe")
@@ -107,7 +100,7 @@ def add(name: str, checkpoint, record, description: str, root: Path = ROOT) -> d
             "data": cfg["data"], "seed": cfg["seed"], "steps": summary["steps"],
             "val_accuracy": summary["val_accuracy"], "test_accuracy": summary["test_accuracy"],
             "num_val": int(rec["examples"]["val"]), "num_test": int(rec["examples"]["test"]),
-            "record": str(record), "weights_sha256": _sha256(out / WEIGHTS_NAME)}
+            "record": str(record), "weights_sha256": sha256_file(out / WEIGHTS_NAME)}
     index_path = Path(root) / INDEX
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else {}
     index[name] = card

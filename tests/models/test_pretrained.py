@@ -69,7 +69,7 @@ def test_add_refuses_a_record_of_another_run(tmp_path):
         pretrained_mod.add("x", soft, REPO / cards[SHIPPED[0]]["record"], "mismatch", root=tmp_path)
     card = pretrained_mod.add("copy", dense, REPO / cards[SHIPPED[0]]["record"], "a copy", root=tmp_path)
     copied, _ = load_model(tmp_path / "copy")  # the card's hash is of the copy, the tensors are the shipped ones
-    assert card["weights_sha256"] == pretrained_mod._sha256(tmp_path / "copy" / "model.safetensors")
+    assert card["weights_sha256"] == pretrained_mod.sha256_file(tmp_path / "copy" / "model.safetensors")
     for (k, a), (_, b) in zip(copied.state_dict().items(), from_pretrained(SHIPPED[0]).state_dict().items()):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="identifier"):

@@ -23,12 +23,13 @@ timm's assertions are not touched.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from softmoe._io import sha256_file
 
 TIMM_VERSION = "1.0.31"
 SDIST = f"timm-{TIMM_VERSION}.tar.gz"
@@ -42,14 +43,6 @@ TORCHSCRIPT_TESTS = ("test_model_forward_torchscript", "test_model_forward_fx_to
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SOFTMOE_TIMM_TESTS") or Path.home() / ".cache" / "softmoe" / "timm-tests")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_sdist(download: bool = True, timeout: float = 120) -> Path | None:
@@ -66,8 +59,8 @@ def find_sdist(download: bool = True, timeout: float = 120) -> Path | None:
             pass
     if not path.exists():
         return None
-    if sha256(path) != SDIST_SHA256:
-        raise ValueError(f"{path}: sha256 {sha256(path)} != pinned {SDIST_SHA256}; delete it to re-fetch")
+    if sha256_file(path) != SDIST_SHA256:
+        raise ValueError(f"{path}: sha256 {sha256_file(path)} != pinned {SDIST_SHA256}; delete it to re-fetch")
     return path
 
 
