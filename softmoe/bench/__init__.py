@@ -3,7 +3,7 @@
 Every module of this package that defines `add_arguments(parser)` and `run(args) -> int`
 becomes the sub-command `softmoe bench <module name>` (its help is the first line of the
 module docstring). This file holds the measuring helpers they share: median wall-clock
-timing, the machine's large-matmul GFLOP/s, peak resident memory (tables: softmoe._tables).
+timing, the machine's large-matmul GFLOP/s and memory bandwidth, peak resident memory (tables: softmoe._tables).
 """
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=None, device=None) -> f
             torch.mm(a, b, out=out)
     seconds = median_time(step, repeats=repeats, warmup=2)
     return 2.0 * n ** 3 / seconds / 1e9
+
+
+def triad_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of the STREAM triad `a = b + 3 c` over three float32 CPU arrays of `mib` MiB each
+    (median of `repeats`, at the current `torch.get_num_threads()`), counting 3 x `mib` MiB per
+    pass (two reads, one write), as STREAM does: the machine's attainable memory bandwidth, the
+    other axis of a CPU roofline beside `matmul_gflops`. The arrays are written once before timing
+    so that no page fault is counted."""
+    import torch
+
+    if mib < 1:
+        raise ValueError(f"mib must be >= 1, got {mib}")
+    n = mib * 2**20 // 4
+    a, b, c = torch.zeros(n), torch.ones(n), torch.full((n,), 2.0)
+    seconds = median_time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats=repeats, warmup=2)
+    return 3 * n * 4 / seconds / 1e9
 
 
 # -- peak resident memory (Linux /proc) ------------------------------------------------------

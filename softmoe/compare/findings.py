@@ -6,8 +6,8 @@ never written by hand: what `softmoe demo` ends with.
 Study 1 (docs/results/cifar10/report.json, a `softmoe compare` report): Soft MoE's difference to
 dense as its report words it, the budget, and how uniform its router still was. Study 2
 (docs/results/cifar10_study/e10|e30/<arm>/seed<k>.json, one record per finished run): how many of
-its pre-registered runs are recorded while some are missing; once every run is in, both Soft MoE
-arms against dense on the validation split (the pre-registered primary measure) and on the test
+its pre-registered runs are recorded while some are missing; once every run of a budget is in, both
+Soft MoE arms against dense (the longest complete budget only: 30 epochs supersedes 10) on the validation split (the pre-registered primary measure) and on the test
 set, with the paired bootstrap of softmoe.compare.report (the same rule as the compare report).
 """
 from __future__ import annotations
@@ -28,15 +28,18 @@ def study_finding(results_dir: str | Path | None = None) -> str:
     """One or two sentences stating what the committed results say, or where to look when there
     are none here. Reads JSON only."""
     root = Path(results_dir) if results_dir is not None else default_results_dir()
-    parts = []
+    parts, complete = [], None
     for budget in ("e10", "e30"):
         folder = root / "cifar10_study" / budget
         files = sorted(folder.glob("*/seed*.json")) if folder.is_dir() else []
         if len(files) >= STUDY2_RUNS:
-            parts.append(_study2(budget, [json.loads(f.read_text()) for f in files]))
+            complete = budget  # the longest complete budget is the finding: it supersedes shorter ones
         elif files:
             parts.append(f"CIFAR-10 study 2 ({budget[1:]} epochs, pre-registered): {len(files)} of {STUDY2_RUNS} runs "
                          f"recorded, results pending.")
+    if complete is not None:
+        files = sorted((root / "cifar10_study" / complete).glob("*/seed*.json"))
+        parts.insert(0, _study2(complete, [json.loads(f.read_text()) for f in files]))
     report = root / "cifar10" / "report.json"
     if report.is_file() and not any("pending" not in p for p in parts):
         parts.insert(0, _study1(json.loads(report.read_text())))  # superseded once a study 2 budget is in

@@ -187,9 +187,15 @@ def write_record(run: Run, record: dict) -> dict:
 
 
 def execute(run: Run) -> dict:
-    """Train one run (resuming if it was interrupted), measure it, write its record."""
+    """Train one run (resuming if it was interrupted), measure it, write its record. A run that
+    another command completed since this one planned (two commands sharing --records or --out)
+    returns that record untouched: re-evaluating its final checkpoint would give the same
+    accuracies but overwrite the record's training figures (loss, speed, wall time) with empty ones."""
     import torch
 
+    done = completed(run)
+    if done is not None:
+        return done
     cfg, summary, seconds = train_run(run)
     threads = cfg.num_threads or torch.get_num_threads()
     measured = measure(run.workdir, cfg, threads)

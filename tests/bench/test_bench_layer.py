@@ -145,6 +145,7 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "QUICK_BATCH", 2)
     monkeypatch.setattr(command, "QUICK_EXPERTS", (2, 4))
     monkeypatch.setattr(command, "matmul_gflops", lambda **kw: 10.0)  # skip the 2048^3 matmul
+    monkeypatch.setattr(command, "triad_gbs", lambda mib: 0.02)  # and the 768 MiB triad
     n_before = torch.get_num_threads()
     try:
         rc = bench_layer.main(["--quick", "--threads", "1", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
@@ -163,10 +164,34 @@ def test_quick_command_writes_tables(tmp_path, monkeypatch, capsys):
         assert float(r["fwdbwd_GFLOPs"]) == pytest.approx(3 * fl[int(r["E"])] / ms / 1e6, rel=1e-9)
         assert float(r["fwdbwd_frac_mm"]) == pytest.approx(float(r["fwdbwd_GFLOPs"]) / 10.0, rel=1e-9)
         assert r["fwd_peak_MB"] == ""  # --no-memory
+        # the CPU roofline from this run's measurements: 10 GFLOP/s and 0.02 GB/s
+        s = Shape(experts=int(r["E"]), **dict(TINY, batch=2))
+        roof_flops, roof_bytes = layer_flops(s) / 10e9, layer_bytes(s) / 0.02e9
+        assert float(r["fwdbwd_roofline"]) == pytest.approx(3 * max(roof_flops, roof_bytes) / (ms / 1e3), rel=1e-6)
+        assert r["bound"] == ("memory" if roof_bytes > roof_flops else "compute")
         if r["implementation"] == "softmoe":
             assert float(r["fwdbwd_vs_softmoe"]) == 1.0
     md = open(tmp_path / "layer.md").read()
     assert "set_num_threads(1)" in md and "Peak memory: not measured." in md
+    assert "measured in this run: the large-matmul rate and a STREAM triad" in md
+    assert "CPU roofline: 0.01 TFLOP/s, 0.0 GB/s" in out
+
+
+def test_triad_bandwidth_is_positive_and_checks_its_argument():
+    from softmoe.bench import triad_gbs
+
+    assert triad_gbs(mib=4, repeats=2) > 0
+    with pytest.raises(ValueError, match="mib must be >= 1"):
+        triad_gbs(mib=0)
+
+
+def test_given_cpu_peaks_are_not_measured(monkeypatch):
+    """Only what --peak-tflops / --peak-gbs leave out is measured."""
+    monkeypatch.setattr(command, "triad_gbs", lambda mib: pytest.fail("measured a given bandwidth"))
+    assert command.cpu_peaks(100.0, 0.5, 20.0)[:2] == (0.5, 20.0)
+    monkeypatch.setattr(command, "triad_gbs", lambda mib: 7.0)
+    tflops, gbs, source = command.cpu_peaks(100.0, None, None)
+    assert (tflops, gbs) == (0.1, 7.0) and "large-matmul rate and a STREAM triad" in source
 
 
 @pytest.mark.parametrize("argv, match", [(["--threads", "0"], "--threads"), (["--repeats", "0"], "--repeats"),

@@ -291,3 +291,26 @@ def test_records_dir_resumes_on_a_new_machine(tmp_path):
     cfg = json.loads(rec_path.read_text())["config"]
     assert completed(Run("dense", 0, str(tmp_path / "new"), {**cfg, "workdir": "x"}, str(rec_path))) is not None
     assert completed(Run("dense", 0, str(tmp_path / "new"), {**cfg, "lr": cfg["lr"] * 2}, str(rec_path))) is None
+
+
+def test_a_run_another_command_completed_meanwhile_is_returned_untouched(tmp_path, monkeypatch):
+    """Two commands sharing --records: when a planned run's record appears before it starts, the
+    run is neither trained nor re-evaluated, and its record (with the training figures that a
+    re-evaluation of the final checkpoint would blank) stays byte for byte as it was."""
+    from softmoe.compare import runner
+
+    cfg = {"model": "vit_micro", "seed": 0, "lr": 1e-3, "workdir": str(tmp_path / "w")}
+    rec_path = tmp_path / "rec" / "dense" / "seed0.json"
+    run = runner.Run("dense", 0, str(tmp_path / "w"), cfg, str(rec_path))
+    monkeypatch.setattr(runner, "train_run", lambda r: pytest.fail("trained a completed run"))
+    rec_path.parent.mkdir(parents=True)
+    theirs = {"key": "dense", "seed": 0, "config": {**cfg, "workdir": "elsewhere"}, "run_s": 1106.3,
+              "summary": {"train_loss": 1.11, "test_accuracy": 0.64}}
+    rec_path.write_text(json.dumps(theirs))
+    before = rec_path.read_bytes()
+    assert runner.execute(run) == theirs
+    assert rec_path.read_bytes() == before and not (tmp_path / "w").exists()
+    # a record of another config does not count: that run is trained
+    rec_path.write_text(json.dumps({**theirs, "config": {**cfg, "lr": 2e-3}}))
+    with pytest.raises(pytest.fail.Exception, match="trained a completed run"):
+        runner.execute(run)

@@ -37,7 +37,8 @@ def test_no_results_points_to_the_docs(tmp_path):
 
 def test_the_committed_results_give_a_finding():
     text = study_finding()
-    assert text.startswith("CIFAR-10 study 2 (10 epochs") and "Soft MoE without the l2 normalisation" in text
+    assert text.startswith("CIFAR-10 study 2 (30 epochs, all 26") and "Soft MoE without the l2 normalisation" in text
+    assert "10 epochs" not in text  # superseded by the longer budget
 
 
 def _record(key, seed, val_hits, test_hits, n=1000):
@@ -86,3 +87,11 @@ def test_a_pending_budget_keeps_study1_and_counts(tmp_path):
     (tmp_path / "cifar10_study" / "e30" / "dense" / "seed0.json").write_text("{}")
     text = study_finding(tmp_path)
     assert text.startswith("CIFAR-10 study 1") and "study 2 (30 epochs, pre-registered): 1 of 26" in text
+
+
+def test_the_longer_complete_budget_supersedes_the_shorter(tmp_path):
+    _study2(tmp_path, "e10")
+    _study2(tmp_path, "e30")
+    text = study_finding(tmp_path)
+    assert text.startswith("CIFAR-10 study 2 (30 epochs, all 26 pre-registered runs)") and "10 epochs" not in text
+    assert text.count("CIFAR-10 study 2") == 1 and text.endswith("Details: docs/results.md.")

@@ -100,7 +100,7 @@ def _verdict(report: dict) -> bool:
 
 
 LAYER_COLUMNS = ["dtype", "compile", "B", "E", "implementation", "fwd_ms", "fwdbwd_ms", "fwdbwd_vs_softmoe",
-                 "fwd_roofline", "fwdbwd_roofline", "fwdbwd_frac_mm"]
+                 "fwd_roofline", "fwdbwd_roofline", "bound", "fwdbwd_frac_mm"]
 
 
 def markdown(report: dict) -> str:

@@ -13,7 +13,7 @@ from softmoe import kernels as softmoe_kernels
 from softmoe._device import resolve_device
 from softmoe.bench import _peaks
 from softmoe._tables import markdown_table, write_table
-from softmoe.bench import matmul_gflops, peak_rss_supported
+from softmoe.bench import matmul_gflops, peak_rss_supported, triad_gbs
 
 from .impls import IMPLS, available_impls
 from .memory import measure_memory
@@ -41,6 +41,8 @@ def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gfl
     mem = {n: measure_memory(n, s, threads) for n in impls} if memory else {}
     fl = layer_flops(s)
     roof = roofline_s(s, peaks[0], peaks[1])
+    bound = None if roof is None else (
+        "memory" if layer_bytes(s) / (peaks[1] * 1e9) > layer_flops(s) / (peaks[0] * 1e12) else "compute")
     ref = times.get("softmoe", {}).get("fwdbwd_s")
     rows = []
     for n in impls:
@@ -53,7 +55,7 @@ def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gfl
             "fwdbwd_frac_mm": 3 * fl / t["fwdbwd_s"] / 1e9 / mm_gflops,
             "fwdbwd_vs_softmoe": t["fwdbwd_s"] / ref if ref else None,
             "fwd_roofline": roof / t["fwd_s"] if roof else None,
-            "fwdbwd_roofline": 3 * roof / t["fwdbwd_s"] if roof else None,
+            "fwdbwd_roofline": 3 * roof / t["fwdbwd_s"] if roof else None, "bound": bound,
             "fwd_peak_MB": m["fwd_peak_bytes"] / 2**20 if m else None,
             "fwdbwd_peak_MB": m["fwdbwd_peak_bytes"] / 2**20 if m else None,
         })
@@ -72,6 +74,8 @@ def speedup_summary(rows: list[dict]) -> list[str]:
         best = min(theirs, key=lambda r: r["fwdbwd_ms"])
         line = (f"E={E}: softmoe fwd+bwd is {best['fwdbwd_ms'] / ours[0]['fwdbwd_ms']:.2f}x faster than the faster "
                 f"port ({best['implementation']})")
+        if ours[0]["fwdbwd_roofline"] is not None:
+            line += f"; softmoe fwd+bwd at {ours[0]['fwdbwd_roofline']:.0%} of the ({ours[0]['bound']}-bound) roofline"
         if ours[0]["fwdbwd_peak_MB"] is not None and best["fwdbwd_peak_MB"]:
             line += f", peak memory {ours[0]['fwdbwd_peak_MB'] / best['fwdbwd_peak_MB']:.2f}x the port's"
         lines.append(line + ".")
@@ -80,8 +84,8 @@ def speedup_summary(rows: list[dict]) -> list[str]:
 
 # -- the command -----------------------------------------------------------------------------------
 COLUMNS = ["E", "implementation", "params_M", "fwd_ms", "fwd_GFLOPs", "fwd_frac_mm", "fwdbwd_ms",
-           "fwdbwd_GFLOPs", "fwdbwd_frac_mm", "fwdbwd_vs_softmoe", "fwd_roofline", "fwdbwd_roofline", "fwd_peak_MB",
-           "fwdbwd_peak_MB"]
+           "fwdbwd_GFLOPs", "fwdbwd_frac_mm", "fwdbwd_vs_softmoe", "fwd_roofline", "fwdbwd_roofline", "bound",
+           "fwd_peak_MB", "fwdbwd_peak_MB"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +185,23 @@ def device_peaks(device: str, dtype: str, tflops: float | None, gbs: float | Non
     return tflops, gbs, source
 
 
+TRIAD_MIB = 256  # per array of the bandwidth measurement: far beyond any cache, 0.2 s a pass
+
+
+def cpu_peaks(mm_gflops: float, tflops: float | None, gbs: float | None) -> tuple[float, float, str]:
+    """A CPU has no data-sheet peaks here: what was not given is measured in this run, the FLOP
+    rate as the large-matmul rate `mm_gflops`, the bandwidth as a STREAM triad (`triad_gbs`) at
+    the benchmark's threads. (peak TFLOP/s, GB/s, where they come from)."""
+    measured = []
+    if not tflops:
+        tflops = mm_gflops / 1e3
+        measured.append("the large-matmul rate")
+    if not gbs:
+        gbs = triad_gbs(TRIAD_MIB)
+        measured.append(f"a STREAM triad over three {TRIAD_MIB} MiB float32 arrays (3 x {TRIAD_MIB} MiB a pass)")
+    return tflops, gbs, "measured in this run: " + " and ".join(measured)
+
+
 def _print_rows(rows: list[dict], memory: bool) -> None:
     for r in rows:
         print(f"E={r['E']:4d} {r['implementation']:17s} fwd {r['fwd_ms']:8.1f} ms ({r['fwd_frac_mm']:5.1%} of mm)  "
@@ -212,10 +233,10 @@ def _notes(cfg: Settings, kernels: str, mm: float) -> list[str]:
         f"GFLOPs = nominal layer FLOPs / time: forward = 2BNDS (logits) + 2BNSD (dispatch) + 4BSDH (experts) "
         f"+ 2BNSD (combine), S=E*P, fwd+bwd = 3x forward; frac_mm = that / {mm:.1f} GFLOP/s, the median rate "
         f"of a {'8192' if cfg.device != 'cpu' else '2048'}^3 {cfg.base['dtype']} torch.mm measured in this run.",
-        (f"roofline = (max(FLOPs / {cfg.peaks[0]:g} TFLOP/s, nominal bytes / {cfg.peaks[1]:g} GB/s)) / time, the "
-         f"peaks from {cfg.peaks[2]}; bytes as in softmoe/bench/layer/shape.py (layer_bytes)."
-         if cfg.peaks[0] and cfg.peaks[1] else
-         f"roofline: not computed ({cfg.peaks[2] if cfg.device != 'cpu' else 'no --peak-tflops / --peak-gbs'})."),
+        (f"roofline = (max(FLOPs / {cfg.peaks[0]:g} TFLOP/s, nominal bytes / {cfg.peaks[1]:.1f} GB/s)) / time "
+         f"(peaks: {cfg.peaks[2]}); bytes as in softmoe/bench/layer/shape.py (layer_bytes); bound: which of the "
+         "two terms is larger."
+         if cfg.peaks[0] and cfg.peaks[1] else f"roofline: not computed ({cfg.peaks[2]})."),
         ("Times: device time between CUDA events around each pass, synchronized before each round."
          if cfg.device != "cpu" else "Times: time.perf_counter around each pass."),
         ("Peak memory: peak RSS (VmHWM, reset via /proc/self/clear_refs) above the RSS just before the pass, "
@@ -244,6 +265,9 @@ def run(args) -> int:
     n = 2048 if cfg.device == "cpu" else 8192
     mm = matmul_gflops(n=n, dtype=dt, device=cfg.device)
     print(f"large-matmul reference: {n}^3 {cfg.base['dtype']} torch.mm on {cfg.device} = {mm:.1f} GFLOP/s")
+    if cfg.device == "cpu" and not (cfg.peaks[0] and cfg.peaks[1]):
+        cfg = dataclasses.replace(cfg, peaks=cpu_peaks(mm, *cfg.peaks[:2]))
+        print(f"CPU roofline: {cfg.peaks[0]:g} TFLOP/s, {cfg.peaks[1]:.1f} GB/s ({cfg.peaks[2]})")
 
     rows = []
     for E in cfg.experts:
