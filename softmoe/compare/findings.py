@@ -6,9 +6,10 @@ never written by hand: what `softmoe demo` ends with.
 Study 1 (docs/results/cifar10/report.json, a `softmoe compare` report): Soft MoE's difference to
 dense as its report words it, the budget, and how uniform its router still was. Study 2
 (docs/results/cifar10_study/e10|e30/<arm>/seed<k>.json, one record per finished run): how many of
-its pre-registered runs are recorded while some are missing; once every run of a budget is in, both
-Soft MoE arms against dense (the longest complete budget only: 30 epochs supersedes 10) on the validation split (the pre-registered primary measure) and on the test
-set, with the paired bootstrap of softmoe.compare.report (the same rule as the compare report).
+its pre-registered runs are recorded while some are missing; once every run of a budget is in,
+both Soft MoE arms against dense (the longest complete budget only: 30 epochs supersedes 10) on
+the validation split (the pre-registered primary measure) and on the test set, with the paired
+bootstrap of softmoe.compare.report (the same rule as the compare report).
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from softmoe.models import from_pretrained, list_pretrained, load_model, save_pr
 from softmoe.models import pretrained as pretrained_mod
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = ("cifar10_vit_micro_p8", "cifar10_soft_moe_micro_p8", "cifar10_soft_moe_micro_p8_nonorm")  # docs/models.md, docs/results.md
+# docs/models.md, docs/results.md
+SHIPPED = ("cifar10_vit_micro_p8", "cifar10_soft_moe_micro_p8", "cifar10_soft_moe_micro_p8_nonorm")
 CIFAR10 = Path(os.environ.get("SOFTMOE_CIFAR10_ROOT", REPO.parent / "shared" / "datasets" / "cifar10"))
 
 
