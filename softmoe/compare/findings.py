@@ -34,13 +34,13 @@ def study_finding(results_dir: str | Path | None = None) -> str:
         folder = root / "cifar10_study" / budget
         files = sorted(folder.glob("*/seed*.json")) if folder.is_dir() else []
         if len(files) >= STUDY2_RUNS:
-            complete = budget  # the longest complete budget is the finding: it supersedes shorter ones
+            complete = (budget, files)  # the longest complete budget is the finding: it supersedes shorter ones
         elif files:
             parts.append(f"CIFAR-10 study 2 ({budget[1:]} epochs, pre-registered): {len(files)} of {STUDY2_RUNS} runs "
                          f"recorded, results pending.")
     if complete is not None:
-        files = sorted((root / "cifar10_study" / complete).glob("*/seed*.json"))
-        parts.insert(0, _study2(complete, [json.loads(f.read_text()) for f in files]))
+        budget, files = complete
+        parts.insert(0, _study2(budget, [json.loads(f.read_text()) for f in files]))
     report = root / "cifar10" / "report.json"
     if report.is_file() and not any("pending" not in p for p in parts):
         parts.insert(0, _study1(json.loads(report.read_text())))  # superseded once a study 2 budget is in

@@ -26,11 +26,12 @@ S16 = dict(batch=32, tokens=196, dim=384, hidden=1536, slots=1)  # paper's Soft 
 QUICK_BATCH = 8
 
 
-def roofline_s(s: Shape, peak_tflops: float | None, peak_gbs: float | None) -> float | None:
-    """Seconds of one forward at the roofline: max(FLOPs / peak FLOP/s, bytes / peak bandwidth)."""
+def roofline_terms(s: Shape, peak_tflops: float | None, peak_gbs: float | None) -> tuple[float, float] | None:
+    """Seconds of one forward at the peaks, (FLOPs / peak FLOP/s, bytes / peak bandwidth): the
+    roofline time is the larger, and the larger names the bound. None without both peaks."""
     if not peak_tflops or not peak_gbs:
         return None
-    return max(layer_flops(s) / (peak_tflops * 1e12), layer_bytes(s) / (peak_gbs * 1e9))
+    return layer_flops(s) / (peak_tflops * 1e12), layer_bytes(s) / (peak_gbs * 1e9)
 
 
 def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gflops: float,
@@ -40,9 +41,9 @@ def measure_shape(s: Shape, impls: list[str], repeats: int, threads: int, mm_gfl
     times = time_impls(impls, s, repeats, threads=threads, same_process=same_process, processes=processes)
     mem = {n: measure_memory(n, s, threads) for n in impls} if memory else {}
     fl = layer_flops(s)
-    roof = roofline_s(s, peaks[0], peaks[1])
-    bound = None if roof is None else (
-        "memory" if layer_bytes(s) / (peaks[1] * 1e9) > layer_flops(s) / (peaks[0] * 1e12) else "compute")
+    terms = roofline_terms(s, peaks[0], peaks[1])
+    roof = max(terms) if terms else None
+    bound = None if terms is None else ("memory" if terms[1] > terms[0] else "compute")
     ref = times.get("softmoe", {}).get("fwdbwd_s")
     rows = []
     for n in impls:
