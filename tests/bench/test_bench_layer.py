@@ -290,3 +290,55 @@ def test_peak_table_lookup():
     assert row["name"] == "H200" and row["gbs"] == 4800.0 and _peaks.peak_tflops(row, "bf16", tf32=False) == 989.0
     assert _peaks.peak_tflops(row, "fp32", tf32=True) == 494.5 and _peaks.peak_tflops(row, "fp32", tf32=False) == 67.0
     assert _peaks.lookup("Some Other GPU") is None
+
+
+# -- two checkouts side by side (benchmarks/ab_layer.py) ----------------------------------------
+def fake_checkout(folder, step_s: float):
+    """A folder whose `softmoe` is a stand-in: its benchmark worker answers every round with a
+    fixed training-step time."""
+    pkg = folder / "softmoe" / "bench" / "layer"
+    pkg.mkdir(parents=True)
+    for init in (folder / "softmoe", folder / "softmoe" / "bench", pkg):
+        (init / "__init__.py").write_text("")
+    (pkg / "workers.py").write_text(
+        "import sys\n"
+        "def worker_main(argv):\n"
+        "    print('READY 7', flush=True)\n"
+        "    for line in sys.stdin:\n"
+        f"        print('TIME 0.5 {step_s!r}', flush=True)\n"
+        "    return 0\n")
+    return folder
+
+
+def test_a_worker_imports_the_softmoe_of_its_folder(tmp_path):
+    w = workers.Worker("softmoe", Shape(experts=2, **TINY), 1, cwd=str(fake_checkout(tmp_path, 0.25)))
+    try:
+        assert w.params == 7 and w.round() == (0.5, 0.25)
+    finally:
+        w.close()
+
+
+def load_ab_layer():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "ab_layer.py"
+    spec = importlib.util.spec_from_file_location("ab_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_layer_times_two_checkouts_and_the_port_side_by_side(tmp_path, capsys):
+    ab = load_ab_layer()
+    base, new = fake_checkout(tmp_path / "base", 0.2), fake_checkout(tmp_path / "new", 0.1)
+    assert ab.main([str(base), str(new), "--experts", "8", "--repeats", "3"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    # the port's worker starts in NEW: 0.1 s as well
+    assert row == "| 8 | 200.0 | 100.0 | 2.000 | 100.0 | 0.50x | 1.00x |"
+
+
+def test_ab_layer_rejects_a_folder_without_a_checkout(tmp_path, capsys):
+    ab = load_ab_layer()
+    with pytest.raises(SystemExit) as e:
+        ab.main([str(tmp_path), str(tmp_path)])
+    assert e.value.code == 2 and "expected a folder holding a softmoe checkout" in capsys.readouterr().err

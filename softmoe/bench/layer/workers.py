@@ -53,13 +53,16 @@ class Worker:
     Protocol (text lines): the worker prints "READY <params>" once built, then answers each
     "run" on its stdin with "TIME <forward s> <training step s>"; end of input ends it."""
 
-    def __init__(self, name: str, s: Shape, threads: int) -> None:
+    def __init__(self, name: str, s: Shape, threads: int, cwd: str | None = None) -> None:
+        """`cwd`: the folder the worker starts in; a checkout of softmoe there is the one it
+        imports (`python -c` puts the working folder first on sys.path), so that two
+        versions can be timed side by side (benchmarks/ab_layer.py)."""
         spec = json.dumps({"impl": name, "shape": dataclasses.asdict(s), "threads": threads})
         code = "import sys; from softmoe.bench.layer.workers import worker_main; sys.exit(worker_main(sys.argv[1:]))"
         self.name = name
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-c", code, spec], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd)
         self.params = int(self._reply("READY")[0])
 
     def _reply(self, tag: str) -> list[str]:
