@@ -1,10 +1,13 @@
-"""Batched matmuls for stacked experts with few rows per expert: `bmm_nn`, `bmm_nt`, `bmm_tn`.
+"""Compiled CPU kernels: batched matmuls for stacked experts with few rows per expert
+(`bmm_nn`, `bmm_nt`, `bmm_tn`), and the last pass of Soft MoE's routing backward for few
+slots (`routing_dx_dw`).
 
 Letters: E experts, M rows per expert, K the reduction, N output columns.
 
 Each function computes what its docstring says with torch ops, except that on a CPU with
 AVX-512, for float32 tensors in the shapes where it is faster (few rows per expert, weights
-too large for cache: `use_kernel`), it calls `smallm.cpp` instead. That file is compiled on
+too large for cache: `use_kernel`; few slots: `use_routing_kernel`), it calls `smallm.cpp`
+or `routing.cpp` instead. Those files are compiled together on
 first use with the system's C++ compiler (`$CXX`, else g++, else c++) into
 `$SOFTMOE_KERNEL_DIR` (default `~/.cache/softmoe/kernels`; a private temporary folder if that
 is not writable), once per source, compiler and torch version, and loaded with ctypes. So
@@ -17,7 +20,8 @@ nestable); `set_enabled(flag)` for the process; the default comes from the envir
 
 Why: the expert MLP's six batched matmuls are most of a Soft MoE layer's training step, and
 with few rows per expert these kernels run them faster than MKL's batched GEMM on AVX-512
-CPUs (measured figures: docs/benchmarks.md, `softmoe bench layer`).
+CPUs; with few slots the routing backward is bound by passes over (B, N, D) tensors, which
+`routing_dx_dw` makes one (measured figures: docs/benchmarks.md, `softmoe bench layer`).
 
 Results agree with torch's to float32 rounding (a different summation order), not bitwise.
 Never used while tracing or compiling (`torch.compile` sees the torch ops), for tensor
@@ -42,7 +46,8 @@ import torch
 
 from .._io import atomic_write, user_cache_dir
 
-__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "use_kernel", "use_kernels", "status", "set_enabled"]
+__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "routing_dx_dw", "use_kernel", "use_routing_kernel", "use_kernels", "status",
+           "set_enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,11 @@ log = logging.getLogger(__name__)
 # - at least 8 MiB of weights (E*D*H*4 bytes): below, the step is about as fast either way.
 MAX_ROWS = 64
 MIN_WEIGHT_BYTES = 8 << 20
+# `routing_dx_dw`: at most 8 slots (its dL/dw sums stay in registers; measured at B=32,
+# N=196, D=384 in a loop: 0.77x torch's time at S=8, 1.4x at S=16, 1.8x at S=128).
+MAX_ROUTING_SLOTS = 8
 
-_SOURCE = Path(__file__).with_name("smallm.cpp")
+_SOURCES = (Path(__file__).with_name("smallm.cpp"), Path(__file__).with_name("routing.cpp"))
 _FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses such as DTensor or FakeTensor
 _lock = threading.Lock()
@@ -114,14 +122,19 @@ def use_kernel(rows: int, large_numel: int, out: torch.Tensor | None, out_shape:
         or (out is not None and tuple(out.shape) != tuple(out_shape))  # torch.bmm resizes such an `out`
     ):
         return False
-    for t in (*inputs, out):
+    return _plain_float32(*inputs, out) and _library() is not None
+
+
+def _plain_float32(*tensors: torch.Tensor | None) -> bool:
+    """Every tensor given (None skipped) is a plain contiguous float32 CPU tensor outside autograd."""
+    for t in tensors:
         if t is None:
             continue
         if type(t) not in _PLAIN or t.device.type != "cpu" or t.dtype != torch.float32:
             return False
         if not t.is_contiguous() or (t.requires_grad and torch.is_grad_enabled()):
             return False  # a ctypes call records no autograd graph
-    return _library() is not None
+    return True
 
 
 def bmm_nn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
@@ -163,6 +176,47 @@ def bmm_tn(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     return out
 
 
+def use_routing_kernel(x: torch.Tensor, w: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+    """Whether `routing_dx_dw` runs its compiled kernel: at most `MAX_ROUTING_SLOTS` slots
+    (w (D, S)), x (B, N, D) and `inputs` plain contiguous float32 CPU tensors outside autograd."""
+    return (_enabled() and 1 <= w.shape[1] <= MAX_ROUTING_SLOTS and x.dim() == 3 and x.numel() > 0
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _plain_float32(x, *inputs) and type(w) in _PLAIN and w.dtype == torch.float32
+            and w.device.type == "cpu" and _library() is not None)
+
+
+def routing_dx_dw(x: torch.Tensor, dispatch: torch.Tensor, g: torch.Tensor, g_xs: torch.Tensor,
+                  w: torch.Tensor, c: torch.Tensor | None, out: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last pass of Soft MoE's routing backward, (dx (B, N, D), dw (D, S)):
+        dx = dispatch g_xs + g w^T - c x      (per sequence; the c term only when c is given)
+        dw = sum over sequences of x^T g
+    for x (B, N, D), dispatch and g (B, N, S), g_xs (B, S, D) (any strides with the last one
+    1: the slot-major view), w (D, S), c (B, N) or None; `out` the buffer for dx (None: new).
+    The kernel (`use_routing_kernel`) reads x once and writes dx once; torch ops otherwise."""
+    B, N, D = x.shape
+    S = w.shape[1]
+    if c is not None and c.dim() == 3:
+        c = c.reshape(B, N)
+    if not (use_routing_kernel(x, w, dispatch, g, c, out) and g_xs.stride(2) == 1
+            and g_xs.dtype == torch.float32 and type(g_xs) in _PLAIN):
+        dx = torch.bmm(dispatch, g_xs, out=out)  # (B, N, D)
+        dx.view(B * N, D).addmm_(g.reshape(B * N, S), w.t())
+        if c is not None:
+            dx.addcmul_(x, c.unsqueeze(-1), value=-1.0)
+        dw = torch.mm(g.reshape(B * N, S).t(), x.reshape(B * N, D)).t()  # MKL is faster in this orientation
+        return dx, dw
+    dx = x.new_empty(B, N, D) if out is None else out
+    w_t = w.t().contiguous()  # (S, D)
+    dw_t = x.new_empty(S, D)
+    threads = torch.get_num_threads()
+    if _library().routing_dx_dw(B, N, D, S, x.data_ptr(), dispatch.data_ptr(), g.data_ptr(), g_xs.data_ptr(),
+                                g_xs.stride(0), g_xs.stride(1), w_t.data_ptr(),
+                                None if c is None else c.data_ptr(), dx.data_ptr(), dw_t.data_ptr(), threads):
+        raise MemoryError(f"routing_dx_dw: cannot allocate its per-thread buffers ({threads} threads, S={S}, D={D})")
+    return dx, dw_t.t()
+
+
 def _library():
     """The loaded kernels (ctypes.CDLL), building them on first call; None where unavailable."""
     if _state["tried"]:
@@ -193,11 +247,11 @@ def _load():
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise _Unavailable("no C++ compiler ($CXX, g++ or c++)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
+    sources = [src.read_bytes() for src in _SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), compiler.encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     def build(tmp: str) -> None:
-        cmd = [*shlex.split(compiler), *_FLAGS, str(_SOURCE), "-o", tmp]  # $CXX may be "ccache g++"
+        cmd = [*shlex.split(compiler), *_FLAGS, *map(str, _SOURCES), "-o", tmp]  # $CXX may be "ccache g++"
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -217,8 +271,9 @@ def _load():
     lib.smallm_nn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, cint]
     lib.smallm_nt.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
     lib.smallm_tn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
+    lib.routing_dx_dw.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, cint]
     lib.smallm_nn.restype = lib.smallm_tn.restype = None
-    lib.smallm_nt.restype = ctypes.c_int
+    lib.smallm_nt.restype = lib.routing_dx_dw.restype = ctypes.c_int
     _state["path"] = str(path)
     _self_test(lib)
     return lib
@@ -239,7 +294,21 @@ def _self_test(lib) -> None:
     a64 = a.double()
     want = [torch.baddbmm(bias.double().unsqueeze(1), a64, b.double()),
             torch.bmm(a64, bt.double().transpose(1, 2)), torch.bmm(a64.transpose(1, 2), c.double())]
-    for name, x, y in zip(("nn", "nt", "tn"), got, want):
+    # routing: S=7 slots (a partial slot chunk), D=70 (a partial column block and a tail
+    # vector), strided g_xs as the slot-major view makes it
+    B, N, D, S = 3, 5, 70, 7
+    x, dw, gr = torch.randn(B, N, D, generator=g), torch.rand(B, N, S, generator=g), torch.randn(B, N, S, generator=g)
+    g_xs, w = torch.randn(S, B, D, generator=g).transpose(0, 1), torch.randn(D, S, generator=g)
+    cr, dx, dw_t, w_t = torch.randn(B, N, generator=g), torch.empty(B, N, D), torch.empty(S, D), w.t().contiguous()
+    if lib.routing_dx_dw(B, N, D, S, x.data_ptr(), dw.data_ptr(), gr.data_ptr(), g_xs.data_ptr(), g_xs.stride(0),
+                         g_xs.stride(1), w_t.data_ptr(), cr.data_ptr(), dx.data_ptr(), dw_t.data_ptr(), 2):
+        raise MemoryError("self-test of routing_dx_dw: allocation failed")
+    x64, g64 = x.double(), gr.double()
+    got += [dx, dw_t.t()]
+    want += [torch.bmm(dw.double(), g_xs.double()) + g64 @ w.double().t() - cr.double().unsqueeze(-1) * x64,
+             x64.reshape(-1, D).t() @ g64.reshape(-1, S)]
+    for name, x, y in zip(("smallm_nn", "smallm_nt", "smallm_tn", "routing_dx_dw (dx)", "routing_dx_dw (dw)"),
+                          got, want):
         err = ((x.double() - y).abs().max() / y.abs().max()).item()
         if not err < 1e-5:
-            raise RuntimeError(f"self-test of smallm_{name} failed: relative error {err:.2e}")
+            raise RuntimeError(f"self-test of {name} failed: relative error {err:.2e}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ...kernels import routing_dx_dw
 from .. import functional as reference  # the separable steps this file computes in one node each
 from .buffers import pooled_empty, pooled_scratch
 
@@ -30,7 +31,9 @@ class FusedSoftRouting(torch.autograd.Function):
       - it saves only x, w, the clean logits, r, and the two weight tensors (no normalised
         copy of x, no squared x);
       - the three contributions to dx (through the dispatch, the logits and the
-        normalisation factor r) accumulate in one buffer (bmm, then addmm_, then addcmul_);
+        normalisation factor r) and dw come from one last pass, `softmoe.kernels.routing_dx_dw`
+        (a compiled kernel that reads x once for few slots, else bmm, addmm_ and addcmul_ into
+        one buffer, then mm for dw);
       - both softmax backwards accumulate in place into one (B, N, S) buffer.
     Buffers, from the router's `BufferPool` (None: all fresh): the slots (role "slots"); in
     the backward, dL/dx (role "dx"), and dL/dlogits and one (B, N, S) temporary as scratch in
@@ -69,11 +72,15 @@ class FusedSoftRouting(torch.autograd.Function):
         g = pooled_scratch(pool, "slots", (B, N, S), x)
         tmp = pooled_scratch(pool, "g_ys", (B, N, S), x)
         dx = None
+        low = ctx.matmul_dtype
+        # dx and dw in one pass at the end (`routing_dx_dw`) when the dispatch term is there and
+        # the logits matmul ran in x's dtype; else term by term below
+        last_pass = g_slots is not None and need_x and (low is None or low == x.dtype)
         if g_slots is not None:
             g_xs = reference.slot_view(g_slots, B, S)  # (B, S, D)
             g = torch.bmm(x, g_xs.transpose(1, 2), out=g)  # (B, N, S) dL/dDw
             g.sub_(torch.mul(dispatch, g, out=tmp).sum(1, keepdim=True)).mul_(dispatch)  # softmax over N
-            if need_x:
+            if need_x and not last_pass:
                 dx = torch.bmm(dispatch, g_xs, out=pooled_empty(pool, "dx", x.shape, x))  # (B, N, D)
         if g_combine is not None:  # through the softmax over S
             s_c = torch.mul(combine, g_combine, out=tmp).sum(-1, keepdim=True)  # (B, N, 1)
@@ -83,7 +90,11 @@ class FusedSoftRouting(torch.autograd.Function):
             return None, None, None, None, None, None, None, None, None
         if r is not None:
             g.mul_(r)  # dL/d(x w)
-        low = ctx.matmul_dtype
+        if last_pass:
+            # through r: r^2 sum_s(dL/dlogits * logits) = r sum_s(dL/d(x w) * logits)
+            c = None if r is None else torch.mul(g, logits, out=tmp).sum(-1, keepdim=True) * r  # (B, N, 1)
+            dx, dw = routing_dx_dw(x, dispatch, g, g_xs, w, c, out=pooled_empty(pool, "dx", x.shape, x))
+            return dx, (dw.to(w.dtype) if need_w else None), None, None, None, None, None, None, None
         if low is None or low == x.dtype:
             gm, xm, wm = g.reshape(B * N, S), x.reshape(B * N, D), w
         else:  # the logits matmul's operands were cast to `low`: so are its backward's
