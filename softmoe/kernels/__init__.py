@@ -1,6 +1,6 @@
 """Compiled CPU kernels: batched matmuls for stacked experts with few rows per expert
-(`bmm_nn`, `bmm_nt`, `bmm_tn`), and the last pass of Soft MoE's routing backward for few
-slots (`routing_dx_dw`).
+(`bmm_nn`, `bmm_nt`, `bmm_tn`), and for few slots two passes of Soft MoE's routing backward
+(`routing_dx_dw`, `combine_backward`).
 
 Letters: E experts, M rows per expert, K the reduction, N output columns.
 
@@ -46,8 +46,8 @@ import torch
 
 from .._io import atomic_write, user_cache_dir
 
-__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "routing_dx_dw", "use_kernel", "use_routing_kernel", "use_kernels", "status",
-           "set_enabled"]
+__all__ = ["bmm_nn", "bmm_nt", "bmm_tn", "routing_dx_dw", "combine_backward", "use_kernel", "use_routing_kernel",
+           "use_kernels", "status", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 # - at least 8 MiB of weights (E*D*H*4 bytes): below, the step is about as fast either way.
 MAX_ROWS = 64
 MIN_WEIGHT_BYTES = 8 << 20
-# `routing_dx_dw`: at most 8 slots (its dL/dw sums stay in registers; measured at B=32,
-# N=196, D=384 in a loop: 0.77x torch's time at S=8, 1.4x at S=16, 1.8x at S=128).
+# `routing_dx_dw` and `combine_backward`: at most 8 slots (their sums over tokens stay in
+# registers; measured at B=32, N=196, D=384 in a loop, inputs in cache: 0.77x and 0.86x
+# torch's time at S=8, 1.4x and 1.16x at S=16, routing_dx_dw 1.8x at S=128).
 MAX_ROUTING_SLOTS = 8
 
 _SOURCES = (Path(__file__).with_name("smallm.cpp"), Path(__file__).with_name("routing.cpp"))
@@ -176,13 +177,23 @@ def bmm_tn(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     return out
 
 
-def use_routing_kernel(x: torch.Tensor, w: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
-    """Whether `routing_dx_dw` runs its compiled kernel: at most `MAX_ROUTING_SLOTS` slots
-    (w (D, S)), x (B, N, D) and `inputs` plain contiguous float32 CPU tensors outside autograd."""
-    return (_enabled() and 1 <= w.shape[1] <= MAX_ROUTING_SLOTS and x.dim() == 3 and x.numel() > 0
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _plain_float32(x, *inputs) and type(w) in _PLAIN and w.dtype == torch.float32
-            and w.device.type == "cpu" and _library() is not None)
+def use_routing_kernel(slots: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether `routing_dx_dw` or `combine_backward` runs its compiled kernel: at most
+    `MAX_ROUTING_SLOTS` slots, `tensors` (None skipped) plain float32 CPU tensors outside
+    autograd, the first one (B, N, D) and not empty, every one contiguous in its last
+    dimension and, when 3-D, in its rows too unless it is a per-sequence slot view (any
+    strides for its first two dimensions: `slot_view`)."""
+    if not (_enabled() and 1 <= slots <= MAX_ROUTING_SLOTS and tensors[0].dim() == 3 and tensors[0].numel() > 0
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    return _library() is not None
 
 
 def routing_dx_dw(x: torch.Tensor, dispatch: torch.Tensor, g: torch.Tensor, g_xs: torch.Tensor,
@@ -198,8 +209,7 @@ def routing_dx_dw(x: torch.Tensor, dispatch: torch.Tensor, g: torch.Tensor, g_xs
     S = w.shape[1]
     if c is not None and c.dim() == 3:
         c = c.reshape(B, N)
-    if not (use_routing_kernel(x, w, dispatch, g, c, out) and g_xs.stride(2) == 1
-            and g_xs.dtype == torch.float32 and type(g_xs) in _PLAIN):
+    if not (use_routing_kernel(S, x, g_xs, w) and _plain_float32(x, dispatch, g, c, out)):
         dx = torch.bmm(dispatch, g_xs, out=out)  # (B, N, D)
         dx.view(B * N, D).addmm_(g.reshape(B * N, S), w.t())
         if c is not None:
@@ -215,6 +225,27 @@ def routing_dx_dw(x: torch.Tensor, dispatch: torch.Tensor, g: torch.Tensor, g_xs
                                 None if c is None else c.data_ptr(), dx.data_ptr(), dw_t.data_ptr(), threads):
         raise MemoryError(f"routing_dx_dw: cannot allocate its per-thread buffers ({threads} threads, S={S}, D={D})")
     return dx, dw_t.t()
+
+
+def combine_backward(gy: torch.Tensor, combine: torch.Tensor, ys: torch.Tensor, g_ys: torch.Tensor | None,
+                     want_combine: bool) -> torch.Tensor | None:
+    """The combine's backward (y = combine ys per sequence): writes dL/dys = combine^T gy into
+    `g_ys` (B, S, D) (any strides with the last one 1, e.g. the slot-major view; None: not
+    needed) and returns dL/dcombine = gy ys^T (B, N, S) if `want_combine` (else None), for gy
+    (B, N, D), combine (B, N, S), ys (B, S, D) (strided like g_ys). The kernel reads gy from
+    memory once (`use_routing_kernel`); torch's two bmm's otherwise."""
+    B, N, D = gy.shape
+    S = combine.shape[2]
+    if not (use_routing_kernel(S, gy, ys, g_ys) and _plain_float32(gy, combine)):
+        if g_ys is not None:
+            torch.bmm(combine.transpose(1, 2), gy, out=g_ys)
+        return torch.bmm(gy, ys.transpose(1, 2)) if want_combine else None
+    g_combine = gy.new_empty(B, N, S) if want_combine else None
+    _library().combine_backward(B, N, D, S, gy.data_ptr(), combine.data_ptr(), ys.data_ptr(), ys.stride(0),
+                                ys.stride(1), None if g_ys is None else g_ys.data_ptr(),
+                                0 if g_ys is None else g_ys.stride(0), 0 if g_ys is None else g_ys.stride(1),
+                                None if g_combine is None else g_combine.data_ptr(), torch.get_num_threads())
+    return g_combine
 
 
 def _library():
@@ -272,7 +303,8 @@ def _load():
     lib.smallm_nt.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
     lib.smallm_tn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, cint]
     lib.routing_dx_dw.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, cint]
-    lib.smallm_nn.restype = lib.smallm_tn.restype = None
+    lib.combine_backward.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, cint]
+    lib.smallm_nn.restype = lib.smallm_tn.restype = lib.combine_backward.restype = None
     lib.smallm_nt.restype = lib.routing_dx_dw.restype = ctypes.c_int
     _state["path"] = str(path)
     _self_test(lib)
@@ -307,8 +339,14 @@ def _self_test(lib) -> None:
     got += [dx, dw_t.t()]
     want += [torch.bmm(dw.double(), g_xs.double()) + g64 @ w.double().t() - cr.double().unsqueeze(-1) * x64,
              x64.reshape(-1, D).t() @ g64.reshape(-1, S)]
-    for name, x, y in zip(("smallm_nn", "smallm_nt", "smallm_tn", "routing_dx_dw (dx)", "routing_dx_dw (dw)"),
-                          got, want):
+    # combine backward on the same operands: x as dL/dy, dw as the combine weights, g_xs as ys
+    g_ys, g_c = torch.empty(S, B, D).transpose(0, 1), torch.empty(B, N, S)
+    lib.combine_backward(B, N, D, S, x.data_ptr(), dw.data_ptr(), g_xs.data_ptr(), g_xs.stride(0), g_xs.stride(1),
+                         g_ys.data_ptr(), g_ys.stride(0), g_ys.stride(1), g_c.data_ptr(), 2)
+    got += [g_ys, g_c]
+    want += [dw.double().transpose(1, 2) @ x64, x64 @ g_xs.double().transpose(1, 2)]
+    for name, x, y in zip(("smallm_nn", "smallm_nt", "smallm_tn", "routing_dx_dw (dx)", "routing_dx_dw (dw)",
+                           "combine_backward (dL/dys)", "combine_backward (dL/dcombine)"), got, want):
         err = ((x.double() - y).abs().max() / y.abs().max()).item()
         if not err < 1e-5:
             raise RuntimeError(f"self-test of {name} failed: relative error {err:.2e}")

@@ -114,3 +114,87 @@ extern "C" int routing_dx_dw(i64 B, i64 N, i64 D, i64 S, const float* x, const f
   free(parts);
   return 0;
 }
+
+// ---------- the combine's backward: dL/dys and dL/dcombine in one read of dL/dy ----------
+//   g_combine[b,n,s] = gy[b,n,:] . ys[b,s,:]        g_ys[b,s,:] = sum_n Cw[b,n,s] gy[b,n,:]
+// With torch ops these are two bmm's, each a pass over gy (B, N, D). Here one sequence's gy
+// (N x D) is read from memory once, for the dot products token by token, and read again from
+// cache for g_ys in column blocks whose sums stay in registers.
+
+// One token's S <= 8 dot products with the slots' rows (D columns, 16 at a time).
+template <int SC>
+static inline void token_dots(i64 D, const float* gyr, const float* ys_b, i64 ss, float* out) {
+  __m512 acc[SC];
+#pragma GCC unroll 8
+  for (int s = 0; s < SC; ++s) acc[s] = _mm512_setzero_ps();
+  for (i64 d0 = 0; d0 < D; d0 += 16) {
+    __mmask16 m = tail16(D - d0);
+    __m512 v = _mm512_maskz_loadu_ps(m, gyr + d0);
+#pragma GCC unroll 8
+    for (int s = 0; s < SC; ++s) acc[s] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ys_b + s * ss + d0), acc[s]);
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < SC; ++s) out[s] = _mm512_reduce_add_ps(acc[s]);
+}
+
+// Columns [d0, d0 + 16 V) of g_ys for the SC slots from s0, summed over the N tokens.
+template <int SC, int V>
+static void slot_block(i64 N, i64 S, i64 D, i64 s0, i64 d0, const float* gy, const float* Cw, float* g_ys_b, i64 ss,
+                       __mmask16 last) {
+  __m512 acc[SC][V];
+#pragma GCC unroll 8
+  for (int s = 0; s < SC; ++s)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[s][v] = _mm512_setzero_ps();
+  for (i64 n = 0; n < N; ++n) {
+    __m512 gv[V];
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) gv[v] = _mm512_maskz_loadu_ps(v == V - 1 ? last : (__mmask16)0xFFFF, gy + n * D + d0 + 16 * v);
+    const float* cn = Cw + n * S + s0;
+#pragma GCC unroll 8
+    for (int s = 0; s < SC; ++s) {
+      __m512 bc = _mm512_set1_ps(cn[s]);
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) acc[s][v] = _mm512_fmadd_ps(bc, gv[v], acc[s][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 0; s < SC; ++s)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v)
+      _mm512_mask_storeu_ps(g_ys_b + (s0 + s) * ss + d0 + 16 * v, v == V - 1 ? last : (__mmask16)0xFFFF, acc[s][v]);
+}
+
+typedef void (*dots_fn)(i64, const float*, const float*, i64, float*);
+static const dots_fn DOTS[8] = {token_dots<1>, token_dots<2>, token_dots<3>, token_dots<4>,
+                                token_dots<5>, token_dots<6>, token_dots<7>, token_dots<8>};
+typedef void (*slot_fn)(i64, i64, i64, i64, i64, const float*, const float*, float*, i64, __mmask16);
+#define SLOTS(V) {slot_block<1, V>, slot_block<2, V>, slot_block<3, V>, slot_block<4, V>, \
+                  slot_block<5, V>, slot_block<6, V>, slot_block<7, V>, slot_block<8, V>}
+static const slot_fn SLOT[2][8] = {SLOTS(1), SLOTS(2)};
+
+// gy (B, N, D), Cw (B, N, S) contiguous; ys row (b, s) at ys + b*ysb + s*yss and g_ys row
+// (b, s) at g_ys + b*gsb + s*gss, D contiguous; g_ys and/or g_combine (B, N, S) may be null.
+extern "C" void combine_backward(i64 B, i64 N, i64 D, i64 S, const float* gy, const float* Cw, const float* ys,
+                                 i64 ysb, i64 yss, float* g_ys, i64 gsb, i64 gss, float* g_combine, int nt) {
+  if (nt > B) nt = (int)(B > 0 ? B : 1);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (i64 b = 0; b < B; ++b) {
+    const float* gy_b = gy + b * N * D;
+    if (g_combine)
+      for (i64 s0 = 0; s0 < S; s0 += 8) {
+        int sc = (int)(S - s0 < 8 ? S - s0 : 8);
+        for (i64 n = 0; n < N; ++n)
+          DOTS[sc - 1](D, gy_b + n * D, ys + b * ysb + s0 * yss, yss, g_combine + (b * N + n) * S + s0);
+      }
+    if (g_ys)
+      for (i64 d0 = 0; d0 < D; d0 += 32) {
+        i64 w = D - d0 < 32 ? D - d0 : 32;
+        int v = w > 16 ? 2 : 1;
+        for (i64 s0 = 0; s0 < S; s0 += 8) {
+          int sc = (int)(S - s0 < 8 ? S - s0 : 8);
+          SLOT[v - 1][sc - 1](N, S, D, s0, d0, gy_b, Cw + b * N * S, g_ys + b * gsb, gss, tail16(w - 16 * (v - 1)));
+        }
+      }
+  }
+}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ...kernels import routing_dx_dw
+from ...kernels import combine_backward, routing_dx_dw
 from .. import functional as reference  # the separable steps this file computes in one node each
 from .buffers import pooled_empty, pooled_scratch
 
@@ -118,7 +118,8 @@ class FusedCombine(torch.autograd.Function):
 
     Exactly `combine_slots`, but y and dL/dys (which the expert backward reads in place)
     come from the router's `BufferPool` (roles "y", "g_ys"; None: fresh), and dL/dys is
-    written straight into slot-major layout.
+    written straight into slot-major layout, in one pass over dL/dy with dL/dcombine
+    (`softmoe.kernels.combine_backward`).
     """
 
     @staticmethod
@@ -134,11 +135,10 @@ class FusedCombine(torch.autograd.Function):
     def backward(ctx, gy):
         ys, combine = ctx.saved_tensors
         B, _, S = combine.shape
-        g_ys = g_combine = None
-        if ctx.needs_input_grad[0]:
-            g_ys = bmm_slot_major(combine.transpose(1, 2), gy, pooled_empty(ctx.pool, "g_ys", ys.shape, ys))
-        if ctx.needs_input_grad[1]:
-            g_combine = torch.bmm(gy, reference.slot_view(ys, B, S).transpose(1, 2))  # (B, N, S)
+        g_ys = pooled_empty(ctx.pool, "g_ys", ys.shape, ys) if ctx.needs_input_grad[0] else None  # (E, P*B, D)
+        # dL/dys = combine^T gy written into slot-major g_ys, dL/dcombine = gy ys^T (B, N, S)
+        g_combine = combine_backward(gy, combine, reference.slot_view(ys, B, S),
+                                     None if g_ys is None else reference.slot_view(g_ys, B, S), ctx.needs_input_grad[1])
         return g_ys, g_combine, None
 
 
