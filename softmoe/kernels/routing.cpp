@@ -22,6 +22,14 @@ typedef int64_t i64;
 
 static inline __mmask16 tail16(i64 n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
+template <int R, int V>
+static inline __attribute__((always_inline)) void zero_regs(__m512 (&t)[R][V]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) t[r][v] = _mm512_setzero_ps();
+}
+
 // One sequence's columns [d0, d0 + 16 V) (the last vector masked by `last`) for the SC slots
 // from s0, over all its N tokens: dL/dw^T of those slots and columns summed in registers
 // (SC x V vectors) and added to acc_w once; dx accumulated over the slot chunks (the first
@@ -31,10 +39,7 @@ static void column_block(i64 N, i64 S, i64 D, i64 s0, i64 d0, const float* x, co
                          const float* gxs_b, i64 ss, const float* wT, const float* c, float* dx, float* acc_w,
                          __mmask16 last) {
   __m512 dw[SC][V];
-#pragma GCC unroll 8
-  for (int s = 0; s < SC; ++s)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) dw[s][v] = _mm512_setzero_ps();
+  zero_regs<SC, V>(dw);
   for (i64 n = 0; n < N; ++n) {
     const float* xr = x + n * D + d0;
     float* dxr = dx + n * D + d0;
@@ -142,10 +147,7 @@ template <int SC, int V>
 static void slot_block(i64 N, i64 S, i64 D, i64 s0, i64 d0, const float* gy, const float* Cw, float* g_ys_b, i64 ss,
                        __mmask16 last) {
   __m512 acc[SC][V];
-#pragma GCC unroll 8
-  for (int s = 0; s < SC; ++s)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) acc[s][v] = _mm512_setzero_ps();
+  zero_regs<SC, V>(acc);
   for (i64 n = 0; n < N; ++n) {
     __m512 gv[V];
 #pragma GCC unroll 2
